@@ -1,0 +1,5 @@
+import sys
+
+from gmbench.cli import main
+
+sys.exit(main())

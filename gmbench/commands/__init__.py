@@ -1,0 +1,1 @@
+"""Sub-commands of the ``gmbench`` CLI, one module each (see :mod:`gmbench.cli`)."""
