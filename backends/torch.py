@@ -13,6 +13,12 @@ b_j^T P_j b_j]`, :math:`P_j = C_j^{-1}`, :math:`c_j = a_j / \sqrt{(2\pi)^D \det 
 recomputes the tiles in backward (like FlashAttention), so autograd never holds
 an ``M x N`` tensor: peak extra memory is O((M + N) * tile), not O(M * N).
 
+On CPU the same function (and its gradients) runs by default in a small
+vectorised C++ kernel (:mod:`gmbench.backends.cpu_kernel`, compiled at first
+use; falls back to the GEMM form without a compiler), about 10x faster than
+the GEMM form on two cores.  An optional spatial cut-off
+(:mod:`gmbench.backends.cutoff`) skips negligible Gaussian pairs tile by tile.
+
 Numerics: coordinates are centred on each mixture's mean position before the
 features are formed, so a mixture far from the origin loses no precision.  The
 remaining rounding error of the exponent is about ``eps * |P| * r^2`` with
@@ -26,7 +32,13 @@ import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
+from gmbench.backends import cpu_kernel, cutoff
 from gmbench.plugins import hookimpl
+
+CPU_KERNELS = ("auto", "cpp", "gemm")
+# Tiles of the C++ kernel without cut-off: 64 points x 256 Gaussians keeps a
+# tile's coefficients in L1/L2 and the inner loop long enough for AVX-512.
+CPU_TILE_M, CPU_TILE_N = 64, 256
 
 
 def quadratic_features(x: Tensor) -> Tensor:
@@ -100,21 +112,40 @@ class ExpKernelMatVec(torch.autograd.Function):
 
 
 class TorchBackend:
-    """Pure-PyTorch reference backend; memory-bounded tiled evaluation (CPU and CUDA).
+    """PyTorch backend with a fast C++ CPU kernel; memory-bounded tiled evaluation (CPU and CUDA).
 
     ``tile_elements`` bounds the size of one ``[mixtures, points, Gaussians]``
-    tile (elements); ``compute_dtype`` optionally evaluates in a wider dtype.
+    tile (elements) of the GEMM form; ``compute_dtype`` optionally evaluates in
+    a wider dtype.  ``cpu_kernel``: ``"auto"`` uses the C++ kernel on CPU when
+    it builds (else the GEMM form), ``"cpp"`` requires it, ``"gemm"`` never uses
+    it.  ``cutoff``: relative tolerance of the spatial cut-off (``None`` = off;
+    ``1e-7`` drops only pairs below float32 precision), see
+    :mod:`gmbench.backends.cutoff`.
     """
 
     name = "torch"
 
-    def __init__(self, tile_elements: int = 1 << 22, compute_dtype: str | None = None):
+    def __init__(
+        self,
+        tile_elements: int = 1 << 22,
+        compute_dtype: str | None = None,
+        cpu_kernel: str = "auto",
+        cutoff: float | None = None,
+    ):
         if tile_elements < 1:
             raise ValueError("tile_elements must be positive")
         if compute_dtype not in (None, "float32", "float64"):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
+        if cpu_kernel not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
+        if cpu_kernel == "cpp" and cpu_kernel_module_reason():
+            raise ValueError(f"cpu_kernel='cpp' is unavailable: {cpu_kernel_module_reason()}; use 'auto'")
+        if cutoff is not None and not (0 < float(cutoff) < 1):
+            raise ValueError(f"cutoff must be a relative tolerance in (0, 1) or null, got {cutoff!r}")
         self.tile_elements = int(tile_elements)
         self.compute_dtype = getattr(torch, compute_dtype) if compute_dtype else None
+        self.cpu_kernel = cpu_kernel
+        self.cutoff = None if cutoff is None else float(cutoff)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -124,6 +155,26 @@ class TorchBackend:
         return max(1, self.tile_elements // max(1, groups * points))
 
     def evaluate(self, m: Tensor, points: Tensor) -> Tensor:
+        return self._evaluate(m, points, same_set=False)
+
+    def evaluate_at_centroids(self, m: Tensor) -> Tensor:
+        return self._evaluate(m, gm.positions(m), same_set=True)
+
+    def _use_cpu_kernel(self, X: Tensor) -> bool:
+        return self.cpu_kernel != "gemm" and cpu_kernel.supports(X) and cpu_kernel.load() is not None
+
+    def _matvec(self, X: Tensor, A: Tensor, c: Tensor, plan: cutoff.CutoffPlan | None) -> Tensor:
+        """``[G, M]``: the exponential-kernel mat-vec on the fastest path available."""
+        if plan is None:
+            if self._use_cpu_kernel(X):
+                return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, CPU_TILE_M, CPU_TILE_N)
+            return ExpKernelMatVec.apply(X, A, c, self._tile(X.shape[0], X.shape[1]))
+        if self._use_cpu_kernel(X):
+            return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n)
+        chunk = max(1, self.tile_elements // (plan.tile_m * plan.tile_n))
+        return cutoff.MaskedExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n, chunk)
+
+    def _evaluate(self, m: Tensor, points: Tensor, same_set: bool) -> Tensor:
         batch = m.shape[:-2]
         d = gm.n_dims(m)
         if points.shape[-1] != d:
@@ -142,15 +193,24 @@ class TorchBackend:
         centre = gm.positions(m_flat).mean(-2, keepdim=True).detach()
         A, c = gaussian_coefficients(m_flat, centre)
         X = quadratic_features(p_flat - centre)
-        tile = self._tile(X.shape[0], X.shape[1])
-        out = ExpKernelMatVec.apply(X, A, c, tile)
+        if self.cutoff is None:
+            out = self._matvec(X, A, c, None)
+        else:
+            plan = cutoff.make_plan(
+                p_flat, gm.positions(m_flat), gm.covariances(m_flat), c, self.cutoff, same_set=same_set
+            )
+            X = cutoff.permute_rows(X, plan.point_order)
+            A = cutoff.permute_rows(A, plan.gaussian_order)
+            c = cutoff.permute_rows(c, plan.gaussian_order)
+            out = cutoff.unpermute_rows(self._matvec(X, A, c, plan), plan.point_order)
         return out.reshape(*batch, points.shape[-2]).to(out_dtype)
-
-    def evaluate_at_centroids(self, m: Tensor) -> Tensor:
-        return self.evaluate(m, gm.positions(m))
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
         return gm.convolve_dense(data, kernels)
+
+
+def cpu_kernel_module_reason() -> str | None:
+    return cpu_kernel.unavailable_reason()
 
 
 @hookimpl

@@ -20,6 +20,9 @@ from gmbench.errors import GmbenchError
 COMMANDS = (
     "plugins",
     "footprint",
+    "run",
+    "report",
+    "fit",
 )
 
 

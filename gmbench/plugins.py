@@ -28,6 +28,21 @@ KINDS = ("backend", "transfer_fitting", "reduction", "input_fitting", "model", "
 
 BUILTIN_PLUGINS = (
     "gmbench.backends.torch",
+    "gmbench.backends.fused",
+    "gmbench.fitting.dense",
+    "gmbench.fitting.lstsq",
+    "gmbench.reduction.mem",
+    "gmbench.reduction.treehem",
+    "gmbench.input_fitting.kmeans",
+    "gmbench.input_fitting.em_fitting",
+    "gmbench.input_fitting.eckart",
+    "gmbench.data.digits",
+    "gmbench.data.shapes3d",
+    "gmbench.data.modelnet",
+    "gmbench.data.mnist",
+    "gmbench.baselines.pointnet",
+    "gmbench.baselines.pointnet2",
+    "gmbench.models.gmcn",
 )
 
 _pm: pluggy.PluginManager | None = None
@@ -55,6 +70,18 @@ def get_plugin_manager() -> pluggy.PluginManager:
             pm.enable_tracing()
         _pm = pm
     return _pm
+
+
+def reset() -> None:
+    """Forget the process-wide manager and everything registered on it.
+
+    The next use rebuilds it from the built-ins and the entry points found then.
+    For tests that register throw-away plugins, and for a running interpreter
+    after a plugin package was installed.
+    """
+    global _pm
+    _pm = None
+    _origins.clear()
 
 
 def load_modules(module_names: list[str] | tuple[str, ...], source: str = "suite") -> None:

@@ -1,0 +1,126 @@
+"""``gmbench run SUITE``: validate a suite, run its cells (resumably), write results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger("gmbench.run")
+
+RUNS_DIR = "runs"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a suite of experiments",
+        description=(
+            "Validate SUITE (nothing runs if it has an error), expand its matrix into cells and run "
+            "the cells that are not finished yet. Results go to --out (default runs/<suite name>, "
+            "runs/<suite name>-smoke with --smoke); running the same command again resumes there. "
+            "Exit code 0: all cells ok; 1: some cell failed; 2: a user error (bad suite, bad option)."
+        ),
+    )
+    parser.add_argument("suite", help="suite YAML file, e.g. suites/quickstart.yaml")
+    parser.add_argument("--out", help="run folder (default: runs/<suite name>[-smoke])")
+    parser.add_argument("--data-root", help="folder with the data sets (default: the suite's data_root or $GMBENCH_DATA)")
+    parser.add_argument("--cache-dir", help="fitted-mixture cache (default: $GMBENCH_CACHE or ~/.cache/gmbench)")
+    parser.add_argument("--backend", help="compute backend plugin (default: the suite's backend, else torch)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--smoke", action="store_true", help="shrink every cell (48 train / 24 test samples, 1 epoch, N <= 16) to check the suite end to end")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel worker processes (default 1: in this process)")
+    parser.add_argument("--executor", default="local", help="how cells are executed (default local)")
+    parser.add_argument("--update", action="store_true", help="accept a changed suite in an existing --out: run new cells, drop removed ones from the results")
+    parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    parser.set_defaults(func=run)
+
+
+def default_run_dir(suite_name: str, smoke: bool) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", suite_name).strip("-") or "suite"
+    return Path(RUNS_DIR) / (f"{safe}-smoke" if smoke else safe)
+
+
+def run(args) -> int:
+    from gmbench import results
+    from gmbench.errors import GmbenchError
+    from gmbench.executors import create_executor
+    from gmbench.runner import RunOptions, run_suite
+    from gmbench.suite import load_suite
+
+    if args.jobs < 1:
+        raise GmbenchError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise GmbenchError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    elif args.device != "cpu":
+        raise GmbenchError(f"--device must be cpu, cuda or cuda:N, got '{args.device}'")
+    suite = load_suite(args.suite, smoke=args.smoke)
+    if args.backend:
+        from gmbench import backends
+
+        backends.use(args.backend)  # fails early with the reason if it cannot run here
+    out = Path(args.out) if args.out else default_run_dir(suite.name, args.smoke)
+    print(f"suite {suite.name}: {len(suite.cells)} cells -> {out}")
+    if args.dry_run:
+        for cell in suite.cells:
+            print(f"  {cell.id}  {cell.title}")
+        return 0
+    options = RunOptions(
+        device=args.device, backend=args.backend, data_root=args.data_root,
+        cache_dir=args.cache_dir, progress=not args.no_progress and args.jobs == 1,
+    )
+    executor = create_executor(args.executor, jobs=args.jobs)
+    summary = run_suite(suite, out, options, executor=executor, update=args.update, progress=not args.no_progress)
+    frame = results.load_results(out)
+    print()
+    print(summary_table(frame))
+    print(
+        f"\n{summary.total} cells: {summary.skipped} already done, {summary.ran} run, "
+        f"{len(summary.failed)} failed; {summary.wall_time_s:.0f} s"
+    )
+    print(f"results: {out / results.RESULTS_CSV}")
+    if not args.no_report:
+        from gmbench.report import write_report
+
+        try:
+            path = write_report(out, out / "report")
+            print(f"report:  {path}")
+        except Exception as error:  # noqa: BLE001 - the results are safe; the report can be redone
+            log.warning("writing the report failed (%s: %s); run 'gmbench report %s' to retry", type(error).__name__, error, out)
+    return 1 if summary.failed else 0
+
+
+def summary_table(frame) -> str:
+    """A plain-text table of the cells: label, dataset, N, seed, status and the headline metric."""
+    columns = [c for c in ("cell_id", "label", "dataset", "n_gaussians", "seed", "status") if c in frame.columns]
+    lines = []
+    table = frame[columns].copy()
+    headline = []
+    for _, row in frame.iterrows():
+        if row.get("status") != "ok":
+            headline.append(str(row.get("error") or "")[:60])
+        elif _present(row.get("test_accuracy")):
+            headline.append(f"acc {100 * row['test_accuracy']:.1f}%  {row.get('train_time_s') or 0:.0f}s")
+        elif _present(row.get("time_ms")):
+            headline.append(f"{row['time_ms']:.2f} ms  rmse {row.get('rmse'):.4g}")
+        elif _present(row.get("memory_mb")):
+            headline.append(f"{row['memory_mb']:.2f} MiB")
+        else:
+            headline.append("")
+    table["result"] = headline
+    table = table.apply(lambda column: column.map(lambda v: "" if v is None or v != v else str(v)))
+    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in table.columns}
+    lines.append("  ".join(c.ljust(widths[c]) for c in table.columns))
+    for _, row in table.iterrows():
+        lines.append("  ".join(row[c].ljust(widths[c]) for c in table.columns))
+    return "\n".join(lines)
+
+
+def _present(value) -> bool:
+    return value is not None and value == value

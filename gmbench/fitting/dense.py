@@ -1,0 +1,97 @@
+r"""Dense ReLU fitting heuristic (paper Eq. 6-7, Appendix C).
+
+Positions and covariances are kept; only the weights change.  Coarse weights
+
+.. math:: a'_i = a_i \text{ if } a_i > 0 \text{ else } \epsilon \qquad (6)
+
+are corrected by the ratio of the target to the coarse mixture at each centre
+
+.. math:: a''_i = a'_i \, \frac{\varphi(\operatorname{gm}(B_i; a, B, C))}{\operatorname{gm}(B_i; a', B, C)} \qquad (7)
+
+with :math:`\varphi` the ReLU.  Since :math:`a' > 0` the output weights are
+non-negative.  Both evaluations go through the backend's
+:func:`gmbench.mixture.evaluate_at_centroids` (memory-bounded, never an
+``N x N`` tensor).
+
+``variant="smoothed"`` is the authors' later code: :math:`a' = |a| + 0.1`
+and the correction ``(relu(target) + 0.05) / (current + 0.05)`` (both
+constants are parameters, see :func:`fit_relu_dense`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gmbench import mixture as gm
+from gmbench.plugins import hookimpl
+
+VARIANTS = ("paper", "smoothed")
+
+
+def coarse_weights(m: Tensor, eps: float = 1e-4, variant: str = "paper", offset: float = 0.1) -> Tensor:
+    """``[..., N]`` coarse weights a' (Eq. 6; ``smoothed``: ``|a| + offset``)."""
+    a = gm.weights(m)
+    if variant == "paper":
+        return a.where(a > 0, a.new_tensor(eps))
+    if variant == "smoothed":
+        return a.abs() + offset
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+
+
+def fit_relu_dense(
+    m: Tensor,
+    eps: float = 1e-4,
+    variant: str = "paper",
+    offset: float = 0.1,
+    smoothing: float = 0.05,
+) -> Tensor:
+    """ReLU fit of ``m`` ``[B, C, N, K]`` with the same Gaussians: ``-> [B, C, N, K]``.
+
+    ``paper``: Eq. 6-7 with ``eps`` for the non-positive weights.
+    ``smoothed``: ``a' = |a| + offset``, ``a'' = a' (relu(t) + smoothing) / (current + smoothing)``
+    where ``t`` and ``current`` are the input and the coarse mixture at the
+    centres; the constant keeps the ratio well conditioned where both are
+    close to zero (the authors' later code).
+    """
+    a1 = coarse_weights(m, eps, variant, offset)
+    target = gm.evaluate_at_centroids(m).clamp_min(0)
+    current = gm.evaluate_at_centroids(gm.with_weights(m, a1))
+    if variant == "smoothed":
+        return gm.with_weights(m, a1 * (target + smoothing) / (current + smoothing))
+    # current >= a'_i * g_i(B_i) > 0; the clamp only guards underflow of huge covariances.
+    return gm.with_weights(m, a1 * target / current.clamp_min(1e-30))
+
+
+class DenseReLUFitting:
+    """Dense ReLU fitting heuristic of Eq. 6-7: keep the Gaussians, correct the weights at the centres.
+
+    ``eps`` the coarse weight of non-positive Gaussians (Eq. 6);
+    ``variant`` "paper" (Eq. 6-7) or "smoothed" (the authors' later code:
+    a' = |a| + offset, ratio (relu(t) + smoothing) / (current + smoothing)).
+    """
+
+    name = "dense"
+
+    def __init__(self, eps: float = 1e-4, variant: str = "paper", offset: float = 0.1, smoothing: float = 0.05):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        if offset <= 0 or smoothing < 0:
+            raise ValueError("offset must be positive and smoothing non-negative")
+        self.eps, self.variant, self.offset, self.smoothing = float(eps), variant, float(offset), float(smoothing)
+
+    def __repr__(self) -> str:
+        return f"DenseReLUFitting(eps={self.eps}, variant={self.variant!r})"
+
+    def coarse(self, m: Tensor) -> Tensor:
+        """The coarse approximation a' as a mixture (paper Figure 2c)."""
+        return gm.with_weights(m, coarse_weights(m, self.eps, self.variant, self.offset))
+
+    def fit(self, m: Tensor) -> Tensor:
+        return fit_relu_dense(m, self.eps, self.variant, self.offset, self.smoothing)
+
+
+@hookimpl
+def gmbench_transfer_fitting():
+    return DenseReLUFitting

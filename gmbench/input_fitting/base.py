@@ -1,0 +1,118 @@
+r"""What every input-fitting plugin shares: argument checks, standardisation, output layout.
+
+A plugin subclasses :class:`InputFitting` and implements
+``fit_standardized(x, w, n_components, reg_covar, generator) -> MixtureParameters``
+on standardised coordinates (:func:`gmbench.input_fitting.em.standardize`).
+:meth:`InputFitting.fit` maps the result back and builds the network input
+(:func:`to_input_mixture`).
+
+Input normalisation (paper Section 5: "The mixture weights are then normalized
+such that the mixtures have the same activation across all training samples on
+average. Covariance matrices and positions are normalized using the same
+procedure as for pooling"), precisely:
+
+1. positions and covariances are scaled by ``s = sqrt(D / mean_k tr C_k)`` per
+   sample (:func:`gmbench.mixture.normalize_scale`, the pooling rescale of
+   Section 4.3): afterwards the mean covariance trace is ``D``;
+2. the weights are ``a_k = pi_k / A`` with ``A`` the mean over the Gaussians of
+   the (probability) mixture evaluated at their own centres,
+   :math:`A = \frac1N \sum_k \sum_j \pi_j g(b_k; b_j, C_j)`.  So every sample's
+   mean activation at its centres is exactly 1, the same across all samples,
+   and relative weights are those of the fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gmbench import mixture as gm
+from gmbench.errors import DataError
+from gmbench.input_fitting.em import (
+    MixtureParameters,
+    normalize_point_weights,
+    standardize,
+    unstandardize,
+)
+
+
+def to_input_mixture(params: MixtureParameters, normalize: bool = True) -> Tensor:
+    """``[B, 1, N, 1+D+D*D]`` network input from a probability mixture (see module docstring).
+
+    With ``normalize=False`` the mixture is returned as fitted (weights ``pi``, data units).
+    """
+    m = gm.pack(params.pi, params.mu, params.cov).unsqueeze(1)
+    if not normalize:
+        return m
+    m, _ = gm.normalize_scale(m)
+    activation = gm.evaluate_at_centroids(m).mean(-1)  # [B, 1]
+    return gm.with_weights(m, gm.weights(m) / activation.clamp_min(torch.finfo(m.dtype).tiny).unsqueeze(-1))
+
+
+def check_points(points: Tensor, weights: Tensor | None, n_components: int) -> None:
+    """Raise :class:`DataError` for inputs no fitting method can use."""
+    if points.dim() != 3 or points.shape[-1] not in gm.DIMS:
+        raise DataError(f"input fitting needs points [B, P, 2|3], got shape {tuple(points.shape)}")
+    if weights is not None and weights.shape != points.shape[:2]:
+        raise DataError(f"point weights must be [B, P] = {tuple(points.shape[:2])}, got {tuple(weights.shape)}")
+    if not torch.isfinite(points).all() or (weights is not None and not torch.isfinite(weights).all()):
+        raise DataError("points or point weights contain NaN or inf; check the data set files")
+    if weights is not None and bool((weights < 0).any()):
+        raise DataError("point weights must be non-negative")
+    if n_components < 1:
+        raise DataError(f"n_components must be at least 1, got {n_components}")
+    support = (weights > 0).sum(-1) if weights is not None else torch.full(points.shape[:1], points.shape[1])
+    if bool((support < 1).any()):
+        raise DataError("a point set has no point with positive weight; remove empty samples from the data set")
+
+
+class InputFitting:
+    """Base class of the input-fitting plugins (not itself a plugin).
+
+    Parameters shared by all methods:
+    ``reg_covar`` is added to every covariance diagonal (data units, like
+    scikit-learn's); ``normalize`` applies the paper's input normalisation
+    (module docstring); ``seed`` seeds random initialisation; ``dtype``
+    (``"float32"`` / ``"float64"``) is the compute precision; ``device``
+    (``None``: the points' device) is where the fit runs.
+    """
+
+    name = ""
+
+    def __init__(self, reg_covar: float = 1e-3, normalize: bool = True, seed: int = 0,
+                 dtype: str = "float32", device: str | None = None):
+        if not reg_covar > 0:
+            raise ValueError(f"reg_covar must be positive, got {reg_covar}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.reg_covar = float(reg_covar)
+        self.normalize = bool(normalize)
+        self.seed = int(seed)
+        self.dtype = getattr(torch, dtype)
+        self.device = device
+
+    def fit_standardized(self, x: Tensor, w: Tensor, n_components: int, reg_covar: Tensor,
+                         generator: torch.Generator) -> MixtureParameters:
+        raise NotImplementedError
+
+    def fit_parameters(self, points: Tensor, n_components: int, weights: Tensor | None = None) -> MixtureParameters:
+        """The fitted probability mixture in the points' units (no input normalisation)."""
+        check_points(points, weights, n_components)
+        device = torch.device(self.device) if self.device else points.device
+        points = points.to(device=device, dtype=self.dtype)
+        w = normalize_point_weights(points, None if weights is None else weights.to(device))
+        x, centre, scale = standardize(points, w)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        params = self.fit_standardized(x, w, int(n_components), self.reg_covar / scale**2, generator)
+        return unstandardize(params, centre, scale)
+
+    def fit(self, points: Tensor, n_components: int, weights: Tensor | None = None) -> Tensor:
+        """``points [B, P, D]``, ``weights [B, P]`` or ``None`` -> ``[B, 1, n_components, 1+D+D*D]``.
+
+        The result has the points' dtype and device.
+        """
+        params = self.fit_parameters(points, n_components, weights)
+        m = to_input_mixture(params, self.normalize)
+        m = gm.pad(m, int(n_components))
+        return m.to(device=points.device, dtype=points.dtype)

@@ -1,0 +1,187 @@
+r"""Batched expectation-maximisation for Gaussian mixtures on weighted point sets.
+
+Everything here works on a whole batch of point sets at once; there is no
+Python loop over samples, only over EM iterations.
+
+Shapes: points ``x [B, P, D]``, point weights ``w [B, P]`` (non-negative,
+padding = 0, each row sums to 1), mixing weights ``pi [B, N]``, means
+``mu [B, N, D]``, covariances ``cov [B, N, D, D]``.
+
+E step (Dempster et al. 1977):
+
+.. math:: r_{pk} = \frac{\pi_k g(x_p; \mu_k, C_k)}{\sum_j \pi_j g(x_p; \mu_j, C_j)}
+
+M step with point weights :math:`w_p` and covariance regularisation
+:math:`\epsilon` (scikit-learn's ``reg_covar``):
+
+.. math:: N_k = \sum_p w_p r_{pk},\quad \pi_k = N_k,\quad
+          \mu_k = \frac{1}{N_k}\sum_p w_p r_{pk} x_p,\quad
+          C_k = \frac{1}{N_k}\sum_p w_p r_{pk} x_p x_p^T - \mu_k\mu_k^T + \epsilon I
+
+Both steps are GEMMs: the Mahalanobis distances are ``X @ A^T`` with quadratic
+point features ``X = [x_a x_b (a <= b), x, 1]``, and the M step's sums are
+``(w r)^T @ [x, x x^T]``.  To keep float32 accurate, callers fit in
+*standardised* coordinates (:func:`standardize`: weighted mean 0, RMS radius 1);
+EM is affine-equivariant, so the result mapped back is the fit of the original
+points with ``reg_covar`` in original units (:func:`unstandardize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from gmbench import mixture as gm
+
+
+@dataclasses.dataclass
+class MixtureParameters:
+    """A batch of probability mixtures: ``pi [B, N]`` (rows sum to 1), ``mu [B, N, D]``, ``cov [B, N, D, D]``."""
+
+    pi: Tensor
+    mu: Tensor
+    cov: Tensor
+
+    def where(self, keep: Tensor, other: "MixtureParameters") -> "MixtureParameters":
+        """Per batch row: ``self`` where ``keep [B]`` is true, else ``other``."""
+        return MixtureParameters(
+            torch.where(keep[:, None], self.pi, other.pi),
+            torch.where(keep[:, None, None], self.mu, other.mu),
+            torch.where(keep[:, None, None, None], self.cov, other.cov),
+        )
+
+
+def normalize_point_weights(points: Tensor, weights: Tensor | None) -> Tensor:
+    """``[B, P]`` non-negative point weights summing to 1 per set (``None``: uniform)."""
+    if weights is None:
+        weights = torch.ones(points.shape[:2], dtype=points.dtype, device=points.device)
+    weights = weights.to(points.dtype).clamp_min(0)
+    total = weights.sum(-1, keepdim=True)
+    return weights / total.clamp_min(torch.finfo(points.dtype).tiny)
+
+
+def standardize(points: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift each set to weighted mean 0 and scale it to weighted RMS radius 1.
+
+    Returns ``(x, centre [B, 1, D], scale [B])`` with ``x = (points - centre) / scale``.
+    """
+    centre = (w.unsqueeze(-1) * points).sum(1, keepdim=True)
+    x = points - centre
+    radius2 = (w * (x * x).sum(-1)).sum(-1)
+    scale = torch.sqrt(radius2).clamp_min(1e-12)
+    return x / scale[:, None, None], centre, scale
+
+
+def unstandardize(params: MixtureParameters, centre: Tensor, scale: Tensor) -> MixtureParameters:
+    """Inverse of :func:`standardize` applied to a fitted mixture."""
+    s = scale[:, None, None]
+    return MixtureParameters(params.pi, params.mu * s + centre, params.cov * (s * s)[..., None])
+
+
+def quadratic_features(x: Tensor) -> Tensor:
+    """``[..., D] -> [..., D(D+1)/2 + D + 1]``: ``[x_a x_b (a <= b), x, 1]``."""
+    d = x.shape[-1]
+    rows, cols = torch.triu_indices(d, d, device=x.device)
+    return torch.cat([x[..., rows] * x[..., cols], x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def _log_density_coefficients(mu: Tensor, cov: Tensor, log_pi: Tensor | None = None) -> Tensor:
+    """``[B, N, F]`` so that ``quadratic_features(x) @ A^T = log pi_k + log g(x; mu_k, C_k)``."""
+    d = mu.shape[-1]
+    precision, logdet = gm.symmetric_inverse_and_logdet(cov)
+    pmu = (precision @ mu.unsqueeze(-1)).squeeze(-1)
+    rows, cols = torch.triu_indices(d, d, device=mu.device)
+    # Off-diagonal precision entries appear twice in x^T P x.
+    twice = torch.where(rows == cols, 1.0, 2.0).to(mu.dtype)
+    constant = (mu * pmu).sum(-1) + logdet + d * math.log(2 * math.pi)
+    coefficients = -0.5 * torch.cat([precision[..., rows, cols] * twice, -2.0 * pmu, constant.unsqueeze(-1)], -1)
+    if log_pi is not None:
+        coefficients[..., -1] += log_pi
+    return coefficients
+
+
+def log_gaussians(x: Tensor, mu: Tensor, cov: Tensor) -> Tensor:
+    """``[B, P, N]``: :math:`\\log g(x_p; \\mu_k, C_k)` (normalised Gaussians, paper Eq. 1)."""
+    return torch.bmm(quadratic_features(x), _log_density_coefficients(mu, cov).transpose(1, 2))
+
+
+def e_step(x: Tensor, params: MixtureParameters) -> tuple[Tensor, Tensor]:
+    """Responsibilities ``r [B, P, N]`` and per-point log-likelihoods ``[B, P]``.
+
+    One GEMM gives :math:`\\log \\pi_k g(x_p)` (log weights and normalisation folded into
+    the constant feature); the softmax is done in place to touch the ``[B, P, N]`` tensor
+    as few times as possible (it dominates the cost).
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    coefficients = _log_density_coefficients(params.mu, params.cov, torch.log(params.pi.clamp_min(tiny)))
+    joint = torch.bmm(quadratic_features(x), coefficients.transpose(1, 2))
+    peak = joint.amax(-1, keepdim=True)
+    responsibilities = joint.sub_(peak).exp_()
+    total = responsibilities.sum(-1, keepdim=True)
+    responsibilities.div_(total)
+    return responsibilities, (torch.log(total) + peak).squeeze(-1)
+
+
+def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float) -> MixtureParameters:
+    """Weighted M step (module docstring); ``reg_covar`` is a float or ``[B]``.
+
+    An empty component (``N_k = 0``) keeps a finite mean and the covariance
+    ``reg_covar * I``, as in scikit-learn (it gets a weight of about 0).
+    """
+    b, p, d = x.shape
+    wr = responsibilities * w.unsqueeze(-1)  # [B, P, N]
+    nk = wr.sum(1) + 10 * torch.finfo(x.dtype).eps  # [B, N]
+    moments = torch.bmm(wr.transpose(1, 2), torch.cat([x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)], -1))
+    moments = moments / nk.unsqueeze(-1)
+    mu = moments[..., :d]
+    second = moments[..., d:].unflatten(-1, (d, d))
+    cov = second - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    cov = cov + reg * torch.eye(d, dtype=x.dtype, device=x.device)
+    return MixtureParameters(nk / nk.sum(-1, keepdim=True), mu, cov)
+
+
+def mean_log_likelihood(x: Tensor, w: Tensor, params: MixtureParameters) -> Tensor:
+    """``[B]``: :math:`\\sum_p w_p \\log p(x_p)` (the mean log-likelihood for uniform weights)."""
+    _, log_point = e_step(x, params)
+    return (w * log_point).sum(-1)
+
+
+def run_em(
+    x: Tensor,
+    w: Tensor,
+    params: MixtureParameters,
+    reg_covar: Tensor | float,
+    iterations: int,
+    tolerance: float = 0.0,
+) -> tuple[MixtureParameters, Tensor, Tensor]:
+    """Up to ``iterations`` EM steps (E then M) from ``params``, batched.
+
+    A set stops (its parameters freeze) once its mean log-likelihood changes by
+    less than ``tolerance`` between iterations, which is scikit-learn's
+    convergence rule; ``tolerance=0`` runs exactly ``iterations`` steps.
+
+    Returns ``(params, mean_log_likelihood [B], iterations_run [B])``; the
+    log-likelihood is that of the returned parameters.
+    """
+    b = x.shape[0]
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(b, dtype=torch.long, device=x.device)
+    previous = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
+    for _ in range(iterations):
+        responsibilities, log_point = e_step(x, params)
+        current = (w * log_point).sum(-1)
+        params = m_step(x, w, responsibilities, reg_covar).where(active, params)
+        steps = steps + active.long()
+        if tolerance > 0:
+            # scikit-learn's rule: the E steps' log-likelihoods of two
+            # consecutive iterations differ by less than the tolerance.
+            active = active & ~((current - previous).abs() < tolerance)
+            previous = current
+            if not bool(active.any()):
+                break
+    return params, mean_log_likelihood(x, w, params), steps

@@ -1,0 +1,1 @@
+"""The GMCN model (plugin ``gmcn``): Gaussian convolution, pooling rescale, the network."""

@@ -1,0 +1,1 @@
+"""Mixture reduction plugins: ``mem`` (modified EM) and ``treehem`` (paper Appendix D)."""

@@ -1,0 +1,168 @@
+"""Figures of a report (matplotlib, Agg), each saved as PNG and PDF.
+
+* accuracy vs number of input Gaussians per model (error bars: std over seeds);
+* training curves (test accuracy and training loss per epoch, per cell);
+* per-layer RMSE bars per reduction method (cells run with ``diagnostics: true``);
+* peak memory and training time per model;
+* time and RMSE per transfer-fitting method (Table 7 suites).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, folder: Path, stem: str) -> None:
+    from gmbench import io
+
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        with io.atomic_path(folder / f"{stem}.{suffix}") as tmp:
+            fig.savefig(tmp, format=suffix, dpi=120)
+    plt.close(fig)
+
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["status"] == "ok"]
+
+
+def accuracy_vs_gaussians(frame: pd.DataFrame, folder: Path) -> bool:
+    data = _ok(frame).dropna(subset=["test_accuracy", "n_gaussians"])
+    if data.empty or data["n_gaussians"].nunique() < 2:
+        return False
+    datasets = list(dict.fromkeys(data["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        subset = data[data["dataset"] == dataset].copy()
+        subset["series"] = subset["label"].astype(str) + subset["input"].map(lambda v: f" ({v})" if isinstance(v, str) else "")
+        for series, group in subset.groupby("series", sort=False):
+            stats = group.groupby("n_gaussians")["test_accuracy"].agg(["mean", "std"]).reset_index()
+            axis.errorbar(stats["n_gaussians"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0), marker="o", capsize=3, label=series)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("input Gaussians")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(str(dataset))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    _save(fig, folder, "accuracy_vs_gaussians")
+    return True
+
+
+def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> bool:
+    from gmbench.runner import cell_dir
+
+    data = frame[frame["task"] == "train"] if "task" in frame else frame
+    curves = []
+    for _, row in data.iterrows():
+        records = read_jsonl(cell_dir(run_dir, row["cell_id"]) / "epochs.jsonl")
+        if records:
+            curves.append((row, pd.DataFrame(records)))
+    if not curves:
+        return False
+    datasets = list(dict.fromkeys(str(row["dataset"]) for row, _ in curves))
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5 * len(datasets), 6.5), squeeze=False, sharex="col")
+    for column, dataset in enumerate(datasets):
+        for row, history in curves:
+            if str(row["dataset"]) != dataset:
+                continue
+            name = f"{row['label']} N={row['n_gaussians']} s{row['seed']}"
+            axes[0][column].plot(history["epoch"], 100 * history["test_accuracy"], label=name)
+            axes[1][column].plot(history["epoch"], history["train_loss"], label=name)
+        axes[0][column].set_title(dataset)
+        axes[0][column].set_ylabel("test accuracy (%)")
+        axes[1][column].set_ylabel("training loss")
+        axes[1][column].set_xlabel("epoch")
+        axes[1][column].set_yscale("log")
+        for axis in axes[:, column]:
+            axis.grid(alpha=0.3)
+        axes[0][column].legend(fontsize=6)
+    _save(fig, folder, "training_curves")
+    return True
+
+
+def rmse_per_layer(run_dir: Path, frame: pd.DataFrame, folder: Path) -> bool:
+    from gmbench.runner import DIAGNOSTICS_FILE, cell_dir
+
+    parts = []
+    for _, row in _ok(frame).iterrows():
+        path = cell_dir(run_dir, row["cell_id"]) / DIAGNOSTICS_FILE
+        if path.is_file():
+            diagnostics = pd.read_csv(path)
+            diagnostics["label"] = row["label"]
+            parts.append(diagnostics)
+    if not parts:
+        return False
+    data = pd.concat(parts, ignore_index=True)
+    if not {"layer", "metric", "value"} <= set(data.columns):
+        return False
+    metrics = list(dict.fromkeys(data["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        table = data[data["metric"] == metric].groupby(["layer", "label"])["value"].mean().unstack("label")
+        table.plot.bar(ax=axis, rot=0)
+        axis.set_title(f"RMSE: {metric}")
+        axis.set_xlabel("layer")
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(fontsize=7)
+    _save(fig, folder, "rmse_per_layer")
+    return True
+
+
+def memory_and_time(frame: pd.DataFrame, folder: Path) -> bool:
+    data = _ok(frame).dropna(subset=["train_time_s"]) if "train_time_s" in frame else pd.DataFrame()
+    if data.empty:
+        return False
+    data = data.copy()
+    data["series"] = data["label"].astype(str) + data["n_gaussians"].map(lambda n: f" N={n}")
+    stats = data.groupby("series", sort=False)[["peak_memory_mb", "train_time_s"]].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.4 * len(stats) + 2))
+    stats["peak_memory_mb"].plot.barh(ax=axes[0], color="tab:blue")
+    axes[0].set_xlabel("peak memory (MiB)")
+    stats["train_time_s"].plot.barh(ax=axes[1], color="tab:orange")
+    axes[1].set_xlabel("training time (s)")
+    for axis in axes:
+        axis.set_ylabel("")
+        axis.grid(alpha=0.3, axis="x")
+    _save(fig, folder, "memory_and_time")
+    return True
+
+
+def transfer_fitting_timing(frame: pd.DataFrame, folder: Path) -> bool:
+    if "time_ms" not in frame:
+        return False
+    data = _ok(frame).dropna(subset=["time_ms"])
+    if data.empty:
+        return False
+    stats = data.groupby("label", sort=False)[["time_ms", "rmse"]].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.4 * len(stats) + 2))
+    stats["time_ms"].plot.barh(ax=axes[0], logx=True, color="tab:blue")
+    axes[0].set_xlabel("time per batch (ms, log)")
+    stats["rmse"].plot.barh(ax=axes[1], color="tab:orange")
+    axes[1].set_xlabel("RMSE vs ReLU of the input")
+    for axis in axes:
+        axis.set_ylabel("")
+    _save(fig, folder, "transfer_fitting_timing")
+    return True
+
+
+def draw_all(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> list[tuple[str, str]]:
+    """Draw every figure the results support; return (title, file stem) pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    if accuracy_vs_gaussians(frame, folder):
+        drawn.append(("Accuracy vs number of input Gaussians", "accuracy_vs_gaussians"))
+    if training_curves(run_dir, frame, folder, read_jsonl):
+        drawn.append(("Training curves", "training_curves"))
+    if rmse_per_layer(run_dir, frame, folder):
+        drawn.append(("Per-layer fitting RMSE per reduction method", "rmse_per_layer"))
+    if memory_and_time(frame, folder):
+        drawn.append(("Peak memory and training time", "memory_and_time"))
+    if transfer_fitting_timing(frame, folder):
+        drawn.append(("Transfer fitting: time and error", "transfer_fitting_timing"))
+    return drawn

@@ -1,0 +1,444 @@
+"""Running suites: one cell at a time (:func:`run_cell`) and whole suites (:func:`run_suite`).
+
+A run folder holds::
+
+    suite.yaml          the suite file as it was run
+    run.json            the resolved suite: every cell's id and configuration
+    environment.json    versions, git commit, devices (gmbench.environment)
+    cells/<id>/         config.json, epochs.jsonl, checkpoint.pt, metrics.json
+                        (+ diagnostics.csv, footprint.csv, error.txt)
+    results.csv/.parquet  one row per cell (gmbench.results)
+
+:func:`run_cell` is self-contained and picklable (a module-level function of
+plain data), so any executor -- in-process, worker processes, Ray -- can call
+it; it never raises for a failing experiment but records the failure in
+``metrics.json``.  Re-running :func:`run_suite` on the same folder skips the
+cells whose ``metrics.json`` says ``ok``, re-runs failed ones, and lets
+interrupted ones resume from their checkpoint (the trainer does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gmbench import io
+from gmbench.errors import GmbenchError
+
+log = logging.getLogger("gmbench.run")
+
+CELLS_DIR = "cells"
+RUN_FILE = "run.json"
+SUITE_FILE = "suite.yaml"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+ERROR_FILE = "error.txt"
+DIAGNOSTICS_FILE = "diagnostics.csv"
+
+# Subsets for train_samples/test_samples are drawn with this fixed seed, so every
+# cell of a suite (whatever its training seed) sees the same samples.
+SUBSET_SEED = 0
+
+
+class SuiteChanged(GmbenchError):
+    """The run folder was started from a different suite (or different --smoke)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Settings of one invocation that are not part of a cell's identity."""
+
+    device: str = "cpu"
+    backend: str | None = None
+    data_root: str | None = None
+    cache_dir: str | None = None
+    plugins: tuple[str, ...] = ()
+    progress: bool = False  # per-batch bars inside a cell (the trainer's tqdm)
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_epoch: Callable[[dict], Any] | None = None) -> dict:
+    """Run one cell and write ``metrics.json``; return the metrics.
+
+    ``cell_config`` is a resolved cell (``Suite.cells[i].config``); the result
+    has ``status`` ``ok``, ``failed``, ``diverged`` or ``oom`` and, unless ok,
+    ``error`` (one line; the traceback goes to ``error.txt``).
+    """
+    cell_dir = Path(cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(cell_dir / CONFIG_FILE, cell_config)
+    (cell_dir / ERROR_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {"cell_id": cell_dir.name}
+    try:
+        from gmbench import backends, plugins
+
+        plugins.load_modules(list(options.plugins), source="suite plugins:")
+        backend = backends.use(options.backend) if options.backend else contextlib.nullcontext()
+        with backend:
+            task = TASKS[cell_config["task"]]
+            metrics.update(task(cell_config, cell_dir, options, on_epoch))
+        metrics["status"] = "ok"
+        metrics["error"] = ""
+    except Exception as error:  # noqa: BLE001 - a failing cell is a result, not a crash
+        metrics["status"] = _failure_status(error)
+        metrics["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        io.write_text(cell_dir / ERROR_FILE, traceback.format_exc())
+    metrics["wall_time_s"] = time.perf_counter() - started
+    metrics["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    io.write_json(cell_dir / METRICS_FILE, _finite(metrics))
+    return metrics
+
+
+def _failure_status(error: BaseException) -> str:
+    try:
+        from gmbench.training import TrainingDiverged
+
+        if isinstance(error, TrainingDiverged):
+            return "diverged"
+    except ImportError:
+        pass
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(error).lower():
+        return "oom"
+    return "failed"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _subset(split, limit: int | None):
+    if limit is None or limit >= len(split):
+        return split
+    generator = torch.Generator().manual_seed(SUBSET_SEED)
+    index = torch.randperm(len(split), generator=generator)[:limit].sort().values
+    subset = split.subset(index)
+    # The fitted-mixture cache keys on the split's name: a subset is another split.
+    subset.split = f"{split.split}-first{limit}-seed{SUBSET_SEED}"
+    return subset
+
+
+def _plugin_choice(model_info, params: dict, kind: str) -> str | None:
+    """``treehem(T=2)``: a nested plugin choice of a model with its parameters, for results."""
+    accepted = {p.name: p for p in model_info.parameters}
+    if kind not in accepted:
+        return None
+    name = params.get(kind, accepted[kind].default)
+    if not isinstance(name, str):
+        return None
+    nested = params.get(f"{kind}_params") or {}
+    if nested:
+        return f"{name}(" + ",".join(f"{key}={value}" for key, value in sorted(nested.items())) + ")"
+    return name
+
+
+def _train_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> dict:
+    from gmbench import plugins
+    from gmbench.suite import substitute_placeholders
+    from gmbench.training import TrainConfig, train
+
+    dataset_params = dict(config["dataset_params"])
+    if options.data_root is not None:
+        dataset_params["data_root"] = options.data_root
+    dataset = plugins.create("dataset", config["dataset"], **dataset_params)
+    train_split = _subset(dataset.load("train"), config["train_samples"])
+    test_split = _subset(dataset.load("test"), config["test_samples"])
+    num_classes, dims = train_split.num_classes, train_split.dims
+
+    model_info = plugins.get("model", config["model"])
+    model_params = substitute_placeholders(config["model_params"], num_classes=num_classes)
+    takes_points = "in_features" in {p.name for p in model_info.parameters}
+    n_gaussians = config["n_gaussians"]
+    metrics: dict[str, Any] = {
+        "num_classes": num_classes, "dims": dims, "n_train": len(train_split), "n_test": len(test_split),
+        "layout": model_params.get("layout"), "n_points": None,
+        "transfer_fitting": _plugin_choice(model_info, model_params, "transfer_fitting"),
+        "reduction": _plugin_choice(model_info, model_params, "reduction"),
+    }
+
+    fit_started = time.perf_counter()
+    if config["input"] == "points":
+        from gmbench.baselines.inputs import matching_point_count, sample_points
+
+        n_points = config["n_points"] or matching_point_count(n_gaussians, dims)
+        train_x = sample_points(train_split, n_points, seed=config["seed"])
+        test_x = sample_points(test_split, n_points, seed=config["seed"] + 1_000_003)
+        metrics["n_points"] = n_points
+        model_params["in_features"] = 0
+    else:
+        from gmbench.cache import fit_cached
+
+        fit = dict(method=config["input_fitting"], n_components=n_gaussians, params=config["input_fitting_params"], cache_dir=options.cache_dir, progress=options.progress)
+        train_x = fit_cached(train_split, **fit)
+        test_x = fit_cached(test_split, **fit)
+        if takes_points:
+            from gmbench.baselines.inputs import mixture_point_features
+
+            train_x = mixture_point_features(train_x)
+            test_x = mixture_point_features(test_x)
+            model_params["in_features"] = int(train_x.shape[-1]) - dims
+            metrics["n_points"] = int(train_x.shape[1])
+    metrics["input_time_s"] = time.perf_counter() - fit_started
+
+    torch.manual_seed(config["seed"])  # model initialisation depends on the cell seed only
+    model = plugins.create("model", config["model"], num_classes=num_classes, dims=dims, **model_params)
+    train_config = TrainConfig(**config["training"], seed=config["seed"], device=options.device, progress=options.progress)
+    result = train(
+        model, train_x, train_split.labels, test_x, test_split.labels, train_config,
+        run_dir=cell_dir, on_epoch=on_epoch,
+    )
+    metrics.update(
+        test_accuracy=result.test_accuracy, best_test_accuracy=result.best_test_accuracy,
+        train_time_s=result.train_time_s, samples_per_s=result.samples_per_s,
+        peak_memory_mb=result.peak_memory_mb, params=result.params, epochs=result.epochs_completed,
+    )
+    if config["diagnostics"]:
+        metrics.update(_diagnostics(model, test_x[: config["diagnostics_samples"]], cell_dir, config))
+    return metrics
+
+
+def _diagnostics(model, x, cell_dir: Path, config: dict) -> dict:
+    """Per-layer fitting errors (Tables 10-11) of the trained model on the first test samples."""
+    from gmbench.diagnostics import fitting_diagnostics
+
+    frame = fitting_diagnostics(model, x, n_samples=config["diagnostics_points"], seed=config["seed"])
+    with io.atomic_path(cell_dir / DIAGNOSTICS_FILE) as tmp:
+        frame.to_csv(tmp, index=False)
+    summary = {}
+    for _, row in frame.iterrows():
+        summary[f"rmse_{row['metric']}_{row['layer']}"] = float(row["value"])
+    return summary
+
+
+def _footprint_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> dict:
+    """Tables 5-6: the theoretical memory footprint of a layout (no training)."""
+    from gmbench.footprint import footprint
+
+    result = footprint(config["layout"], batch=config["batch"], kernel_gaussians=config["kernel_gaussians"], integrated=config["integrated"])
+    rows = [dataclasses.asdict(row) | {"M_2D": row.mebibytes(2), "M_3D": row.mebibytes(3)} for row in result.rows]
+    io.write_json(cell_dir / "footprint.json", rows)
+    return {
+        "layout": config["layout"],
+        "total_gaussians": result.total_G,
+        "kernel_gaussians_total": result.total_K,
+        "data_gaussians_total": result.total_D,
+        "memory_mb": result.total_mebibytes(config["dims"]),
+        "params": result.parameters(config["dims"]),
+    }
+
+
+def random_test_mixtures(n_mixtures: int, n_gaussians: int, dims: int, seed: int) -> torch.Tensor:
+    """Mixtures ``[n_mixtures, 1, n_gaussians, 1+D+D*D]`` like a convolution's output:
+    weights ~ U(-1, 1), centres ~ U(-3, 3)^D, covariances ``A A^T + 0.05 I`` with
+    ``A ~ N(0, 0.5^2)`` (so half the mass is negative and the ReLU matters)."""
+    from gmbench import mixture
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n_mixtures, 1, n_gaussians)
+    weights = torch.rand(shape, generator=generator) * 2 - 1
+    positions = torch.rand((*shape, dims), generator=generator) * 6 - 3
+    factor = torch.randn((*shape, dims, dims), generator=generator) * 0.5
+    covariances = factor @ factor.transpose(-1, -2) + 0.05 * torch.eye(dims)
+    return mixture.pack(weights, positions, covariances)
+
+
+# RMSE of the transfer fitting: on the first RMSE_MIXTURES mixtures only (it is
+# O(mixtures x samples x N) and the timing, not the error, is Table 7's subject).
+RMSE_MIXTURES = 32
+
+
+def _transfer_fitting_timing_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> dict:
+    """Table 7: time (and error) of one transfer-fitting method on random mixtures."""
+    from gmbench import mixture, plugins
+    from gmbench.training import peak_memory_mb
+
+    device = torch.device(options.device)
+    m = random_test_mixtures(config["n_mixtures"], config["n_gaussians"], config["dims"], config["seed"]).to(device)
+    method = plugins.create("transfer_fitting", config["transfer_fitting"], **config["transfer_fitting_params"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        method.fit(m[:2])  # warm-up (lazy initialisation, kernel compilation)
+        times = []
+        for _ in range(config["repeats"]):
+            _synchronize(device)
+            started = time.perf_counter()
+            fitted = method.fit(m)
+            _synchronize(device)
+            times.append(time.perf_counter() - started)
+        subset, fitted_subset = m[:RMSE_MIXTURES], fitted[:RMSE_MIXTURES]
+        generator = torch.Generator().manual_seed(config["seed"])
+        # Sample positions uniformly in the box around all centres (plus 3 standard deviations).
+        low, high = -3.0 - 3 * 1.0, 3.0 + 3 * 1.0
+        points = (torch.rand((config["rmse_samples"], config["dims"]), generator=generator) * (high - low) + low).to(device)
+        target = torch.relu(mixture.evaluate(subset, points))
+        error = mixture.evaluate(fitted_subset, points) - target
+        rmse = float(error.pow(2).mean().sqrt())
+    times.sort()
+    return {
+        "time_ms": 1000 * times[len(times) // 2],
+        "time_ms_min": 1000 * times[0],
+        "rmse": rmse,
+        "peak_memory_mb": peak_memory_mb(device),
+        "n_gaussians": config["n_gaussians"],
+        "transfer_fitting": config["transfer_fitting"] + (
+            "(" + ",".join(f"{k}={v}" for k, v in sorted(config["transfer_fitting_params"].items())) + ")"
+            if config["transfer_fitting_params"] else ""
+        ),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+TASKS: dict[str, Callable[..., dict]] = {
+    "train": _train_task,
+    "footprint": _footprint_task,
+    "transfer_fitting_timing": _transfer_fitting_timing_task,
+}
+
+
+# --------------------------------------------------------------------------- whole suites
+
+
+@dataclasses.dataclass
+class RunSummary:
+    run_dir: Path
+    total: int
+    skipped: int
+    ran: int
+    failed: list[str]
+    wall_time_s: float
+
+
+def cell_dir(run_dir: Path, cell_id: str) -> Path:
+    return Path(run_dir) / CELLS_DIR / cell_id
+
+
+def read_metrics(run_dir: Path, cell_id: str) -> dict | None:
+    path = cell_dir(run_dir, cell_id) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn file cannot happen with atomic writes, but a hand-edited one can
+
+
+def prepare_run_dir(suite, run_dir: Path, update: bool = False) -> None:
+    """Create or check the run folder; raise :class:`SuiteChanged` if it holds another suite."""
+    run_dir = Path(run_dir)
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        old = {cell["id"]: cell["config"] for cell in previous.get("cells", [])}
+        new = {cell.id: cell.config for cell in suite.cells}
+        added = [key for key in new if key not in old]
+        removed = [key for key in old if key not in new]
+        if (added or removed) and not update:
+            raise SuiteChanged(
+                f"run folder '{run_dir}' was started from a different version of suite "
+                f"'{previous.get('name')}' ({_change_summary(old, new, added, removed)}); "
+                "rerun with --update to run the new cells and drop the removed ones from the results, "
+                "or pass another --out"
+            )
+        if added or removed:
+            log.info("suite changed: %s; --update given, continuing", _change_summary(old, new, added, removed))
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise SuiteChanged(
+            f"'{run_dir}' exists and is not a gmbench run folder (no {RUN_FILE}); pass an empty or new --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_text(run_dir / SUITE_FILE, suite.text)
+    io.write_json(run_file, suite.to_json())
+
+
+def _change_summary(old: dict, new: dict, added: list, removed: list) -> str:
+    parts = []
+    if added:
+        parts.append(f"{len(added)} new cell(s), e.g. {_config_brief(new[added[0]])}")
+    if removed:
+        parts.append(f"{len(removed)} cell(s) no longer in the suite, e.g. {_config_brief(old[removed[0]])}")
+    if added and removed:
+        changed = _changed_fields(old[removed[0]], new[added[0]])
+        if changed:
+            parts.append(f"differing fields: {', '.join(changed[:4])}")
+    return "; ".join(parts)
+
+
+def _config_brief(config: dict) -> str:
+    keys = ("label", "model", "dataset", "n_gaussians", "seed", "transfer_fitting", "layout")
+    return " ".join(f"{key}={config[key]}" for key in keys if config.get(key) is not None)
+
+
+def _changed_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            changed += _changed_fields(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            changed.append(prefix + key)
+    return changed
+
+
+def run_suite(suite, run_dir: str | Path, options: RunOptions, executor=None, update: bool = False, progress: bool = True) -> RunSummary:
+    """Run every cell of ``suite`` that is not finished yet; write results as cells finish."""
+    from gmbench import environment, results
+    from gmbench.executors import LocalExecutor
+    from gmbench.run_progress import RunProgress
+
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    prepare_run_dir(suite, run_dir, update=update)
+    environment.write_environment(run_dir / environment.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend)
+    if options.backend is None and suite.backend:
+        options = dataclasses.replace(options, backend=suite.backend)
+    options = dataclasses.replace(options, plugins=tuple(suite.plugins))
+
+    todo, skipped = [], 0
+    for cell in suite.cells:
+        previous = read_metrics(run_dir, cell.id)
+        if previous is not None and previous.get("status") == "ok":
+            skipped += 1
+        else:
+            todo.append(cell)
+    if skipped:
+        log.info("%d of %d cells already finished in %s; running the other %d", skipped, len(suite.cells), run_dir, len(todo))
+    results.write_results(run_dir)
+
+    executor = executor or LocalExecutor(jobs=1)
+    tracker = RunProgress(todo, run_dir, enabled=progress)
+    failed: list[str] = []
+
+    def on_done(cell, metrics: dict) -> None:
+        tracker.cell_finished(cell, metrics)
+        if metrics.get("status") != "ok":
+            failed.append(cell.id)
+        results.write_results(run_dir)
+
+    try:
+        executor.run(todo, run_dir, options, on_start=tracker.cell_started, on_epoch=tracker.epoch, on_done=on_done, poll=tracker.poll)
+    finally:
+        tracker.close()
+        results.write_results(run_dir)
+    return RunSummary(run_dir, len(suite.cells), skipped, len(todo), failed, time.perf_counter() - started)

@@ -1,0 +1,264 @@
+"""The memory-bounded torch backend (`gmbench.backends.torch`): gradients, tiling, numerics, memory."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from torch.autograd import gradcheck
+
+from gmbench import backends
+from gmbench import mixture as gm
+from gmbench.backends.torch import ExpKernelMatVec, TorchBackend
+from gmbench.errors import PluginError
+
+# tile_elements small enough that every evaluation below runs over several tiles of 1-3 Gaussians.
+SMALL_TILES = 24
+
+
+def mixture_parameters(batch, channels, n, dims, seed=0, spread=1.5):
+    """Leaf tensors (weights, positions, covariance factors of Eq. 9) in float64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(batch, channels, n, generator=g, dtype=torch.float64)
+    p = torch.randn(batch, channels, n, dims, generator=g, dtype=torch.float64) * spread
+    f = torch.randn(batch, channels, n, dims, dims, generator=g, dtype=torch.float64) * 0.5
+    f = f + torch.eye(dims, dtype=torch.float64) * 0.7  # well-conditioned, so finite differences are accurate
+    return [t.requires_grad_() for t in (w, p, f)]
+
+
+def build(w, p, f):
+    return gm.pack(w, p, gm.covariance_from_factor(f, eps=0.05))
+
+
+def scipy_evaluate(m, points):
+    d = gm.n_dims(m)
+    m = m.detach().double().numpy()
+    return sum(g[0] * multivariate_normal(g[1 : 1 + d], g[1 + d :].reshape(d, d)).pdf(points) for g in m)
+
+
+# ---------------------------------------------------------------- gradients (float64 finite differences)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gradcheck_evaluate_wrt_weights_positions_factors_and_points(dims):
+    w, p, f = mixture_parameters(2, 1, 5, dims)
+    points = (torch.randn(2, 1, 4, dims, dtype=torch.float64) * 1.5).requires_grad_()
+    with backends.use("torch", tile_elements=SMALL_TILES) as backend:
+        assert backend._tile(2, 4) == 3  # tiles of 3 Gaussians: the loop over tiles is exercised
+        assert gradcheck(lambda w, p, f, x: gm.evaluate(build(w, p, f), x), (w, p, f, points))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_gradcheck_evaluate_at_centroids(dims):
+    w, p, f = mixture_parameters(1, 2, 6, dims, seed=1)
+    with backends.use("torch", tile_elements=SMALL_TILES):
+        assert gradcheck(lambda w, p, f: gm.evaluate_at_centroids(build(w, p, f)), (w, p, f))
+
+
+def test_gradcheck_evaluate_shared_points():
+    w, p, f = mixture_parameters(1, 2, 4, 3, seed=2)
+    points = torch.randn(5, 3, dtype=torch.float64).requires_grad_()
+    with backends.use("torch", tile_elements=SMALL_TILES):
+        assert gradcheck(lambda w, p, f, x: gm.evaluate(build(w, p, f), x), (w, p, f, points))
+
+
+def test_gradcheck_convolve_then_evaluate():
+    data = mixture_parameters(1, 2, 3, 2, seed=3)
+    kernels = mixture_parameters(2, 2, 2, 2, seed=4, spread=0.5)
+    queries = torch.randn(4, 2, dtype=torch.float64)
+
+    def convolved(dw, dp, df, kw, kp, kf):
+        return gm.evaluate(gm.convolve(build(dw, dp, df), build(kw, kp, kf)), queries)
+
+    with backends.use("torch", tile_elements=SMALL_TILES):
+        assert gradcheck(convolved, (*data, *kernels))
+
+
+def test_gradcheck_exp_kernel_matvec_directly():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    A = (torch.randn(2, 7, 4, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    c = torch.randn(2, 7, generator=g, dtype=torch.float64).requires_grad_()
+    # Exponents are clamped at 0; keep them negative so the function is smooth at the test point.
+    with torch.no_grad():
+        A[..., -1] -= 5.0
+        X[..., -1] = 1.0
+    assert gradcheck(lambda X, A, c: ExpKernelMatVec.apply(X, A, c, 2), (X, A, c))
+
+
+def test_gradient_is_correct_in_float32_too():
+    w, p, f = mixture_parameters(1, 1, 40, 3, seed=6)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (w, p, f)]
+        with backends.use("torch", tile_elements=100):
+            gm.evaluate_at_centroids(build(*leaves)).square().sum().backward()
+        grads[dtype] = [t.grad.double() for t in leaves]
+    for g64, g32 in zip(grads[torch.float64], grads[torch.float32]):
+        assert torch.allclose(g32, g64, rtol=1e-3, atol=1e-4 * g64.abs().max().item())
+
+
+# ---------------------------------------------------------------- tiling
+
+
+def test_results_do_not_depend_on_tile_size():
+    w, p, f = mixture_parameters(2, 3, 33, 3, seed=7)
+    m = build(w, p, f)
+    results = []
+    for tile_elements in (1, 2 * 3 * 33 * 5, 1 << 22):
+        with backends.use("torch", tile_elements=tile_elements):
+            out = gm.evaluate_at_centroids(m)
+            (grad,) = torch.autograd.grad(out.sin().sum(), p)
+        results.append((out, grad))
+    for out, grad in results[1:]:
+        assert torch.allclose(out, results[0][0], rtol=1e-12, atol=1e-15)
+        assert torch.allclose(grad, results[0][1], rtol=1e-10, atol=1e-12)
+
+
+def test_backend_parameters_are_validated():
+    with pytest.raises(PluginError, match="tile_elements must be positive"):
+        backends.use("torch", tile_elements=0)
+    with pytest.raises(PluginError, match="compute_dtype"):
+        backends.use("torch", compute_dtype="float16")
+    with pytest.raises(PluginError, match="unknown backend plugin 'nope'"):
+        backends.use("nope")
+
+
+def test_use_as_context_manager_restores_previous_backend():
+    before = backends.active()
+    with backends.use("torch", tile_elements=7) as inner:
+        assert backends.active() is inner
+        assert inner.tile_elements == 7
+    assert backends.active() is before
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def _relative_error(out, expected):
+    return np.abs(out - expected).max() / np.abs(expected).max()
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_float32_far_from_origin_is_as_accurate_as_at_origin(offset):
+    # Centring on the mixture's mean keeps float32 accurate far from the origin.  The
+    # reference uses exactly the float32 inputs, so only the computation is tested.
+    g = torch.Generator().manual_seed(8)
+    p = torch.randn(1, 1, 30, 3, generator=g, dtype=torch.float64) * 2 + offset
+    f = torch.randn(1, 1, 30, 3, 3, generator=g, dtype=torch.float64) * 0.5
+    m = gm.pack(torch.randn(1, 1, 30, generator=g, dtype=torch.float64), p, gm.covariance_from_factor(f, 1e-2))
+    m32 = m.float()
+    points = (gm.positions(m32)[0, 0].double() + torch.randn(30, 3, generator=g, dtype=torch.float64) * 0.5).float()
+    out = gm.evaluate(m32, points)[0, 0].double().numpy()
+    assert _relative_error(out, scipy_evaluate(m32[0, 0], points.double().numpy())) < 1e-4
+
+
+def _thin_mixture(smallest_variance, n=20, seed=9):
+    """Covariances with eigenvalues (1, 1, smallest_variance) in random orientations, and query
+    points half a unit along a wide axis and about one standard deviation along the thin axis."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=g, dtype=torch.float64))
+    eigenvalues = torch.tensor([1.0, 1.0, smallest_variance], dtype=torch.float64)
+    cov = q @ torch.diag_embed(eigenvalues.expand(n, 3)) @ q.transpose(-1, -2)
+    cov = (cov + cov.transpose(-1, -2)) / 2
+    w = torch.randn(1, 1, n, generator=g, dtype=torch.float64)
+    p = torch.randn(1, 1, n, 3, generator=g, dtype=torch.float64)
+    m = gm.pack(w, p, cov[None, None]).float()
+    points = gm.positions(m)[0, 0].double() + q[..., :, 0] * 0.5
+    points = points + q[..., :, 2] * smallest_variance**0.5 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return m, points.float()
+
+
+def test_float32_nearly_singular_covariance_condition_1e3():
+    m, points = _thin_mixture(1e-3)
+    out = gm.evaluate(m, points)[0, 0].double().numpy()
+    assert _relative_error(out, scipy_evaluate(m[0, 0], points.double().numpy())) < 2e-3
+
+
+@pytest.mark.parametrize("smallest_variance", [1e-5, 1e-7])
+def test_compute_dtype_float64_handles_condition_beyond_float32(smallest_variance):
+    # float32 arithmetic loses about eps32 * cond in the exponent (documented); float64
+    # compute on the same float32 inputs recovers the exact values and returns float32.
+    m, points = _thin_mixture(smallest_variance)
+    expected = scipy_evaluate(m[0, 0], points.double().numpy())
+    with backends.use("torch", compute_dtype="float64"):
+        out = gm.evaluate(m, points)[0, 0]
+    assert out.dtype == torch.float32
+    assert _relative_error(out.double().numpy(), expected) < 1e-6
+
+
+def test_exponent_clamp_never_exceeds_the_peak():
+    # At its own centre an isolated Gaussian evaluates to exactly its peak, not above it.
+    m = gm.pack(
+        torch.ones(1, 1, 1), torch.full((1, 1, 1, 3), 1e4), torch.eye(3).expand(1, 1, 1, 3, 3) * 1e-3
+    )
+    peak = gm.normalisation_factors(m)
+    assert torch.allclose(gm.evaluate_at_centroids(m), peak, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak live bytes of CPU tensor allocations during ``fn()``.
+
+    Replays the profiler's allocation/free events (``profile_memory=True``) in
+    time order; this counts what the allocator hands out (the same events
+    ``torch.profiler``'s memory timeline uses), not allocator caching or
+    fragmentation.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert events, "the profiler recorded no memory events; the measurement would be meaningless"
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _centroid_forward_backward(n, dense=False):
+    w, p, f = (t.detach().float().requires_grad_() for t in mixture_parameters(1, 1, n, 3, seed=10, spread=3.0))
+
+    def run():
+        m = build(w, p, f)
+        if dense:  # the naive O(N^2) autograd graph, to check that the measurement sees it
+            precision, logdet = gm.symmetric_inverse_and_logdet(gm.covariances(m))
+            diff = gm.positions(m)[..., :, None, :] - gm.positions(m)[..., None, :, :]
+            quad = (diff.unsqueeze(-2) @ precision[..., None, :, :, :] @ diff.unsqueeze(-1))[..., 0, 0]
+            out = (gm.weights(m)[..., None, :] * torch.exp(-0.5 * quad - 0.5 * logdet[..., None, :])).sum(-1)
+        else:
+            out = gm.evaluate_at_centroids(m)
+        out.square().sum().backward()
+
+    return run
+
+
+def test_peak_memory_measurement_sees_a_dense_implementation():
+    n = 1024
+    assert _peak_cpu_bytes(_centroid_forward_backward(n, dense=True)) > 4 * n * n * 4
+
+
+def test_evaluate_at_centroids_forward_backward_memory_stays_far_below_n_squared():
+    n = 8192
+    n_squared_bytes = n * n * 4  # one float32 N x N matrix: 256 MiB; a naive autograd graph keeps several
+    with backends.use("torch"):
+        peak = _peak_cpu_bytes(_centroid_forward_backward(n))
+    assert peak < n_squared_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_saved_for_backward_is_linear_in_n():
+    saved = []
+
+    def pack_hook(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    n = 4096
+    w, p, f = mixture_parameters(1, 1, n, 3, seed=11)
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
+        gm.evaluate_at_centroids(build(w, p, f)).sum()
+    # A few hundred bytes per Gaussian (parameters, features, coefficients), not N per Gaussian.
+    assert 0 < sum(saved) < 1000 * n
