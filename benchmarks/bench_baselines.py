@@ -7,14 +7,19 @@ Adam step, at the paper's batch size 21:
 
 * ``pointnet`` / ``pointnet2`` on ``points``: 426 points (the footprint of 128 3D Gaussians);
 * ``pointnet`` / ``pointnet2`` on ``gm``: 128 Gaussians as points with 7 features;
-* ``gmcn`` on the same 128 Gaussians, paper layout ``1/128->8/64->16/32->32/16->64/8->10``,
-  N_k = 5 (skipped, with the reason, while the plugin cannot be built).
+* ``gmcn`` on the same kind of 128-Gaussian inputs, paper layout
+  ``1/128->8/64->16/32->32/16->64/8->10``, N_k = 5, TreeHEM and dense ReLU
+  fitting (the plugin defaults); skipped, with the reason, while the plugin
+  cannot be built.  On a CPU a GMCN step at batch 21 takes minutes and over
+  10 GiB, so it runs at batch ``GMBENCH_BENCH_GMCN_BATCH`` (default 2; set 21
+  on a machine that has the memory) and the comparison is per sample.
 
 Each benchmark records in ``extra_info``: ``peak_rss_mb`` (peak resident memory
-a fresh process adds for two steps, i.e. the trainer's CPU peak-memory measure
-minus the process before the first step) and ``autograd_saved_mb`` (activations
-saved for backward in one step, parameters excluded).  The module prints a
-summary with every step time relative to PointNet on points from the same run.
+a fresh process adds during its first training step, Adam state included: the
+trainer's CPU peak-memory measure minus the process before the step) and
+``autograd_saved_mb`` (activations saved for backward in one step, parameters
+excluded).  The module prints a summary with every per-sample step time
+relative to PointNet on points from the same run.
 
 The sampling benchmarks compare the vectorised FPS / radius fallbacks of
 :mod:`gmbench.baselines.sampling` with a naive per-cloud / per-query reference
@@ -44,6 +49,7 @@ BATCH = 21
 GAUSSIANS = 128
 DIMS = 3
 CLASSES = 10
+GMCN_BATCH = int(os.environ.get("GMBENCH_BENCH_GMCN_BATCH", "2"))
 PAPER_LAYOUT = "1/128->8/64->16/32->32/16->64/8->10"
 CONFIGS = {
     "pointnet-points": ("pointnet", "points"),
@@ -54,13 +60,17 @@ CONFIGS = {
 }
 
 
-def input_mixtures(seed: int = 0) -> torch.Tensor:
-    """``[21, 1, 128, 13]`` random mixtures shaped like fitted ModelNet inputs (unit-ish cloud)."""
+def batch_size(config: str) -> int:
+    return GMCN_BATCH if CONFIGS[config][0] == "gmcn" else BATCH
+
+
+def input_mixtures(batch: int, seed: int = 0) -> torch.Tensor:
+    """``[batch, 1, 128, 13]`` random mixtures shaped like fitted ModelNet inputs (unit-ish cloud)."""
     generator = torch.Generator().manual_seed(seed)
-    factor = torch.randn(BATCH, 1, GAUSSIANS, DIMS, DIMS, generator=generator) * 0.05
+    factor = torch.randn(batch, 1, GAUSSIANS, DIMS, DIMS, generator=generator) * 0.05
     return gm.pack(
-        torch.full((BATCH, 1, GAUSSIANS), 1.0 / GAUSSIANS),
-        torch.rand(BATCH, 1, GAUSSIANS, DIMS, generator=generator) * 2 - 1,
+        torch.full((batch, 1, GAUSSIANS), 1.0 / GAUSSIANS),
+        torch.rand(batch, 1, GAUSSIANS, DIMS, generator=generator) * 2 - 1,
         gm.covariance_from_factor(factor, eps=1e-3),
     )
 
@@ -69,18 +79,18 @@ def build(config: str):
     """Model, input batch and labels of one configuration (raises if it cannot be built)."""
     model_name, variant = CONFIGS[config]
     torch.manual_seed(0)
-    labels = torch.arange(BATCH) % CLASSES
+    labels = torch.arange(batch_size(config)) % CLASSES
     if model_name == "gmcn":
         if "gmcn" not in plugins.available("model"):
             plugins.load_modules(["gmbench.models.gmcn"], source="bench_baselines")
         model = plugins.create("model", "gmcn", num_classes=CLASSES, dims=DIMS, layout=PAPER_LAYOUT, kernel_gaussians=5)
-        return model, input_mixtures(), labels
+        return model, input_mixtures(GMCN_BATCH), labels
     if variant == "points":
         n_points = matching_point_count(GAUSSIANS, DIMS)
         x = torch.rand(BATCH, n_points, DIMS, generator=torch.Generator().manual_seed(0)) * 2 - 1
         in_features = 0
     else:
-        x = mixture_point_features(input_mixtures())
+        x = mixture_point_features(input_mixtures(BATCH))
         in_features = x.shape[-1] - DIMS
     model = plugins.create("model", model_name, num_classes=CLASSES, dims=DIMS, in_features=in_features)
     return model, x, labels
@@ -121,13 +131,24 @@ def autograd_saved_mb(model, x, labels) -> float:
 
 
 def _rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB.
+
+    ``VmHWM`` rather than ``getrusage``: Linux carries ``ru_maxrss`` over
+    ``fork`` + ``exec``, so a child would start with the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def child_peak_rss(config: str) -> dict:
-    """In a fresh process: peak RSS before and after two training steps (MiB)."""
+    """In a fresh process: peak RSS before and added by the first training step (MiB)."""
     code = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); import bench_baselines as b; "
         "print(json.dumps(b._measure_rss(sys.argv[2])))"
@@ -147,7 +168,6 @@ def _measure_rss(config: str) -> dict:
     step = make_step(model, x, labels)
     before = _rss_mb()
     step()
-    step()
     return {"rss_before_mb": before, "peak_rss_mb": _rss_mb() - before}
 
 
@@ -161,16 +181,18 @@ def print_summary(request):
         return
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
     write = reporter.write_line if reporter else print
-    reference = SUMMARY.get("pointnet-points", {}).get("median_s")
+    reference = SUMMARY.get("pointnet-points", {}).get("per_sample_s")
     write("")
-    write(f"training step, batch {BATCH}, {torch.get_num_threads()} thread(s), sampling backend: {sampling.sampling_backend()}")
-    write(f"{'config':<18}{'median s':>10}{'x pointnet-points':>19}{'peak RSS MiB':>14}{'saved MiB':>11}{'params':>11}")
+    write(f"training step, {torch.get_num_threads()} thread(s), sampling backend: {sampling.sampling_backend()}")
+    write(
+        f"{'config':<18}{'batch':>6}{'step s':>9}{'ms/sample':>11}{'x pointnet-points':>19}"
+        f"{'peak RSS MiB':>14}{'saved MiB':>11}{'params':>11}"
+    )
     for config, row in SUMMARY.items():
-        ratio = f"{row['median_s'] / reference:.2f}" if reference and "median_s" in row else "-"
+        ratio = f"{row['per_sample_s'] / reference:.2f}" if reference else "-"
         write(
-            f"{config:<18}{row.get('median_s', float('nan')):>10.3f}{ratio:>19}"
-            f"{row.get('peak_rss_mb', float('nan')):>14.0f}{row.get('autograd_saved_mb', float('nan')):>11.0f}"
-            f"{row.get('params', 0):>11,}"
+            f"{config:<18}{row['batch']:>6}{row['median_s']:>9.3f}{1000 * row['per_sample_s']:>11.1f}{ratio:>19}"
+            f"{row.get('peak_rss_mb', float('nan')):>14.0f}{row['autograd_saved_mb']:>11.0f}{row['params']:>11,}"
         )
 
 
@@ -182,12 +204,16 @@ def test_training_step(benchmark, config):
         if CONFIGS[config][0] == "gmcn":
             pytest.skip(f"gmcn cannot be built here: {type(error).__name__}: {error}")
         raise
-    benchmark.group = "training step (batch 21)"
+    benchmark.group = "training step"
     step = make_step(model, x, labels)
-    rounds = 2 if CONFIGS[config][0] == "gmcn" else 5
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    if CONFIGS[config][0] == "gmcn":
+        benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
+    else:
+        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     row = {
+        "batch": batch_size(config),
         "median_s": benchmark.stats.stats.median,
+        "per_sample_s": benchmark.stats.stats.median / batch_size(config),
         "params": sum(p.numel() for p in model.parameters()),
         "autograd_saved_mb": autograd_saved_mb(model, x, labels),
     }

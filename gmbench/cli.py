@@ -23,6 +23,7 @@ COMMANDS = (
     "run",
     "report",
     "fit",
+    "figure",
 )
 
 

@@ -210,7 +210,7 @@ def _sort_key(value):
 def to_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "_no finished cells_\n"
-    header = [str(c) for c in table.columns]
+    header = [str(c).replace("|", "\\|") for c in table.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in table.columns) + " |")

@@ -48,7 +48,8 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             row["batch_size"] = config.get("training", {}).get("batch_size", 21)
             params = config.get("model_params") or {}
             row["layout"] = params.get("layout")
-            row["input_fitting"] = config.get("input_fitting")
+            # A point-cloud cell uses no fitted mixtures: leave the column empty.
+            row["input_fitting"] = config.get("input_fitting") if config.get("input") != "points" else None
             if "reduction" in params:
                 row["reduction"] = params["reduction"]
             if "transfer_fitting" in params:

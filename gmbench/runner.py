@@ -63,6 +63,7 @@ class RunOptions:
     cache_dir: str | None = None
     plugins: tuple[str, ...] = ()
     progress: bool = False  # per-batch bars inside a cell (the trainer's tqdm)
+    nproc_per_node: int = 1  # data-parallel processes per training cell (gmbench.distributed)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -76,6 +77,11 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
     ``error`` (one line; the traceback goes to ``error.txt``).
     """
     cell_dir = Path(cell_dir)
+    if options.nproc_per_node > 1 and cell_config.get("task") == "train":
+        from gmbench.distributed import run_cell_on_ranks
+
+        # Each rank calls run_cell again (with nproc_per_node=1); rank 0 writes the cell folder.
+        return run_cell_on_ranks(cell_config, cell_dir, options, options.nproc_per_node, on_epoch)
     cell_dir.mkdir(parents=True, exist_ok=True)
     io.write_json(cell_dir / CONFIG_FILE, cell_config)
     (cell_dir / ERROR_FILE).unlink(missing_ok=True)

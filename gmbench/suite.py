@@ -461,14 +461,14 @@ class _Validator:
         for key, (_, default) in fields.items():
             if key not in config:
                 config[key] = copy.deepcopy(default)
-        self.check_fields(config, "cell")
-        config["task"] = self.task  # part of the identity: run_cell dispatches on it
         for key in REQUIRED_FIELDS[self.task]:
             if not config.get(key):
                 raise self.fail(
                     self.data.lines.get("cell", 1),
                     f"every cell needs '{key}' (set it under 'cell:' or in a matrix axis); cell: {_describe(config)}",
                 )
+        self.check_fields(config, "cell")
+        config["task"] = self.task  # part of the identity: run_cell dispatches on it
         for key in POSITIVE_FIELDS:
             if key in config and config[key] is not None and config[key] < 1:
                 raise self.fail(_line_of(config, key, 1), f"'{key}' must be >= 1, got {config[key]} ({_describe(config)})")
@@ -648,9 +648,10 @@ def _deep_copy(value: Any) -> Any:
 
 
 def _merge(target: dict, source: dict) -> None:
-    """Deep-merge ``source`` into ``target`` (mappings merge, everything else replaces), keeping lines."""
+    """Deep-merge ``source`` into ``target``, keeping lines: non-empty mappings merge,
+    everything else -- including an empty mapping ``{}``, which resets -- replaces."""
     for key, value in source.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(target.get(key), dict):
             if not isinstance(target[key], LDict):
                 target[key] = _deep_copy(target[key])
             _merge(target[key], value)

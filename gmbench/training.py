@@ -131,11 +131,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges; a trailing batch of one sample joins the previous one
-    (batch norm cannot compute statistics from a single sample)."""
+def _batches(n: int, batch_size: int, min_size: int = 2) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges; a trailing batch of fewer than ``min_size`` samples joins the
+    previous one (batch norm cannot compute statistics from a single sample; data-parallel
+    training needs at least one sample per process)."""
     bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_size:
         bounds[-2] = (bounds[-2][0], n)
         bounds.pop()
     return bounds
@@ -158,8 +159,15 @@ def _regularization(model: nn.Module, lr: float) -> Tensor | None:
     return method()
 
 
-def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> float:
-    """Fraction of correctly classified samples, model in eval mode, no gradients."""
+def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, distributed=None) -> float:
+    """Fraction of correctly classified samples, model in eval mode, no gradients.
+
+    ``distributed`` (a :class:`gmbench.distributed.DistributedContext`): each rank
+    evaluates its shard of ``x`` and the counts are summed over ranks.
+    """
+    if distributed is not None and distributed.is_distributed:
+        model = distributed.unwrap(model)
+        x, y = distributed.shard(x, allow_empty=True), distributed.shard(y, allow_empty=True)
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -167,7 +175,10 @@ def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, d
             xb = x[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device)
             correct += int((model(xb).argmax(-1) == yb).sum())
-    return correct / max(len(x), 1)
+    total = len(x)
+    if distributed is not None and distributed.is_distributed:
+        correct, total = distributed.sum([correct, total])
+    return correct / max(total, 1)
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -236,6 +247,7 @@ def train(
     run_dir: str | os.PathLike | None = None,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     on_epoch: Callable[[dict], Any] | None = None,
+    distributed=None,
 ) -> TrainResult:
     """Train ``model`` with the paper's recipe; see the module docstring.
 
@@ -244,6 +256,11 @@ def train(
     training batches only, drawing randomness from ``generator`` so that it is
     part of the checkpointed state.  ``on_epoch(record)`` is called after each
     epoch, once the record and checkpoint are on disk.
+
+    ``distributed``: a :class:`gmbench.distributed.DistributedContext` (default: the
+    process group this process joined, else single-process).  Under data parallelism
+    ``batch_size`` is the global batch, split over the ranks; metrics are reduced
+    over ranks and only rank 0 writes ``run_dir`` (see :mod:`gmbench.distributed`).
 
     Raises :class:`TrainingDiverged` on a NaN/inf loss.
     """
@@ -255,6 +272,10 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GmbenchError(f"device '{config.device}' requested but CUDA is not available; set device: cpu")
     run_dir = Path(run_dir) if run_dir is not None else None
+    if distributed is None:
+        from gmbench.distributed import current
+
+        distributed = current()
 
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -275,50 +296,56 @@ def train(
         history = list(checkpoint["history"])
         # The log may hold a line the checkpoint does not (a crash between the two
         # writes) or lack one; the checkpoint is the truth.
-        io.write_text(run_dir / EPOCHS_FILE, "".join(_json_line(r) for r in history))
-    elif run_dir is not None:
+        if distributed.is_writer:
+            io.write_text(run_dir / EPOCHS_FILE, "".join(_json_line(r) for r in history))
+    elif run_dir is not None and distributed.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / EPOCHS_FILE).unlink(missing_ok=True)
 
+    # Wrapped after the checkpoint is loaded: DDP broadcasts rank 0's state on construction.
+    trained = distributed.wrap(model, device)
     eval_batch_size = config.eval_batch_size or config.batch_size
     n_train = len(train_x)
     for epoch in range(len(history) + 1, config.epochs + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        model.train()
+        trained.train()
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         order = torch.randperm(n_train, generator=generator)
         loss_sum, correct = 0.0, 0
-        bounds = _batches(n_train, config.batch_size)
-        with _progress_bar(len(bounds), f"epoch {epoch}/{config.epochs}", config.progress) as bar:
+        bounds = _batches(n_train, config.batch_size, min_size=max(2, distributed.world_size))
+        with _progress_bar(len(bounds), f"epoch {epoch}/{config.epochs}", config.progress and distributed.is_writer) as bar:
             for step, (start, stop) in enumerate(bounds):
                 index = order[start:stop]
                 xb = train_x[index].to(device)
                 yb = train_y[index].to(device)
                 if augment is not None:
                     xb = augment(xb, generator)
-                log_probs = model(xb)
+                # Every rank drew the same global batch (and augmentation); each trains on its shard.
+                xb, yb = distributed.shard(xb), distributed.shard(yb)
+                log_probs = trained(xb)
                 loss = F.nll_loss(log_probs, yb)
                 regularization = _regularization(model, lr)
                 if regularization is not None:
                     loss = loss + regularization.sum()
-                if not torch.isfinite(loss):
+                if not distributed.all_finite(loss):
                     raise TrainingDiverged(
                         f"training diverged: loss is {loss.item()} at epoch {epoch}, batch {step + 1}; "
                         f"epochs 1-{epoch - 1} are saved; lower lr or set grad_clip"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                distributed.scale_for_backward(loss, len(yb), len(index)).backward()
                 if config.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
-                loss_sum += loss.item() * len(index)
+                loss_sum += loss.item() * len(yb)
                 correct += int((log_probs.argmax(-1) == yb).sum())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / stop:.3f}", acc=f"{correct / stop:.3f}")
         train_time = time.perf_counter() - started
-        test_accuracy = evaluate_accuracy(model, test_x, test_y, eval_batch_size, device)
+        loss_sum, correct = distributed.sum([loss_sum, correct])
+        test_accuracy = evaluate_accuracy(model, test_x, test_y, eval_batch_size, device, distributed)
         scheduler.step(test_accuracy)
         epoch_time = time.perf_counter() - started
         record = {
@@ -332,7 +359,7 @@ def train(
             "peak_memory_mb": peak_memory_mb(device),
         }
         history.append(record)
-        if run_dir is not None:
+        if run_dir is not None and distributed.is_writer:
             io.append_jsonl(run_dir / EPOCHS_FILE, record)
             io.save_torch(
                 checkpoint_path,

@@ -8,11 +8,20 @@ from torch.autograd import gradcheck
 
 from gmbench import backends
 from gmbench import mixture as gm
-from gmbench.backends.torch import ExpKernelMatVec, TorchBackend
+from gmbench.backends import cpu_kernel
+from gmbench.backends.torch import ExpKernelMatVec
 from gmbench.errors import PluginError
 
-# tile_elements small enough that every evaluation below runs over several tiles of 1-3 Gaussians.
+# tile_elements small enough that every GEMM-form evaluation below runs over several tiles of 1-3 Gaussians.
 SMALL_TILES = 24
+
+
+@pytest.fixture(params=["gemm", "cpp"])
+def cpu_path(request):
+    """Both CPU code paths of the torch backend: the tiled GEMM form and the C++ kernel."""
+    if request.param == "cpp" and cpu_kernel.unavailable_reason():
+        pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    return request.param
 
 
 def mixture_parameters(batch, channels, n, dims, seed=0, spread=1.5):
@@ -39,29 +48,29 @@ def scipy_evaluate(m, points):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_gradcheck_evaluate_wrt_weights_positions_factors_and_points(dims):
+def test_gradcheck_evaluate_wrt_weights_positions_factors_and_points(dims, cpu_path):
     w, p, f = mixture_parameters(2, 1, 5, dims)
     points = (torch.randn(2, 1, 4, dims, dtype=torch.float64) * 1.5).requires_grad_()
-    with backends.use("torch", tile_elements=SMALL_TILES) as backend:
-        assert backend._tile(2, 4) == 3  # tiles of 3 Gaussians: the loop over tiles is exercised
+    with backends.use("torch", tile_elements=SMALL_TILES, cpu_kernel=cpu_path) as backend:
+        assert backend._tile(2, 4) == 3  # GEMM form: tiles of 3 Gaussians, the loop over tiles is exercised
         assert gradcheck(lambda w, p, f, x: gm.evaluate(build(w, p, f), x), (w, p, f, points))
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_gradcheck_evaluate_at_centroids(dims):
+def test_gradcheck_evaluate_at_centroids(dims, cpu_path):
     w, p, f = mixture_parameters(1, 2, 6, dims, seed=1)
-    with backends.use("torch", tile_elements=SMALL_TILES):
+    with backends.use("torch", tile_elements=SMALL_TILES, cpu_kernel=cpu_path):
         assert gradcheck(lambda w, p, f: gm.evaluate_at_centroids(build(w, p, f)), (w, p, f))
 
 
-def test_gradcheck_evaluate_shared_points():
+def test_gradcheck_evaluate_shared_points(cpu_path):
     w, p, f = mixture_parameters(1, 2, 4, 3, seed=2)
     points = torch.randn(5, 3, dtype=torch.float64).requires_grad_()
-    with backends.use("torch", tile_elements=SMALL_TILES):
+    with backends.use("torch", tile_elements=SMALL_TILES, cpu_kernel=cpu_path):
         assert gradcheck(lambda w, p, f, x: gm.evaluate(build(w, p, f), x), (w, p, f, points))
 
 
-def test_gradcheck_convolve_then_evaluate():
+def test_gradcheck_convolve_then_evaluate(cpu_path):
     data = mixture_parameters(1, 2, 3, 2, seed=3)
     kernels = mixture_parameters(2, 2, 2, 2, seed=4, spread=0.5)
     queries = torch.randn(4, 2, dtype=torch.float64)
@@ -69,28 +78,56 @@ def test_gradcheck_convolve_then_evaluate():
     def convolved(dw, dp, df, kw, kp, kf):
         return gm.evaluate(gm.convolve(build(dw, dp, df), build(kw, kp, kf)), queries)
 
-    with backends.use("torch", tile_elements=SMALL_TILES):
+    with backends.use("torch", tile_elements=SMALL_TILES, cpu_kernel=cpu_path):
         assert gradcheck(convolved, (*data, *kernels))
 
 
-def test_gradcheck_exp_kernel_matvec_directly():
-    g = torch.Generator().manual_seed(5)
-    X = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
-    A = (torch.randn(2, 7, 4, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
-    c = torch.randn(2, 7, generator=g, dtype=torch.float64).requires_grad_()
+def exp_kernel_inputs(features, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2, 5, features, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 7, features, generator=g, dtype=torch.float64) * 0.3
+    c = torch.randn(2, 7, generator=g, dtype=torch.float64)
     # Exponents are clamped at 0; keep them negative so the function is smooth at the test point.
-    with torch.no_grad():
-        A[..., -1] -= 5.0
-        X[..., -1] = 1.0
-    assert gradcheck(lambda X, A, c: ExpKernelMatVec.apply(X, A, c, 2), (X, A, c))
+    A[..., -1] -= 5.0
+    X[..., -1] = 1.0
+    return [t.requires_grad_() for t in (X, A, c)]
 
 
-def test_gradient_is_correct_in_float32_too():
+def test_gradcheck_gemm_exp_kernel_matvec_with_tiles_of_two():
+    assert gradcheck(lambda X, A, c: ExpKernelMatVec.apply(X, A, c, 2), exp_kernel_inputs(4))
+
+
+@pytest.mark.parametrize("features", [6, 10])  # 2D and 3D quadratic features
+def test_gradcheck_cpp_exp_kernel_matvec_with_small_tiles(features):
+    if cpu_kernel.unavailable_reason():
+        pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    inputs = exp_kernel_inputs(features)
+    # Point tiles of 2 and Gaussian tiles of 3: partial tiles at both edges.
+    assert gradcheck(lambda X, A, c: cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, 2, 3), inputs)
+
+
+def test_cpp_kernel_matches_gemm_form_beyond_one_tile():
+    # 300 points x 700 Gaussians spans several of the C++ kernel's default 64 x 256 tiles.
+    if cpu_kernel.unavailable_reason():
+        pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    w, p, f = mixture_parameters(2, 1, 700, 3, seed=12, spread=3.0)
+    points = torch.randn(2, 1, 300, 3, dtype=torch.float64) * 3
+    results = {}
+    for path in ("gemm", "cpp"):
+        with backends.use("torch", cpu_kernel=path):
+            out = gm.evaluate(build(w, p, f), points)
+            grads = torch.autograd.grad(out.cos().sum(), (w, p, f))
+        results[path] = (out, *grads)
+    for a, b in zip(results["gemm"], results["cpp"]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * a.abs().max().item())
+
+
+def test_gradient_is_correct_in_float32_too(cpu_path):
     w, p, f = mixture_parameters(1, 1, 40, 3, seed=6)
     grads = {}
     for dtype in (torch.float64, torch.float32):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (w, p, f)]
-        with backends.use("torch", tile_elements=100):
+        with backends.use("torch", tile_elements=100, cpu_kernel=cpu_path):
             gm.evaluate_at_centroids(build(*leaves)).square().sum().backward()
         grads[dtype] = [t.grad.double() for t in leaves]
     for g64, g32 in zip(grads[torch.float64], grads[torch.float32]):
@@ -100,12 +137,12 @@ def test_gradient_is_correct_in_float32_too():
 # ---------------------------------------------------------------- tiling
 
 
-def test_results_do_not_depend_on_tile_size():
+def test_gemm_results_do_not_depend_on_tile_size():
     w, p, f = mixture_parameters(2, 3, 33, 3, seed=7)
     m = build(w, p, f)
     results = []
     for tile_elements in (1, 2 * 3 * 33 * 5, 1 << 22):
-        with backends.use("torch", tile_elements=tile_elements):
+        with backends.use("torch", tile_elements=tile_elements, cpu_kernel="gemm"):
             out = gm.evaluate_at_centroids(m)
             (grad,) = torch.autograd.grad(out.sin().sum(), p)
         results.append((out, grad))
@@ -119,6 +156,8 @@ def test_backend_parameters_are_validated():
         backends.use("torch", tile_elements=0)
     with pytest.raises(PluginError, match="compute_dtype"):
         backends.use("torch", compute_dtype="float16")
+    with pytest.raises(PluginError, match="cpu_kernel must be one of"):
+        backends.use("torch", cpu_kernel="fortran")
     with pytest.raises(PluginError, match="unknown backend plugin 'nope'"):
         backends.use("nope")
 
@@ -139,7 +178,7 @@ def _relative_error(out, expected):
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
-def test_float32_far_from_origin_is_as_accurate_as_at_origin(offset):
+def test_float32_far_from_origin_is_as_accurate_as_at_origin(offset, cpu_path):
     # Centring on the mixture's mean keeps float32 accurate far from the origin.  The
     # reference uses exactly the float32 inputs, so only the computation is tested.
     g = torch.Generator().manual_seed(8)
@@ -148,7 +187,8 @@ def test_float32_far_from_origin_is_as_accurate_as_at_origin(offset):
     m = gm.pack(torch.randn(1, 1, 30, generator=g, dtype=torch.float64), p, gm.covariance_from_factor(f, 1e-2))
     m32 = m.float()
     points = (gm.positions(m32)[0, 0].double() + torch.randn(30, 3, generator=g, dtype=torch.float64) * 0.5).float()
-    out = gm.evaluate(m32, points)[0, 0].double().numpy()
+    with backends.use("torch", cpu_kernel=cpu_path):
+        out = gm.evaluate(m32, points)[0, 0].double().numpy()
     assert _relative_error(out, scipy_evaluate(m32[0, 0], points.double().numpy())) < 1e-4
 
 
@@ -168,31 +208,33 @@ def _thin_mixture(smallest_variance, n=20, seed=9):
     return m, points.float()
 
 
-def test_float32_nearly_singular_covariance_condition_1e3():
+def test_float32_nearly_singular_covariance_condition_1e3(cpu_path):
     m, points = _thin_mixture(1e-3)
-    out = gm.evaluate(m, points)[0, 0].double().numpy()
+    with backends.use("torch", cpu_kernel=cpu_path):
+        out = gm.evaluate(m, points)[0, 0].double().numpy()
     assert _relative_error(out, scipy_evaluate(m[0, 0], points.double().numpy())) < 2e-3
 
 
 @pytest.mark.parametrize("smallest_variance", [1e-5, 1e-7])
-def test_compute_dtype_float64_handles_condition_beyond_float32(smallest_variance):
+def test_compute_dtype_float64_handles_condition_beyond_float32(smallest_variance, cpu_path):
     # float32 arithmetic loses about eps32 * cond in the exponent (documented); float64
     # compute on the same float32 inputs recovers the exact values and returns float32.
     m, points = _thin_mixture(smallest_variance)
     expected = scipy_evaluate(m[0, 0], points.double().numpy())
-    with backends.use("torch", compute_dtype="float64"):
+    with backends.use("torch", compute_dtype="float64", cpu_kernel=cpu_path):
         out = gm.evaluate(m, points)[0, 0]
     assert out.dtype == torch.float32
     assert _relative_error(out.double().numpy(), expected) < 1e-6
 
 
-def test_exponent_clamp_never_exceeds_the_peak():
+def test_exponent_clamp_never_exceeds_the_peak(cpu_path):
     # At its own centre an isolated Gaussian evaluates to exactly its peak, not above it.
     m = gm.pack(
         torch.ones(1, 1, 1), torch.full((1, 1, 1, 3), 1e4), torch.eye(3).expand(1, 1, 1, 3, 3) * 1e-3
     )
     peak = gm.normalisation_factors(m)
-    assert torch.allclose(gm.evaluate_at_centroids(m), peak, rtol=1e-6)
+    with backends.use("torch", cpu_kernel=cpu_path):
+        assert torch.allclose(gm.evaluate_at_centroids(m), peak, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- memory
@@ -241,15 +283,15 @@ def test_peak_memory_measurement_sees_a_dense_implementation():
     assert _peak_cpu_bytes(_centroid_forward_backward(n, dense=True)) > 4 * n * n * 4
 
 
-def test_evaluate_at_centroids_forward_backward_memory_stays_far_below_n_squared():
+def test_evaluate_at_centroids_forward_backward_memory_stays_far_below_n_squared(cpu_path):
     n = 8192
     n_squared_bytes = n * n * 4  # one float32 N x N matrix: 256 MiB; a naive autograd graph keeps several
-    with backends.use("torch"):
+    with backends.use("torch", cpu_kernel=cpu_path):
         peak = _peak_cpu_bytes(_centroid_forward_backward(n))
     assert peak < n_squared_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
 
 
-def test_saved_for_backward_is_linear_in_n():
+def test_saved_for_backward_is_linear_in_n(cpu_path):
     saved = []
 
     def pack_hook(tensor):
@@ -258,7 +300,28 @@ def test_saved_for_backward_is_linear_in_n():
 
     n = 4096
     w, p, f = mixture_parameters(1, 1, n, 3, seed=11)
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
-        gm.evaluate_at_centroids(build(w, p, f)).sum()
+    with backends.use("torch", cpu_kernel=cpu_path):
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
+            gm.evaluate_at_centroids(build(w, p, f)).sum()
     # A few hundred bytes per Gaussian (parameters, features, coefficients), not N per Gaussian.
     assert 0 < sum(saved) < 1000 * n
+
+
+# ---------------------------------------------------------------- CUDA (runs where a GPU is present)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu_values_and_gradients(dtype):
+    w, p, f = mixture_parameters(2, 3, 300, 3, seed=13, spread=3.0)
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in (w, p, f)]
+        with backends.use("torch", tile_elements=50_000):  # several tiles on the GPU path
+            out = gm.evaluate_at_centroids(build(*leaves))
+            out.square().sum().backward()
+        assert out.device.type == device and out.dtype == dtype
+        results[device] = [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(results["cpu"], results["cuda"]):
+        assert torch.allclose(b, a, rtol=tolerance, atol=tolerance * a.abs().max().item())

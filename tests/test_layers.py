@@ -61,3 +61,20 @@ def test_unknown_plugins_and_parameters_raise_plugin_error():
         ReLUFitting(transfer_fitting="dense", transfer_fitting_params={"T": 2})
     with pytest.raises(ValueError, match="n_out"):
         ReLUFitting(n_out=0)
+
+
+def test_figure_fitting_example_writes_five_consistent_panels(tmp_path):
+    import matplotlib.image
+
+    from gmbench.cli import main
+    from gmbench.commands.figure import fitting_example_panels, random_layer_output
+
+    m = random_layer_output(20, seed=1)
+    titles, images, _ = fitting_example_panels(m, "dense", "treehem", 6, 32)
+    assert len(titles) == 5 and images.shape == (5, 32, 32)
+    torch.testing.assert_close(images[1], images[0].clamp_min(0))  # ReLU target
+    assert bool((images[2:] >= 0).all())  # a', a'' and the reduction are non-negative
+    out = tmp_path / "figure.png"
+    assert main(["figure", "fitting-example", "--out", str(out), "--n-gaussians", "20", "--n-out", "6", "--resolution", "32"]) == 0
+    assert matplotlib.image.imread(out).shape[2] in (3, 4)
+    assert main(["figure", "fitting-example", "--out", str(out), "--n-out", "0"]) == 2

@@ -31,12 +31,49 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--smoke", action="store_true", help="shrink every cell (48 train / 24 test samples, 1 epoch, N <= 16) to check the suite end to end")
     parser.add_argument("--jobs", type=int, default=1, help="cells run in parallel worker processes (default 1: in this process)")
-    parser.add_argument("--executor", default="local", help="how cells are executed (default local)")
+    parser.add_argument("--executor", default="local", choices=("local", "ray"), help="how cells are executed: local (this machine, default) or ray (a Ray cluster; see docs/cluster.md)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="train each cell data-parallel on N processes (one GPU each with --device cuda; gloo on CPU) (default 1)")
+    cluster = parser.add_argument_group("Ray executor (--executor ray)")
+    cluster.add_argument("--address", help="Ray cluster address (auto, HOST:6379, ray://HOST:10001); default: start a local Ray instance")
+    cluster.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs Ray reserves per cell process (default 1)")
+    cluster.add_argument("--gpus-per-cell", type=float, default=None, help="GPUs Ray reserves per cell process (default 1 with --device cuda, else 0)")
+    cluster.add_argument("--memory-per-cell", type=float, default=None, metavar="GIB", help="host memory Ray reserves per cell, GiB (default: none)")
+    cluster.add_argument("--max-retries", type=int, default=3, help="re-runs of a cell whose worker died; it resumes from its checkpoint (default 3)")
+    parser.add_argument("--isolate", action="store_true", help="run each cell in a fresh worker process even with --jobs 1 (per-cell peak memory on CPU)")
     parser.add_argument("--update", action="store_true", help="accept a changed suite in an existing --out: run new cells, drop removed ones from the results")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     parser.set_defaults(func=run)
+
+
+def _executor_options(args) -> dict:
+    """Keyword arguments of the chosen executor; cluster flags without --executor ray are an error."""
+    from gmbench.errors import GmbenchError
+
+    if args.nproc_per_node < 1:
+        raise GmbenchError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.executor == "ray":
+        return dict(
+            address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+            memory_gb_per_cell=args.memory_per_cell, max_retries=args.max_retries,
+        )
+    given = [flag for flag, value, default in (
+        ("--address", args.address, None), ("--cpus-per-cell", args.cpus_per_cell, 1.0),
+        ("--gpus-per-cell", args.gpus_per_cell, None), ("--memory-per-cell", args.memory_per_cell, None),
+        ("--max-retries", args.max_retries, 3),
+    ) if value != default]
+    if given:
+        raise GmbenchError(f"{', '.join(given)} only apply to --executor ray; add --executor ray or drop them")
+    if args.nproc_per_node > 1 and args.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < args.nproc_per_node:
+            raise GmbenchError(
+                f"--nproc-per-node {args.nproc_per_node} needs that many GPUs, this machine has {torch.cuda.device_count()}; "
+                "lower it or use --executor ray on a cluster"
+            )
+    return {"isolate": True} if args.isolate else {}
 
 
 def default_run_dir(suite_name: str, smoke: bool) -> Path:
@@ -73,9 +110,10 @@ def run(args) -> int:
         return 0
     options = RunOptions(
         device=args.device, backend=args.backend, data_root=args.data_root,
-        cache_dir=args.cache_dir, progress=not args.no_progress and args.jobs == 1,
+        cache_dir=args.cache_dir, progress=not args.no_progress and args.jobs == 1 and not args.isolate,
+        nproc_per_node=args.nproc_per_node,
     )
-    executor = create_executor(args.executor, jobs=args.jobs)
+    executor = create_executor(args.executor, jobs=args.jobs, **_executor_options(args))
     summary = run_suite(suite, out, options, executor=executor, update=args.update, progress=not args.no_progress)
     frame = results.load_results(out)
     print()

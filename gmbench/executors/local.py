@@ -1,5 +1,9 @@
 """The local executor: cells in this process (``jobs=1``) or in N spawned worker processes.
 
+With worker processes every cell gets a fresh process (``max_tasks_per_child=1``),
+so the CPU peak memory the trainer records (the process's peak RSS) is the
+cell's own; ``isolate=True`` does the same with one worker.
+
 Worker processes use the ``spawn`` start method (safe with threads, CUDA and
 every OS) through :class:`concurrent.futures.ProcessPoolExecutor`; each one
 imports gmbench afresh and receives only plain data (cell configuration,
@@ -28,15 +32,17 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, jobs: int = 1):
+    def __init__(self, jobs: int = 1, isolate: bool = False):
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.jobs = jobs
+        # A fresh process per cell: per-cell peak RSS on CPU, nothing leaks between cells.
+        self.isolate = isolate or jobs > 1
 
     def run(self, cells, run_dir, options, on_start, on_epoch, on_done, poll=None) -> None:
         from gmbench.runner import cell_dir, run_cell
 
-        if self.jobs == 1:
+        if not self.isolate:
             for cell in cells:
                 on_start(cell)
                 metrics = run_cell(cell.config, cell_dir(run_dir, cell.id), options, on_epoch=lambda record, cell=cell: on_epoch(cell, record))
@@ -54,7 +60,10 @@ class LocalExecutor:
         context = multiprocessing.get_context("spawn")
         started: set[str] = set()
         pool_started = time.time()
-        with concurrent.futures.ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,), max_tasks_per_child=1,
+        )
+        with pool:
             futures = {
                 pool.submit(run_cell, cell.config, cell_dir(run_dir, cell.id), options): cell for cell in cells
             }

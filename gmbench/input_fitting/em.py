@@ -119,7 +119,10 @@ def e_step(x: Tensor, params: MixtureParameters) -> tuple[Tensor, Tensor]:
     coefficients = _log_density_coefficients(params.mu, params.cov, torch.log(params.pi.clamp_min(tiny)))
     joint = torch.bmm(quadratic_features(x), coefficients.transpose(1, 2))
     peak = joint.amax(-1, keepdim=True)
-    responsibilities = joint.sub_(peak).exp_()
+    # exp of very negative arguments takes a slow path (about 10x); below this bound
+    # the responsibility is under 1e-30 of the largest anyway.
+    floor = math.log(tiny) + 10
+    responsibilities = joint.sub_(peak).clamp_min_(floor).exp_()
     total = responsibilities.sum(-1, keepdim=True)
     responsibilities.div_(total)
     return responsibilities, (torch.log(total) + peak).squeeze(-1)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gmbench.input_fitting.base import InputFitting
-from gmbench.input_fitting.em import MixtureParameters, m_step, run_em
+from gmbench.input_fitting.em import MixtureParameters, run_em
 from gmbench.plugins import hookimpl
 
 SEEDINGS = ("fps", "kmeans++")
@@ -80,8 +80,22 @@ def random_points(x: Tensor, w: Tensor, n: int, generator: torch.Generator) -> T
 
 
 def assign(x: Tensor, centres: Tensor) -> Tensor:
-    """``[B, P]`` index of the nearest centre."""
-    return squared_distances(x, centres).argmin(-1)
+    """``[B, P]`` index of the nearest centre.
+
+    ``argmin_k |c_k|^2 - 2 x.c_k`` (``|x|^2`` does not change the argmin) as one GEMM of
+    ``[x, 1]`` with ``[-2 c, |c|^2]``.
+    """
+    augmented_x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    augmented_c = torch.cat([-2 * centres, (centres * centres).sum(-1, keepdim=True)], -1)
+    return torch.bmm(augmented_x, augmented_c.transpose(1, 2)).argmin(-1)
+
+
+def cluster_sums(x: Tensor, w: Tensor, labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Weighted cluster masses ``[B, n]`` and coordinate sums ``[B, n, D]`` (scatter-add, no one-hot)."""
+    mass = torch.zeros(x.shape[0], n, dtype=x.dtype, device=x.device).scatter_add_(1, labels, w)
+    sums = torch.zeros(x.shape[0], n, x.shape[-1], dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, labels.unsqueeze(-1).expand_as(x), w.unsqueeze(-1) * x)
+    return mass, sums
 
 
 def lloyd(x: Tensor, w: Tensor, centres: Tensor, iterations: int, tolerance: float = 0.0) -> Tensor:
@@ -91,9 +105,7 @@ def lloyd(x: Tensor, w: Tensor, centres: Tensor, iterations: int, tolerance: flo
     """
     n = centres.shape[1]
     for _ in range(iterations):
-        one_hot = torch.nn.functional.one_hot(assign(x, centres), n).to(x.dtype) * w.unsqueeze(-1)
-        mass = one_hot.sum(1)  # [B, N]
-        sums = torch.bmm(one_hot.transpose(1, 2), x)
+        mass, sums = cluster_sums(x, w, assign(x, centres), n)
         updated = torch.where(mass.unsqueeze(-1) > 0, sums / mass.clamp_min(1e-30).unsqueeze(-1), centres)
         shift = ((updated - centres) ** 2).sum(-1).max()
         centres = updated
@@ -105,13 +117,23 @@ def lloyd(x: Tensor, w: Tensor, centres: Tensor, iterations: int, tolerance: flo
 def hard_m_step(x: Tensor, w: Tensor, centres: Tensor, reg_covar: Tensor | float) -> MixtureParameters:
     """One M step with hard nearest-centre assignments (the covariances of the k-means clusters).
 
-    A cluster without points keeps its centre and gets covariance ``reg_covar * I`` and weight ~0.
+    Same result as :func:`gmbench.input_fitting.em.m_step` with one-hot
+    responsibilities, computed with scatter-adds.  A cluster without points
+    keeps its centre and gets covariance ``reg_covar * I`` and weight ~0.
     """
-    one_hot = torch.nn.functional.one_hot(assign(x, centres), centres.shape[1]).to(x.dtype)
-    params = m_step(x, w, one_hot, reg_covar)
-    empty = (one_hot * w.unsqueeze(-1)).sum(1) <= 0
-    mu = torch.where(empty.unsqueeze(-1), centres, params.mu)
-    return MixtureParameters(params.pi, mu, params.cov)
+    b, p, d = x.shape
+    n = centres.shape[1]
+    labels = assign(x, centres)
+    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    mass, sums = cluster_sums(torch.cat([x, outer], -1), w, labels, n)
+    nk = mass + 10 * torch.finfo(x.dtype).eps
+    mu = sums[..., :d] / nk.unsqueeze(-1)
+    cov = (sums[..., d:] / nk.unsqueeze(-1)).unflatten(-1, (d, d)) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    cov = cov + reg * torch.eye(d, dtype=x.dtype, device=x.device)
+    mu = torch.where((mass <= 0).unsqueeze(-1), centres, mu)
+    return MixtureParameters(nk / nk.sum(-1, keepdim=True), mu, cov)
 
 
 def seed_centres(x: Tensor, w: Tensor, n: int, init: str, generator: torch.Generator) -> Tensor:

@@ -12,8 +12,8 @@ is
 3. :class:`~gmbench.models.pooling.ScaleNormalization` (Section 4.3).
 
 The last block fits the ReLU but does not reduce (as in the paper); its
-``num_classes`` channels are integrated to scalars, batch-normalised
-(``BatchNorm1d`` over the class scores) and turned into log-probabilities.
+``num_classes`` channels are integrated to scalars, batch-normalised (one
+``BatchNorm1d`` channel over all class scores) and turned into log-probabilities.
 
 Regularisation: :meth:`GMCN.regularization_loss` is Eq. 8 summed over all
 kernel Gaussians, times ``weight_decay`` (0.1) times the current learning rate
@@ -155,7 +155,11 @@ class GMCN(nn.Module):
             )
             for spec in self.layout.layers
         )
-        self.head = nn.BatchNorm1d(num_classes)
+        # One batch norm over all class scores jointly (batch and classes): a common
+        # shift and scale keeps the ranking of the classes, so stale running
+        # statistics at evaluation cannot reorder them (per-class statistics
+        # did: features drift while kernels train).  2 parameters.
+        self.head = nn.BatchNorm1d(1)
 
     @property
     def input_gaussians(self) -> int:
@@ -180,7 +184,8 @@ class GMCN(nn.Module):
         return gm.integrate(x)
 
     def forward(self, m: Tensor) -> Tensor:
-        return torch.log_softmax(self.head(self.features(m)), dim=-1)
+        scores = self.head(self.features(m).unsqueeze(1)).squeeze(1)
+        return torch.log_softmax(scores, dim=-1)
 
     def trace(self, m: Tensor) -> list[BlockTrace]:
         """Run the network on ``m`` and return every block's intermediate mixtures."""

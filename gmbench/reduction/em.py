@@ -44,13 +44,7 @@ def _flat_cov(m: Tensor) -> Tensor:
 
 
 def _contract(w: Tensor, x: Tensor) -> Tensor:
-    """``sum_s w[m, s, q] x[m, s, f]`` -> ``[M, Q, F]``.
-
-    Small node problems (TreeHEM, ``S = 2T``) are faster as a broadcast sum than
-    as thousands of tiny matrix products; large ones (MEM) use ``bmm``.
-    """
-    if w.shape[-2] <= 16:
-        return (w.unsqueeze(-1) * x.unsqueeze(-2)).sum(-3)
+    """``sum_s w[m, s, q] x[m, s, f]`` -> ``[M, Q, F]`` (one batched matrix product)."""
     return torch.bmm(w.transpose(-1, -2), x)
 
 
@@ -74,8 +68,6 @@ def _quadratic_terms(target: Tensor, fitting: Tensor, precision_s: Tensor) -> Te
     features_s = torch.cat(
         [precision_s[..., rows, cols] * off_diagonal, -2.0 * p_mu_s, (mu_s * p_mu_s).sum(-1, keepdim=True)], -1
     )
-    if target.shape[-2] <= 16:
-        return (features_i.unsqueeze(-2) * features_s.unsqueeze(-3)).sum(-1)
     return torch.bmm(features_i, features_s.transpose(-1, -2))
 
 

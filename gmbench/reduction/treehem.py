@@ -133,14 +133,16 @@ class TreeHEMReduction:
             n_parents = level.shape[1] // 2
             collected = level.reshape(g * n_parents, 2 * T, k)
             collected_valid = valid.reshape(g * n_parents, 2 * T)
-            passed, passed_valid = compact(collected, collected_valid, T)
             n_out = torch.full((g * n_parents,), T, dtype=torch.long, device=m.device)
             fitted, fitted_valid = fit_nodes(
                 collected, collected_valid, n_out, T, self.virtual_points, self.kl_threshold
             )
             use_fit = collected_valid.sum(-1) > T
-            level = torch.where(use_fit[:, None, None], fitted, passed).view(g, n_parents, T, k)
-            valid = torch.where(use_fit[:, None], fitted_valid, passed_valid).view(g, n_parents, T)
+            if not bool(use_fit.all()):
+                passed, passed_valid = compact(collected, collected_valid, T)
+                fitted = torch.where(use_fit[:, None, None], fitted, passed)
+                fitted_valid = torch.where(use_fit[:, None], fitted_valid, passed_valid)
+            level, valid = fitted.view(g, n_parents, T, k), fitted_valid.view(g, n_parents, T)
             levels.append((level, valid))
         levels.reverse()
         return torch.cat([lv for lv, _ in levels], dim=1), torch.cat([va for _, va in levels], dim=1)

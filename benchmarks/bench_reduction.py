@@ -1,0 +1,147 @@
+"""Reduction cost: MEM vs TreeHEM (T=2, T=4), 3D, batch 8 x 8 channels, N_o -> 32 (paper Section 4.1, Table 3).
+
+Run:  python -m pytest benchmarks/bench_reduction.py -q -s
+      (GMBENCH_BENCH_SIZES=2560 to run only the headline size)
+
+For N_o in {640, 2560, 10240} and each method: ``forward`` and
+``forward+backward`` time (pytest-benchmark), and in ``extra_info``
+``autograd_saved_mb`` (distinct storages autograd keeps for backward: the
+memory a training step holds per reduction) and ``peak_rss_mb`` (peak resident
+memory a fresh process adds for one forward+backward).  MEM is the reference
+of the ratios printed at the end (same run, same machine): TreeHEM should need
+less memory and grow ~N log N where MEM grows ~N_o x N_p.
+
+For scale (issue 3): the authors' CPU TreeHEM, on a machine like this one, took
+87 ms forward and 16 s backward for 8 x 8 mixtures 2560 -> 32, T = 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmbench import mixture as gm
+from gmbench import plugins
+
+N_OUT = 32
+SIZES = [int(s) for s in os.environ.get("GMBENCH_BENCH_SIZES", "640,2560,10240").split(",")]
+METHODS = {"mem": ("mem", {}), "treehem-T2": ("treehem", {"T": 2}), "treehem-T4": ("treehem", {"T": 4})}
+RESULTS: dict[tuple[str, int, str], dict] = {}
+
+
+def layer_output(n: int, seed: int = 0) -> torch.Tensor:
+    """A dense ReLU fit of a random 3D layer output: ``[8, 8, n, 13]``, non-negative weights."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 8, n, generator=g)
+    p = torch.randn(8, 8, n, 3, generator=g) * 2.0
+    f = torch.randn(8, 8, n, 3, 3, generator=g) * 0.3 + 0.5 * torch.eye(3)
+    m = gm.pack(w, p, gm.covariance_from_factor(f, 0.01))
+    return plugins.create("transfer_fitting", "dense").fit(m)
+
+
+def saved_mb(method: str, m: torch.Tensor) -> float:
+    name, params = METHODS[method]
+    reduction = plugins.create("reduction", name, **params)
+    x = m.clone().requires_grad_(True)
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = reduction.reduce(x, N_OUT)
+    del out
+    return sum(saved.values()) / 2**20
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure_rss(method: str, n: int) -> dict:
+    m = layer_output(n)
+    name, params = METHODS[method]
+    reduction = plugins.create("reduction", name, **params)
+    x = m.clone().requires_grad_(True)
+    before = _rss_mb()
+    reduction.reduce(x, N_OUT).sum().backward()
+    return {"peak_rss_mb": _rss_mb() - before}
+
+
+def child_peak_rss(method: str, n: int) -> float:
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); import bench_reduction as b; "
+        "print(json.dumps(b._measure_rss(sys.argv[2], int(sys.argv[3]))))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), method, str(n)],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+    if done.returncode != 0:
+        return float("nan")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+@pytest.fixture(scope="module")
+def mixtures():
+    return {n: layer_output(n) for n in SIZES}
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_reduction(benchmark, mixtures, method, n, mode):
+    name, params = METHODS[method]
+    reduction = plugins.create("reduction", name, **params)
+    m = mixtures[n]
+
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return reduction.reduce(m, N_OUT)
+    else:
+        def run():
+            x = m.clone().requires_grad_(True)
+            reduction.reduce(x, N_OUT).sum().backward()
+            return x.grad
+
+    rounds = 3 if n <= 2560 else 1
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1 if n <= 2560 else 0)
+    info = {"mean_s": benchmark.stats.stats.mean, "min_s": benchmark.stats.stats.min}
+    if mode == "forward+backward":
+        info["autograd_saved_mb"] = saved_mb(method, m)
+        info["peak_rss_mb"] = child_peak_rss(method, n)
+    benchmark.extra_info.update(info)
+    RESULTS[(method, n, mode)] = info
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_summary():
+    yield
+    if not RESULTS:
+        return
+    print("\nreduction 8x8 mixtures, 3D, N_o -> 32 (this run; ratios vs MEM at the same N_o)")
+    print(f"{'method':<12}{'N_o':>7}{'fwd s':>9}{'fwd+bwd s':>11}{'saved MiB':>11}{'peak RSS MiB':>14}{'time/MEM':>10}{'saved/MEM':>11}")
+    for method in METHODS:
+        for n in SIZES:
+            fwd = RESULTS.get((method, n, "forward"), {})
+            both = RESULTS.get((method, n, "forward+backward"), {})
+            ref = RESULTS.get(("mem", n, "forward+backward"), {})
+            ratio_t = both.get("min_s", float("nan")) / ref.get("min_s", float("nan")) if ref else float("nan")
+            ratio_m = both.get("autograd_saved_mb", float("nan")) / ref.get("autograd_saved_mb", float("nan")) if ref else float("nan")
+            print(
+                f"{method:<12}{n:>7}{fwd.get('min_s', float('nan')):>9.3f}{both.get('min_s', float('nan')):>11.3f}"
+                f"{both.get('autograd_saved_mb', float('nan')):>11.1f}{both.get('peak_rss_mb', float('nan')):>14.0f}"
+                f"{ratio_t:>10.2f}{ratio_m:>11.2f}"
+            )
