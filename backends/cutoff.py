@@ -93,17 +93,22 @@ def _tile_boxes(x: Tensor, tile: int) -> tuple[Tensor, Tensor]:
     return x.amin(2), x.amax(2)
 
 
-def influence_radii(covariances: Tensor, peaks: Tensor, tolerance: float) -> Tensor:
-    """``[G, N]`` Euclidean radius beyond which each Gaussian is below ``tol * max|c|``.
+def influence_half_widths(covariances: Tensor, peaks: Tensor, tolerance: float) -> Tensor:
+    """``[G, N, D]`` half-widths of the axis-aligned box outside which each Gaussian is below ``tau``.
 
-    ``-inf`` where the whole Gaussian is below the threshold (including zero-weight padding).
+    With ``R^2 = 2 ln(|c_j| / tau)`` the region ``|c_j| exp(-d_M^2 / 2) >= tau`` is the
+    ellipsoid ``d^T C_j^{-1} d <= R^2``, whose bounding box has half-widths
+    ``R sqrt(C_j[k, k])`` (tighter than the sphere of radius ``R sqrt(lambda_max)``
+    for elongated Gaussians).  ``-inf`` where the whole Gaussian is below ``tau``
+    (including zero-weight padding): it never needs evaluating.
     """
-    lam_max = torch.linalg.eigvalsh(covariances.double()).amax(-1).clamp_min(0)
     magnitude = peaks.double().abs()
     tau = tolerance * magnitude.amax(-1, keepdim=True)
     ratio = magnitude / tau.clamp_min(torch.finfo(torch.float64).tiny)
-    radius = torch.sqrt(2 * lam_max * torch.log(ratio.clamp_min(1)))
-    return torch.where(magnitude > tau, radius, torch.full_like(radius, -math.inf))
+    radius = torch.sqrt(2 * torch.log(ratio.clamp_min(1)))
+    variances = torch.diagonal(covariances.double(), dim1=-2, dim2=-1).clamp_min(0)
+    half = radius[..., None] * variances.sqrt()
+    return torch.where((magnitude > tau)[..., None], half, torch.full_like(half, -math.inf))
 
 
 def make_plan(
@@ -120,7 +125,9 @@ def make_plan(
 
     ``covariances [G, N, D, D]``, ``peaks [G, N]`` (``c_j``; sign ignored).
     ``same_set``: points are the Gaussians' centres (``evaluate_at_centroids``),
-    so one Morton sort serves both.  Everything is computed without gradients.
+    so one Morton sort serves both.  A (point tile, Gaussian tile) pair is
+    active iff the points' bounding box meets the union of the Gaussians'
+    influence boxes (:func:`influence_half_widths`).  Computed without gradients.
     """
     if not tolerance > 0:
         raise ValueError(f"cut-off tolerance must be positive, got {tolerance}")
@@ -129,19 +136,15 @@ def make_plan(
         gaussian_order = morton_order(centres)
         point_order = gaussian_order if same_set else morton_order(points)
         sorted_points = points.gather(1, point_order[..., None].expand_as(points))
-        sorted_centres = centres.gather(1, gaussian_order[..., None].expand_as(centres))
-        radii = influence_radii(covariances.detach(), peaks.detach(), tolerance).gather(1, gaussian_order)
-        p_lo, p_hi = _tile_boxes(sorted_points, tile_m)
-        g_lo, g_hi = _tile_boxes(sorted_centres, tile_n)
-        n_tiles = g_lo.shape[1]
-        missing = n_tiles * tile_n - radii.shape[1]
-        if missing:
-            radii = torch.cat([radii, radii.new_full((radii.shape[0], missing), -math.inf)], dim=1)
-        tile_radius = radii.reshape(radii.shape[0], n_tiles, tile_n).amax(-1)  # [G, Tn]
-        # Gap between boxes per axis (0 where they overlap), [G, Tm, Tn, D].
-        gap = torch.maximum(g_lo[:, None] - p_hi[:, :, None], p_lo[:, :, None] - g_hi[:, None]).clamp_min(0)
-        distance = gap.double().pow(2).sum(-1).sqrt()
-        mask = (distance <= tile_radius[:, None, :]).to(torch.uint8)
+        order3 = gaussian_order[..., None].expand_as(centres)
+        sorted_centres = centres.gather(1, order3).double()
+        half = influence_half_widths(covariances.detach(), peaks.detach(), tolerance).gather(1, order3)
+        p_lo, p_hi = _tile_boxes(sorted_points.double(), tile_m)
+        # Influence boxes; a negligible Gaussian gets an empty box (lo = +inf, hi = -inf).
+        g_lo, _ = _tile_boxes(sorted_centres - half, tile_n)
+        _, g_hi = _tile_boxes(sorted_centres + half, tile_n)
+        overlap = (p_lo[:, :, None] <= g_hi[:, None]) & (g_lo[:, None] <= p_hi[:, :, None])  # [G, Tm, Tn, D]
+        mask = overlap.all(-1).to(torch.uint8)
     return CutoffPlan(point_order, gaussian_order, mask, tile_m, tile_n)
 
 

@@ -178,6 +178,9 @@ class FusedBackend(TorchBackend):
                 "(device: cuda) or use backend 'torch'"
             )
 
+    def _cutoff_tile(self, X: Tensor) -> int:
+        return BLOCK
+
     def _matvec(self, X: Tensor, A: Tensor, c: Tensor, plan: cutoff.CutoffPlan | None) -> Tensor:
         self._check_device(X)
         if plan is not None and (plan.tile_m, plan.tile_n) != (BLOCK, BLOCK):

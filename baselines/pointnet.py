@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
 from gmbench.baselines.inputs import normalize_to_unit_ball
 from gmbench.plugins import hookimpl
 
@@ -82,7 +83,10 @@ class PointNet(nn.Module):
     coordinates (0: plain points; ``1 + D(D+1)/2``: the ``gm`` input);
     ``dropout`` after FC 512 and FC 256 (the authors' keep-probability 0.7);
     ``regularization_weight`` of the feature-transform orthogonality loss;
-    ``normalize`` centres each input set and scales it into the unit ball.
+    ``normalize`` centres each input set and scales it into the unit ball;
+    ``bn_momentum`` / ``bn_decay_samples``: the authors' batch-norm momentum
+    schedule (halved every ``bn_decay_samples`` training samples, at least
+    0.01; see :mod:`gmbench.baselines.batchnorm`).
     """
 
     name = "pointnet"
@@ -95,6 +99,8 @@ class PointNet(nn.Module):
         dropout: float = 0.3,
         regularization_weight: float = 0.001,
         normalize: bool = True,
+        bn_momentum: float = 0.5,
+        bn_decay_samples: int = 200_000,
     ):
         super().__init__()
         if dims not in (2, 3):
@@ -105,6 +111,7 @@ class PointNet(nn.Module):
             raise ValueError(f"in_features must be >= 0, got {in_features}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.bn_schedule = BatchNormMomentumSchedule(bn_momentum, bn_decay_samples, minimum=min(0.01, bn_momentum))
         if regularization_weight < 0:
             raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}")
         self.dims = dims
@@ -124,6 +131,8 @@ class PointNet(nn.Module):
             raise ValueError(
                 f"expected input [B, P, {self.dims + self.in_features}] (dims + in_features), got {tuple(x.shape)}"
             )
+        if self.training:
+            self.bn_schedule.step(self, x.shape[0])
         if self.normalize:
             x = normalize_to_unit_ball(x, self.dims)
         x = x.transpose(1, 2)  # [B, C, P]

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import PointNetConv, global_max_pool
 
 from gmbench.baselines import sampling
+from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
 from gmbench.baselines.inputs import normalize_to_unit_ball
 from gmbench.baselines.pointnet import fully_connected
 from gmbench.plugins import hookimpl
@@ -93,7 +94,10 @@ class PointNet2(nn.Module):
     coordinates (0: plain points; ``1 + D(D+1)/2``: the ``gm`` input);
     ``ratios``, ``radii`` and ``max_neighbors`` of the two set abstractions
     (standard SSG); ``dropout`` in the head; ``normalize`` centres each input
-    set and scales it into the unit ball.
+    set and scales it into the unit ball; ``bn_momentum`` /
+    ``bn_decay_samples``: the authors' batch-norm momentum schedule (halved
+    every ``bn_decay_samples`` training samples, at least 0.01; see
+    :mod:`gmbench.baselines.batchnorm`).
     """
 
     name = "pointnet2"
@@ -108,6 +112,8 @@ class PointNet2(nn.Module):
         max_neighbors: tuple[int, int] = (32, 64),
         dropout: float = 0.5,
         normalize: bool = True,
+        bn_momentum: float = 0.5,
+        bn_decay_samples: int = 200_000,
     ):
         super().__init__()
         if dims not in (2, 3):
@@ -128,6 +134,7 @@ class PointNet2(nn.Module):
         self.dims = dims
         self.in_features = in_features
         self.normalize = normalize
+        self.bn_schedule = BatchNormMomentumSchedule(bn_momentum, bn_decay_samples, minimum=min(0.01, bn_momentum))
         self.sa1 = SetAbstraction(ratios[0], radii[0], int(max_neighbors[0]), [in_features + dims, 64, 64, 128])
         self.sa2 = SetAbstraction(ratios[1], radii[1], int(max_neighbors[1]), [128 + dims, 128, 128, 256])
         self.sa3 = GlobalSetAbstraction([256 + dims, 256, 512, 1024])
@@ -138,6 +145,8 @@ class PointNet2(nn.Module):
             raise ValueError(
                 f"expected input [B, P, {self.dims + self.in_features}] (dims + in_features), got {tuple(x.shape)}"
             )
+        if self.training:
+            self.bn_schedule.step(self, x.shape[0])
         if self.normalize:
             x = normalize_to_unit_ball(x, self.dims)
         b, p, _ = x.shape

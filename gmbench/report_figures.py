@@ -4,7 +4,8 @@
 * training curves (test accuracy and training loss per epoch, per cell);
 * per-layer RMSE bars per reduction method (cells run with ``diagnostics: true``);
 * peak memory and training time per model;
-* time and RMSE per transfer-fitting method (Table 7 suites).
+* time and RMSE per transfer-fitting method (Table 7 suites);
+* the fitted input mixtures of a few test samples per data set and fitting method.
 """
 
 from __future__ import annotations
@@ -151,6 +152,37 @@ def transfer_fitting_timing(frame: pd.DataFrame, folder: Path) -> bool:
     return True
 
 
+def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
+    """Fitted input mixtures of the first test samples (issue 4's figure), one per data set and
+    fitting method of the mixture-input cells; skipped when the data cannot be loaded here."""
+    import json
+    import logging
+
+    from gmbench import plugins
+    from gmbench.input_figures import save_split_figure
+    from gmbench.runner import cell_dir
+
+    drawn, seen = [], set()
+    for _, row in _ok(frame).iterrows():
+        if row.get("task") != "train" or row.get("input") != "gm":
+            continue
+        config = json.loads((cell_dir(run_dir, row["cell_id"]) / "config.json").read_text())
+        key = (config["dataset"], json.dumps(config["dataset_params"], sort_keys=True), config["input_fitting"], json.dumps(config["input_fitting_params"], sort_keys=True), config["n_gaussians"])
+        if key in seen:
+            continue
+        seen.add(key)
+        stem = f"input_{config['dataset']}_{config['input_fitting']}_{config['n_gaussians']}"
+        try:
+            split = plugins.create("dataset", config["dataset"], **config["dataset_params"]).load("test")
+            for suffix in ("png", "pdf"):
+                save_split_figure(split, config["input_fitting"], config["n_gaussians"], config["input_fitting_params"], folder / f"{stem}.{suffix}", samples=8)
+        except Exception as error:  # noqa: BLE001 - e.g. the data set is not on this machine
+            logging.getLogger("gmbench.report").info("input fitting figure for %s skipped: %s", config["dataset"], error)
+            continue
+        drawn.append((f"Input mixtures: {config['dataset']}, {config['input_fitting']}, {config['n_gaussians']} Gaussians", stem))
+    return drawn
+
+
 def draw_all(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> list[tuple[str, str]]:
     """Draw every figure the results support; return (title, file stem) pairs."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,4 +197,5 @@ def draw_all(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> li
         drawn.append(("Peak memory and training time", "memory_and_time"))
     if transfer_fitting_timing(frame, folder):
         drawn.append(("Transfer fitting: time and error", "transfer_fitting_timing"))
+    drawn.extend(input_fitting_examples(run_dir, frame, folder))
     return drawn

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from gmbench import mixture as gm
 from gmbench import plugins
 from gmbench.baselines.augment import PointCloudAugmentation
+from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
 from gmbench.baselines.inputs import (
     gm_point_features,
     matching_point_count,
@@ -329,3 +330,36 @@ def test_augmentation_rejects_bad_parameters():
         PointCloudAugmentation(dims=3, input="mesh")
     with pytest.raises(ValueError, match="scale"):
         PointCloudAugmentation(dims=3, scale=(2.0, 1.0))
+
+
+# --- batch-norm momentum schedule ---------------------------------------------------
+
+
+def test_bn_momentum_schedule_halves_every_decay_step_down_to_the_clip():
+    schedule = BatchNormMomentumSchedule()
+    expected = {0: 0.5, 199_999: 0.5, 200_000: 0.25, 450_000: 0.125, 10**7: 0.01}
+    for samples, momentum in expected.items():
+        schedule.samples_seen.fill_(samples)
+        assert schedule.momentum() == momentum
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_forward_counts_samples_and_sets_every_bn_momentum(name):
+    model = plugins.create("model", name, num_classes=3, dims=2, bn_decay_samples=10)
+    x = torch.randn(6, 24, 2)
+    model(x)
+    model(x)  # 12 samples seen before the third batch: one halving
+    model(x)
+    assert int(model.bn_schedule.samples_seen) == 18
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)}
+    assert momenta == {0.25}
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert int(model.bn_schedule.samples_seen) == 18
+    assert model.state_dict()["bn_schedule.samples_seen"] == 18  # checkpointed, so resume continues
+
+
+def test_bn_momentum_rejects_values_outside_the_unit_interval():
+    with pytest.raises(PluginError, match="momentum"):
+        plugins.create("model", "pointnet", num_classes=3, dims=3, bn_momentum=1.5)

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'gmbe
 from gmbench import results  # noqa: E402
 from gmbench.errors import GmbenchError  # noqa: E402
 from gmbench.executors import create_executor  # noqa: E402
-from gmbench.executors.ray import RayExecutor, _check_shared_folder, start_local_ray  # noqa: E402
+from gmbench.executors.ray import RayExecutor, _check_reachable, _check_shared_folder, start_local_ray  # noqa: E402
 from gmbench.runner import RunOptions, cell_dir, run_suite  # noqa: E402
 from gmbench.suite import parse_suite  # noqa: E402
 
@@ -65,6 +65,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_results_match_the_local_executor(local_ray, tmp_path):
     import torch
 
@@ -117,6 +118,7 @@ def test_killed_worker_is_retried_and_the_cell_resumes_from_its_checkpoint(local
     assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_cell_whose_worker_keeps_dying_is_recorded_failed_and_the_rest_finish(local_ray, tmp_path):
     variants = [{"kill_at_step": 2}, {"kill_at_step": 10_000}]
     suite = parse_suite(blobs_suite("ray-doomed", "test_worker_killing", variants, epochs=1), "ray-doomed.yaml")
@@ -167,6 +169,13 @@ def test_cli_runs_a_suite_on_ray(local_ray, tmp_path, capsys):
 def test_run_folder_invisible_to_workers_is_a_clear_error(local_ray, tmp_path):
     with pytest.raises(GmbenchError, match="shared by all nodes"):
         _check_shared_folder(tmp_path / "not-there")
+
+
+def test_unreachable_cluster_address_is_a_clear_error():
+    # Checked before ray.init, which would wait for minutes on an address nobody listens on.
+    with pytest.raises(GmbenchError, match="cannot reach the Ray cluster at --address 127.0.0.1:9"):
+        _check_reachable("127.0.0.1:9")
+    _check_reachable("auto")  # resolved by Ray itself
 
 
 def test_cells_ask_ray_for_their_resources():

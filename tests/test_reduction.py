@@ -142,15 +142,15 @@ def test_reduction_is_scale_equivariant(name, params):
 def test_reduction_gradcheck_float64(name, params):
     m = random_mixture(1, 1, 12, 2, seed=4).requires_grad_(True)
     red = reducer(name, params)
-    assert torch.autograd.gradcheck(lambda x: red.reduce(x, 3), (m,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda x: red.reduce(x, 3), (m,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_treehem_gradcheck_3d_with_partial_node():
-    # With T = 2 every full node holds 2 Gaussians, so an odd count (7 -> 3)
-    # needs the partial expansion of one node.
-    m = random_mixture(1, 1, 7, 3, seed=9).requires_grad_(True)
+    # With T = 2 every full node holds 2 Gaussians, so an odd count
+    # needs the partial expansion of one node (13 -> 5).
+    m = random_mixture(1, 1, 13, 3, seed=9).requires_grad_(True)
     red = reducer("treehem", {"T": 2})
-    assert torch.autograd.gradcheck(lambda x: red.reduce(x, 3), (m,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda x: red.reduce(x, 5), (m,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def keep_largest(m, n):

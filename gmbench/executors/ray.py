@@ -175,6 +175,7 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         if self.address:
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=True)
             except (ConnectionError, RuntimeError, ValueError) as error:
@@ -191,7 +192,8 @@ class RayExecutor:
 
         from gmbench.runner import cell_dir
 
-        threads = max(1, int(resources.cpus / max(1, getattr(options, "nproc_per_node", 1) or 1)))
+        # The task's intra-op threads; a data-parallel cell divides them among its ranks.
+        threads = max(1, int(resources.cpus))
         task = ray.remote(_run_cell_task).options(
             **resources.ray_options(), max_retries=self.max_retries, retry_exceptions=False, name="gmbench-cell"
         )
@@ -263,6 +265,20 @@ def _run_cell_task(cell_config: dict, folder: str, options, threads: int) -> dic
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned: they are cuda:0...
         options = dataclasses.replace(options, device="cuda")
     return run_cell(cell_config, folder, options)
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on a ``HOST:PORT`` nobody listens on (``ray.init`` would wait for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise GmbenchError(
+            f"cannot reach the Ray cluster at --address {address} ({error.strerror or error}); "
+            "check the address printed by 'ray start --head' (and that its port is open) or omit --address"
+        ) from None
 
 
 def _probe_folder(run_dir: str) -> tuple[str, bool]:

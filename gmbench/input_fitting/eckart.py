@@ -91,32 +91,39 @@ class EckartFitting(InputFitting):
         b, p, d = x.shape
         reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device).reshape(-1)
         reg = reg.expand(b) if reg.numel() == 1 else reg
-        node_w = w  # [G, P] point weights of each node (G = B * j**level)
+        # Each node holds only the points softly partitioned to it, compacted:
+        # indices into its cloud [G, P_node] and weights [G, P_node] (0 = padding).
+        owner = torch.arange(b, device=x.device)  # cloud of each node
+        index = torch.arange(p, device=x.device).expand(b, p)
+        node_w = w
         node_pi = torch.ones(b, dtype=x.dtype, device=x.device)
-        node_mu = (w.unsqueeze(-1) * x).sum(1, keepdim=True).squeeze(1)
+        node_mu = (w.unsqueeze(-1) * x).sum(1)
         node_cov = torch.eye(d, dtype=x.dtype, device=x.device).expand(b, d, d)
         for level in range(levels):
-            groups = node_w.shape[0]
-            repeat = groups // b
-            xg = x.repeat_interleave(repeat, 0)
-            regg = reg.repeat_interleave(repeat, 0)
-            mass = node_w.sum(-1)
-            empty = mass <= 0
+            xg = x[owner.unsqueeze(-1), index]  # [G, P_node, D]
+            regg = reg[owner]
+            empty = node_w.sum(-1) <= 0
             # Empty nodes run on uniform weights so the batch stays well defined;
             # their children are replaced by zero-weight copies of the parent below.
             wg = torch.where(empty.unsqueeze(-1), torch.ones_like(node_w), node_w)
             wg = wg / wg.sum(-1, keepdim=True)
-            seeds = self._seeds(xg, wg, j, generator)
-            init = hard_m_step(xg, wg, seeds, regg)
+            init = hard_m_step(xg, wg, self._seeds(xg, wg, j, generator), regg)
             params, _, _ = run_em(xg, wg, init, regg, self.iterations, self.tolerance)
-            gamma, _ = e_step(xg, params)  # [G, P, j]
-            child_w = (wg.unsqueeze(-1) * gamma * (gamma > self.threshold)).transpose(1, 2)  # [G, j, P]
-            child_w = child_w * (~empty)[:, None, None]
             pi = node_pi.unsqueeze(-1) * params.pi * (~empty).unsqueeze(-1)
             mu = torch.where(empty[:, None, None], node_mu.unsqueeze(1), params.mu)
             cov = torch.where(empty[:, None, None, None], node_cov.unsqueeze(1), params.cov)
-            node_w = child_w.reshape(groups * j, p)
             node_pi, node_mu, node_cov = pi.reshape(-1), mu.reshape(-1, d), cov.reshape(-1, d, d)
+            if level == levels - 1:
+                break
+            gamma, _ = e_step(xg, params)  # [G, P_node, j]
+            child_w = (wg.unsqueeze(-1) * gamma * (gamma > self.threshold)).transpose(1, 2)  # [G, j, P_node]
+            child_w = (child_w * (~empty)[:, None, None]).reshape(-1, child_w.shape[-1])
+            child_index = index.repeat_interleave(j, 0)
+            owner = owner.repeat_interleave(j, 0)
+            keep = child_w > 0
+            size = max(1, int(keep.sum(-1).max()))
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :size]
+            index, node_w = torch.gather(child_index, 1, order), torch.gather(child_w, 1, order)
         leaves = j**levels
         pi = node_pi.reshape(b, leaves)
         pi = pi / pi.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

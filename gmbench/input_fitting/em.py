@@ -108,7 +108,12 @@ def log_gaussians(x: Tensor, mu: Tensor, cov: Tensor) -> Tensor:
     return torch.bmm(quadratic_features(x), _log_density_coefficients(mu, cov).transpose(1, 2))
 
 
-def e_step(x: Tensor, params: MixtureParameters) -> tuple[Tensor, Tensor]:
+def moment_features(x: Tensor) -> Tensor:
+    """``[..., D] -> [..., D + D*D]``: ``[x, x x^T]`` (the M step's sufficient statistics)."""
+    return torch.cat([x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)], -1)
+
+
+def e_step(x: Tensor, params: MixtureParameters, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Responsibilities ``r [B, P, N]`` and per-point log-likelihoods ``[B, P]``.
 
     One GEMM gives :math:`\\log \\pi_k g(x_p)` (log weights and normalisation folded into
@@ -117,7 +122,8 @@ def e_step(x: Tensor, params: MixtureParameters) -> tuple[Tensor, Tensor]:
     """
     tiny = torch.finfo(x.dtype).tiny
     coefficients = _log_density_coefficients(params.mu, params.cov, torch.log(params.pi.clamp_min(tiny)))
-    joint = torch.bmm(quadratic_features(x), coefficients.transpose(1, 2))
+    features = quadratic_features(x) if features is None else features
+    joint = torch.bmm(features, coefficients.transpose(1, 2))
     peak = joint.amax(-1, keepdim=True)
     # exp of very negative arguments takes a slow path (about 10x); below this bound
     # the responsibility is under 1e-30 of the largest anyway.
@@ -128,16 +134,19 @@ def e_step(x: Tensor, params: MixtureParameters) -> tuple[Tensor, Tensor]:
     return responsibilities, (torch.log(total) + peak).squeeze(-1)
 
 
-def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float) -> MixtureParameters:
+def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float,
+           moments: Tensor | None = None) -> MixtureParameters:
     """Weighted M step (module docstring); ``reg_covar`` is a float or ``[B]``.
 
     An empty component (``N_k = 0``) keeps a finite mean and the covariance
     ``reg_covar * I``, as in scikit-learn (it gets a weight of about 0).
+    ``responsibilities`` is overwritten (with ``w r``); ``moments`` are
+    precomputed :func:`moment_features` of ``x``.
     """
     b, p, d = x.shape
-    wr = responsibilities * w.unsqueeze(-1)  # [B, P, N]
+    wr = responsibilities.mul_(w.unsqueeze(-1))  # in place: [B, P, N] is the big tensor
     nk = wr.sum(1) + 10 * torch.finfo(x.dtype).eps  # [B, N]
-    moments = torch.bmm(wr.transpose(1, 2), torch.cat([x, (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)], -1))
+    moments = torch.bmm(wr.transpose(1, 2), moment_features(x) if moments is None else moments)
     moments = moments / nk.unsqueeze(-1)
     mu = moments[..., :d]
     second = moments[..., d:].unflatten(-1, (d, d))
@@ -154,6 +163,52 @@ def mean_log_likelihood(x: Tensor, w: Tensor, params: MixtureParameters) -> Tens
     return (w * log_point).sum(-1)
 
 
+def _moments_to_parameters(acc: Tensor, d: int, reg_covar: Tensor | float) -> MixtureParameters:
+    """M step from accumulated ``[B, N, 1 + D + D*D]`` sums of ``w r [1, x, x x^T]``."""
+    nk = acc[..., 0] + 10 * torch.finfo(acc.dtype).eps
+    mu = acc[..., 1 : 1 + d] / nk.unsqueeze(-1)
+    second = (acc[..., 1 + d :] / nk.unsqueeze(-1)).unflatten(-1, (d, d))
+    cov = second - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    reg = torch.as_tensor(reg_covar, dtype=acc.dtype, device=acc.device).reshape(-1, 1, 1, 1)
+    cov = cov + reg * torch.eye(d, dtype=acc.dtype, device=acc.device)
+    return MixtureParameters(nk / nk.sum(-1, keepdim=True), mu, cov)
+
+
+def em_iteration(features: Tensor, statistics: Tensor, w: Tensor, params: MixtureParameters,
+                 reg_covar: Tensor | float, block: int) -> tuple[MixtureParameters, Tensor]:
+    """One fused E + M step, in blocks of ``block`` points -> ``(new params, mean log-likelihood [B])``.
+
+    Same result as :func:`e_step` then :func:`m_step`, but the ``[B, block, N]``
+    responsibility tile is consumed while it is still in cache (the unblocked
+    version streams the whole ``[B, P, N]`` tensor through memory about ten
+    times per iteration).  ``features = quadratic_features(x)``,
+    ``statistics = [1, moment_features(x)]``.
+    """
+    d = params.mu.shape[-1]
+    tiny = torch.finfo(features.dtype).tiny
+    floor = math.log(tiny) + 10
+    coefficients = _log_density_coefficients(params.mu, params.cov, torch.log(params.pi.clamp_min(tiny)))
+    coefficients = coefficients.transpose(1, 2).contiguous()
+    b, p, _ = features.shape
+    acc = features.new_zeros(b, params.mu.shape[1], statistics.shape[-1])
+    log_likelihood = features.new_zeros(b)
+    for start in range(0, p, block):
+        stop = start + block
+        joint = torch.bmm(features[:, start:stop], coefficients)
+        peak = joint.amax(-1, keepdim=True)
+        joint.sub_(peak).clamp_min_(floor).exp_()
+        total = joint.sum(-1, keepdim=True)
+        wb = w[:, start:stop].unsqueeze(-1)
+        log_likelihood += (wb * (torch.log(total) + peak)).sum((1, 2))
+        joint.mul_(wb / total)
+        acc.baddbmm_(joint.transpose(1, 2), statistics[:, start:stop])
+    return _moments_to_parameters(acc, d, reg_covar), log_likelihood
+
+
+EM_TILE_ELEMENTS = 1 << 19
+
+
 def run_em(
     x: Tensor,
     w: Tensor,
@@ -166,19 +221,24 @@ def run_em(
 
     A set stops (its parameters freeze) once its mean log-likelihood changes by
     less than ``tolerance`` between iterations, which is scikit-learn's
-    convergence rule; ``tolerance=0`` runs exactly ``iterations`` steps.
+    convergence rule; ``tolerance=0`` runs exactly ``iterations`` steps.  Log-
+    likelihood differences do not change under the standardisation, so the
+    tolerance means the same as scikit-learn's ``tol``.
 
     Returns ``(params, mean_log_likelihood [B], iterations_run [B])``; the
     log-likelihood is that of the returned parameters.
     """
-    b = x.shape[0]
+    b, p, _ = x.shape
     active = torch.ones(b, dtype=torch.bool, device=x.device)
     steps = torch.zeros(b, dtype=torch.long, device=x.device)
     previous = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
+    # Fixed across iterations.
+    features = quadratic_features(x)
+    statistics = torch.cat([torch.ones_like(x[..., :1]), moment_features(x)], -1)
+    block = max(16, EM_TILE_ELEMENTS // max(1, b * params.mu.shape[1]))
     for _ in range(iterations):
-        responsibilities, log_point = e_step(x, params)
-        current = (w * log_point).sum(-1)
-        params = m_step(x, w, responsibilities, reg_covar).where(active, params)
+        updated, current = em_iteration(features, statistics, w, params, reg_covar, block)
+        params = updated.where(active, params)
         steps = steps + active.long()
         if tolerance > 0:
             # scikit-learn's rule: the E steps' log-likelihoods of two

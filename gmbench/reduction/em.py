@@ -38,11 +38,6 @@ from torch import Tensor
 from gmbench import mixture as gm
 
 
-def _flat_cov(m: Tensor) -> Tensor:
-    d = gm.n_dims(m)
-    return m[..., 1 + d :]
-
-
 def _contract(w: Tensor, x: Tensor) -> Tensor:
     """``sum_s w[m, s, q] x[m, s, f]`` -> ``[M, Q, F]`` (one batched matrix product)."""
     return torch.bmm(w.transpose(-1, -2), x)
@@ -51,23 +46,19 @@ def _contract(w: Tensor, x: Tensor) -> Tensor:
 def _quadratic_terms(target: Tensor, fitting: Tensor, precision_s: Tensor) -> Tensor:
     r"""``(mu_i - mu_s)^T P_s (mu_i - mu_s) + tr(P_s Sigma_i)`` for all pairs: ``[M, S, Q]``.
 
-    Written as one contraction of per-Gaussian features,
-    ``<P_s, Sigma_i + mu_i mu_i^T> - 2 mu_i . P_s mu_s + mu_s^T P_s mu_s``
-    (only the unique entries of the symmetric matrices), with positions centred
-    on the problem's mean first so the expansion loses no precision.
+    Written as one batched matrix product of per-Gaussian features,
+    ``<P_s, Sigma_i + mu_i mu_i^T> - 2 mu_i . P_s mu_s + mu_s^T P_s mu_s``,
+    with positions centred on the problem's mean first so the expansion loses
+    no precision.
     """
-    d = gm.n_dims(target)
     centre = gm.positions(target).mean(-2, keepdim=True).detach()
     mu_i = gm.positions(target) - centre
     mu_s = gm.positions(fitting) - centre
-    rows, cols = torch.triu_indices(d, d, device=target.device)
-    off_diagonal = torch.where(rows == cols, 1.0, 2.0).to(target.dtype)
-    second_i = gm.covariances(target) + mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)
-    features_i = torch.cat([second_i[..., rows, cols], mu_i, torch.ones_like(mu_i[..., :1])], -1)
+    # Full D x D blocks (no index gathers: cheaper forward and backward than the unique entries).
+    second_i = (gm.covariances(target) + mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)).flatten(-2)
+    features_i = torch.cat([second_i, mu_i, torch.ones_like(mu_i[..., :1])], -1)
     p_mu_s = (precision_s @ mu_s.unsqueeze(-1)).squeeze(-1)
-    features_s = torch.cat(
-        [precision_s[..., rows, cols] * off_diagonal, -2.0 * p_mu_s, (mu_s * p_mu_s).sum(-1, keepdim=True)], -1
-    )
+    features_s = torch.cat([precision_s.flatten(-2), -2.0 * p_mu_s, (mu_s * p_mu_s).sum(-1, keepdim=True)], -1)
     return torch.bmm(features_i, features_s.transpose(-1, -2))
 
 
@@ -130,7 +121,7 @@ def m_step(target: Tensor, r: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]
     mu_i = gm.positions(target)
     centre = mu_i.mean(-2, keepdim=True).detach()
     mu_i = mu_i - centre
-    second = _flat_cov(target) + (mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)).flatten(-2)
+    second = gm.covariances(target).flatten(-2) + (mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)).flatten(-2)
     moments = _contract(w_is, torch.cat([mu_i, second], -1))
     d = mu_i.shape[-1]
     mu_s = moments[..., :d]

@@ -67,9 +67,14 @@ def initial_gaussians(target: Tensor, valid: Tensor, n_out: Tensor, max_out: int
         weights = gm.weights(target)
         magnitude = torch.where(valid, weights.abs(), torch.full_like(weights, -1.0))
         labels = single_linkage_labels(gm.positions(target), weights, valid, n_out)
-        rank = torch.argsort(torch.argsort(-magnitude, dim=-1, stable=True), dim=-1)
+        s = magnitude.shape[-1]
+        index = torch.arange(s, device=magnitude.device)
+        # j beats i: larger |w|, or equal |w| and lower index (a strict total order).
+        heavier = (magnitude.unsqueeze(-2) > magnitude.unsqueeze(-1)) | (
+            (magnitude.unsqueeze(-2) == magnitude.unsqueeze(-1)) & (index < index.unsqueeze(-1))
+        )
         same = (labels.unsqueeze(-1) == labels.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
-        beaten = (same & (rank.unsqueeze(-2) < rank.unsqueeze(-1))).any(-1)
+        beaten = (same & heavier).any(-1)
         representative = valid & ~beaten
         score = torch.where(representative, magnitude, torch.full_like(magnitude, -1.0))
         order = torch.argsort(-score, dim=-1, stable=True)[:, :max_out]
