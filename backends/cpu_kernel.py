@@ -109,7 +109,10 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T*
                 T acc = 0;
                 for (i64 nt = 0; nt < nnt; ++nt) {
                     if (row && !row[nt]) continue;
-                    const i64 j0 = nt * tn, j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
+                    // Merge a run of active tiles into one loop (Morton order clusters them).
+                    const i64 j0 = nt * tn;
+                    if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
+                    const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
                     #pragma omp simd reduction(+ : acc)
                     for (i64 j = j0; j < j1; ++j) {
                         T q = 0;
@@ -142,7 +145,7 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
     std::mutex flush_lock;
     run_parallel(threads, [&](int tid, int nth) {
         const i64 w0 = items * tid / nth, w1 = items * (tid + 1) / nth;
-        std::vector<T> dAt((size_t)F * N), dc((size_t)N), s((size_t)tn);
+        std::vector<T> dAt((size_t)F * N), dc((size_t)N), s((size_t)N);
         i64 current = -1;
         auto flush = [&](i64 g) {
             if (g < 0) return;
@@ -174,8 +177,10 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                     for (int f = 0; f < F; ++f) { x[f] = X[(g * M + i) * F + f]; dx[f] = 0; }
                     for (i64 nt = 0; nt < nnt; ++nt) {
                         if (row && !row[nt]) continue;
-                        const i64 j0 = nt * tn, j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
-                        T* sp = s.data() - j0;
+                        const i64 j0 = nt * tn;
+                        if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
+                        const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
+                        T* sp = s.data();
                         T* dcp = dc.data();
                         T* dap = dAt.data();
                         #pragma omp simd

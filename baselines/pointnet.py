@@ -111,9 +111,9 @@ class PointNet(nn.Module):
             raise ValueError(f"in_features must be >= 0, got {in_features}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.bn_schedule = BatchNormMomentumSchedule(bn_momentum, bn_decay_samples, minimum=min(0.01, bn_momentum))
         if regularization_weight < 0:
             raise ValueError(f"regularization_weight must be >= 0, got {regularization_weight}")
+        self.bn_schedule = BatchNormMomentumSchedule(bn_momentum, bn_decay_samples, minimum=min(0.01, bn_momentum))
         self.dims = dims
         self.in_features = in_features
         self.normalize = normalize
@@ -145,6 +145,12 @@ class PointNet(nn.Module):
         x = torch.bmm(transform.transpose(1, 2), x)
         x = self.global_features(x).amax(dim=-1)
         return torch.log_softmax(self.classifier(x), dim=-1)
+
+    def __getstate__(self):
+        # The last transform is a non-leaf tensor of the current graph; it must
+        # not travel with copy.deepcopy or pickle (both refuse such tensors).
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_last_feature_transform": None}
 
     def regularization_loss(self) -> Tensor:
         """``w * mean_b ||I - A_b A_b^T||_F^2`` of the last forward's feature transforms."""

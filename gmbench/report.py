@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import string
 from pathlib import Path
 
 import pandas as pd
@@ -259,8 +261,19 @@ def compare_runs(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the report
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare: str | Path | None = None) -> Path:
-    """Write tables, figures and ``report.md`` for ``run_dir``; return the path of report.md."""
+# The layout of report.md; ``gmbench report --template FILE`` substitutes the same
+# ``string.Template`` fields into another Markdown file (see reports/).
+DEFAULT_TEMPLATE = "$header\n$tables\n$figures\n$compare\n$failed\n$cells\n"
+TEMPLATE_FIELDS = ("title", "description", "summary", "environment", "legend", "header", "tables", "figures", "compare", "failed", "cells")
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare: str | Path | None = None, template: str | Path | None = None) -> Path:
+    """Write tables, figures and ``report.md`` for ``run_dir``; return the path of report.md.
+
+    ``template``: a Markdown file with ``$header``, ``$tables``, ``$figures``, ``$compare``,
+    ``$failed``, ``$cells`` (and ``$title``, ``$description``, ``$summary``,
+    ``$environment``, ``$legend``) fields; default :data:`DEFAULT_TEMPLATE`.
+    """
     from gmbench import report_figures
     from gmbench.results import load_results
     from gmbench.run_progress import _read_jsonl
@@ -282,23 +295,29 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
     if (run_dir / "environment.json").is_file():
         environment = json.loads((run_dir / "environment.json").read_text())
     counts = frame["status"].value_counts().to_dict()
-    lines = [f"# Report: {run.get('name')}", ""]
+    sections: dict[str, str] = {"title": f"Report: {run.get('name')}", "description": (run.get("description") or "").strip()}
+    lines = [f"# {sections['title']}", ""]
     if run.get("description"):
         lines += [run["description"].strip(), ""]
-    lines += [
-        f"Run folder `{run_dir}`; {len(frame)} cells: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + (" (smoke run)" if run.get("smoke") else "") + ".",
-        "",
-    ]
+    sections["summary"] = (
+        f"Run folder `{run_dir}`; {len(frame)} cells: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + (" (smoke run)" if run.get("smoke") else "") + "."
+    )
+    lines += [sections["summary"], ""]
+    sections["environment"] = ""
     if environment:
         git = environment.get("git") or {}
-        lines += [
+        sections["environment"] = (
             f"gmbench {environment.get('gmbench')}, commit {str(git.get('commit'))[:10]}{' (modified)' if git.get('dirty') else ''}; "
             f"torch {environment.get('packages', {}).get('torch')}; device {environment.get('device')} "
-            f"({', '.join(environment.get('gpus') or []) or environment.get('cpu')}); backend {environment.get('backend')}.",
-            "",
-        ]
-    lines += ["Accuracies in percent, mean ± standard deviation over seeds (± only with more than one seed); "
-              "the *paper* columns are the numbers of Celarek et al. (ICLR 2022) from `gmbench/paper_results.yaml`.", ""]
+            f"({', '.join(environment.get('gpus') or []) or environment.get('cpu')}); backend {environment.get('backend')}."
+        )
+        lines += [sections["environment"], ""]
+    sections["legend"] = (
+        "Accuracies in percent, mean ± standard deviation over seeds (± only with more than one seed); "
+        "the *paper* columns are the numbers of Celarek et al. (ICLR 2022) from `gmbench/paper_results.yaml`."
+    )
+    lines += [sections["legend"], ""]
+    sections["header"], lines = "\n".join(lines), []
 
     for spec in specs:
         name = spec.get("name", "table")
@@ -317,12 +336,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
             tidy.to_csv(tmp, index=False)
         io.write_text(out_dir / "tables" / f"{name}.tex", to_latex(display, title))
         lines += [f"## {title}", "", to_markdown(display), f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
+    sections["tables"], lines = "\n".join(lines), []
 
     figures = report_figures.draw_all(run_dir, frame, out_dir / "figures", _read_jsonl)
     if figures:
         lines += ["## Figures", ""]
         for title, stem in figures:
             lines += [f"### {title}", "", f"![{title}](figures/{stem}.png)", "", f"[PDF](figures/{stem}.pdf)", ""]
+    sections["figures"], lines = "\n".join(lines), []
 
     if compare is not None:
         other = load_results(Path(compare))
@@ -331,12 +352,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
             table.to_csv(tmp, index=False)
         io.write_text(out_dir / "tables" / "compare.md", to_markdown(table))
         lines += [f"## Compared with `{compare}`", "", f"{len(table)} cells in both runs (matched by cell id); delta = this run - other run.", "", to_markdown(table), ""]
+    sections["compare"], lines = "\n".join(lines), []
 
     failed = frame[~frame["status"].isin(["ok"])]
     if len(failed):
         lines += ["## Cells not finished", "", to_markdown(failed[["cell_id", "label", "status", "error"]].fillna("")), ""]
+    sections["failed"], lines = "\n".join(lines), []
     results_link = os.path.relpath(run_dir / "results.csv", out_dir)
-    lines += ["## All cells", "", f"One row per cell: [results.csv]({results_link}) (also `results.parquet`).", ""]
+    sections["cells"] = "\n".join(["## All cells", "", f"One row per cell: [results.csv]({results_link}) (also `results.parquet`).", ""])
+    if template is not None:
+        template_path = Path(template)
+        if not template_path.is_file():
+            raise GmbenchError(f"report template '{template_path}' does not exist; pass a Markdown file such as reports/paper-comparison.md")
+        text = template_path.read_text()
+    else:
+        text = DEFAULT_TEMPLATE
     path = out_dir / "report.md"
-    io.write_text(path, "\n".join(lines))
+    io.write_text(path, re.sub(r"\n{3,}", "\n\n", string.Template(text).safe_substitute(sections)))
     return path

@@ -166,12 +166,15 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
     for _, row in _ok(frame).iterrows():
         if row.get("task") != "train" or row.get("input") != "gm":
             continue
-        config = json.loads((cell_dir(run_dir, row["cell_id"]) / "config.json").read_text())
-        key = (config["dataset"], json.dumps(config["dataset_params"], sort_keys=True), config["input_fitting"], json.dumps(config["input_fitting_params"], sort_keys=True), config["n_gaussians"])
+        path = cell_dir(run_dir, row["cell_id"]) / "config.json"
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        key = (config["dataset"], json.dumps(config.get("dataset_params"), sort_keys=True), config.get("input_fitting"), json.dumps(config.get("input_fitting_params"), sort_keys=True), config.get("n_gaussians"))
         if key in seen:
             continue
         seen.add(key)
-        stem = f"input_{config['dataset']}_{config['input_fitting']}_{config['n_gaussians']}"
+        stem = f"input_{config['dataset']}_{config.get('input_fitting')}_{config.get('n_gaussians')}"
         try:
             split = plugins.create("dataset", config["dataset"], **config["dataset_params"]).load("test")
             for suffix in ("png", "pdf"):

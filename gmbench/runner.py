@@ -407,15 +407,69 @@ def _changed_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Only one ``gmbench run`` per run folder at a time; a lock left by a killed run is taken over."""
+    import os
+    import socket
+
+    path = Path(run_dir) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _process_alive(int(holder.get("pid", -1))):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise GmbenchError(
+                f"run folder '{run_dir}' is in use by another gmbench run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {holder.get('since')}); wait for it, or delete {path} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    import os
+
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_suite(suite, run_dir: str | Path, options: RunOptions, executor=None, update: bool = False, progress: bool = True) -> RunSummary:
     """Run every cell of ``suite`` that is not finished yet; write results as cells finish."""
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    prepare_run_dir(suite, run_dir, update=update)
+    with run_lock(run_dir):
+        return _run_locked(suite, run_dir, options, executor, progress, started)
+
+
+def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: bool, started: float) -> RunSummary:
     from gmbench import environment, results
     from gmbench.executors import LocalExecutor
     from gmbench.run_progress import RunProgress
 
-    run_dir = Path(run_dir)
-    started = time.perf_counter()
-    prepare_run_dir(suite, run_dir, update=update)
     environment.write_environment(run_dir / environment.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend)
     if options.backend is None and suite.backend:
         options = dataclasses.replace(options, backend=suite.backend)

@@ -363,3 +363,17 @@ def test_training_forward_counts_samples_and_sets_every_bn_momentum(name):
 def test_bn_momentum_rejects_values_outside_the_unit_interval():
     with pytest.raises(PluginError, match="momentum"):
         plugins.create("model", "pointnet", num_classes=3, dims=3, bn_momentum=1.5)
+
+
+def test_pointnet_can_be_deep_copied_after_a_training_forward():
+    import copy
+
+    model = PointNet(num_classes=3, dims=3)
+    model(torch.randn(4, 20, 3))
+    clone = copy.deepcopy(model)
+    assert clone._last_feature_transform is None
+    clone.eval()
+    model.eval()
+    x = torch.randn(2, 20, 3)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))

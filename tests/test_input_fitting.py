@@ -149,7 +149,9 @@ def test_point_weights_act_like_repeated_points():
     repeated = points[0].repeat_interleave(repeats, 0)[None]
     padded = torch.cat([points, torch.full((1, 30, 2), 99.0)], 1)
     weights = torch.cat([repeats.float(), torch.zeros(30)])[None]
-    fitter = plugins.create("input_fitting", "kmeans", init="fps", em_steps=3, normalize=False, dtype="float64")
+    # Explicit reg_covar: "auto" sees the repeated points as spacing 0.
+    fitter = plugins.create("input_fitting", "kmeans", init="fps", em_steps=3, normalize=False, dtype="float64",
+                            reg_covar=1e-3)
     a = fitter.fit_parameters(repeated.double(), 5)
     b = fitter.fit_parameters(padded.double(), 5, weights=weights.double())
     torch.testing.assert_close(a.mu, b.mu)
@@ -247,3 +249,18 @@ def test_fitting_runs_on_cuda(method):
     assert m.device.type == "cuda" and bool(torch.isfinite(m).all())
     cpu = plugins.create("input_fitting", method, device="cuda", **METHODS[method]).fit(points, 4)
     assert cpu.device.type == "cpu"
+
+
+def test_auto_reg_covar_is_the_sampling_cell_variance():
+    from gmbench.input_fitting.base import sampling_cell_variance
+
+    # A pixel grid (spacing 1) with padding: each pixel is a unit cell of variance 1/12.
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
+    grid = torch.stack([cols.reshape(-1) + 0.5, rows.reshape(-1) + 0.5], -1)[None]
+    points = torch.cat([grid, torch.zeros(1, 4, 2)], 1) * 3.0  # spacing 3 -> variance 9/12
+    weights = torch.cat([torch.rand(1, 30) + 0.1, torch.zeros(1, 4)], 1)
+    w = em.normalize_point_weights(points, weights)
+    torch.testing.assert_close(sampling_cell_variance(points, w), torch.tensor([9 / 12]))
+    fitted = plugins.create("input_fitting", "kmeans", normalize=False).fit_parameters(points, 30, weights)
+    # One Gaussian per pixel: covariance = the cell variance.
+    torch.testing.assert_close(fitted.cov, torch.eye(2).expand(1, 30, 2, 2) * 9 / 12, rtol=1e-4, atol=1e-4)

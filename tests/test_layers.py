@@ -43,6 +43,17 @@ def test_relu_fitting_is_differentiable_end_to_end(reduction):
     assert torch.autograd.gradcheck(layer, (m,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("reduction", ["treehem", "mem"])
+def test_all_negative_input_gives_an_empty_valid_output(reduction):
+    m = random_mixture(2, 2, 24, 3, seed=5)
+    m = gm.with_weights(m, -gm.weights(m).abs() - 0.1).requires_grad_(True)
+    out = ReLUFitting("dense", reduction, n_out=6)(m)
+    assert out.shape == (2, 2, 6, 13)
+    assert torch.isfinite(out).all() and bool((gm.weights(out) == 0).all())
+    out.sum().backward()
+    assert torch.isfinite(m.grad).all()
+
+
 def test_relu_fitting_approximates_the_relu():
     m = random_mixture(2, 2, 64, 2, seed=4)
     reduced, dense = ReLUFitting("dense", "treehem", n_out=16)(m, return_dense=True)

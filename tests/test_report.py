@@ -132,3 +132,25 @@ def test_report_of_a_missing_folder_is_a_user_error(tmp_path):
 
     with pytest.raises(GmbenchError, match="does not exist"):
         write_report(tmp_path / "missing")
+
+
+def test_a_template_places_the_sections_where_it_says(tmp_path):
+    _fake_run(tmp_path / "run", [0.8, 0.9])
+    template = tmp_path / "t.md"
+    template.write_text("# Custom $title\n\nIntro.\n\n$tables\n\nEnd: $summary\n")
+    text = write_report(tmp_path / "run", template=template).read_text()
+    assert text.startswith("# Custom Report: fake\n\nIntro.\n")
+    assert "85.0 ± 7.1" in text and text.rstrip().endswith("2 ok.")
+    assert "![Training curves]" not in text  # $figures was not in the template
+
+
+def test_shipped_report_template_uses_only_known_fields():
+    import re
+    import string
+
+    from gmbench.report import TEMPLATE_FIELDS
+
+    text = (Path(__file__).resolve().parent.parent / "reports" / "paper-comparison.md").read_text()
+    fields = set(re.findall(r"\$(\w+)", text))
+    assert fields and fields <= set(TEMPLATE_FIELDS)
+    string.Template(text).substitute({name: "" for name in TEMPLATE_FIELDS})

@@ -170,3 +170,32 @@ def test_run_cell_records_a_missing_plugin_as_a_failed_cell(tmp_path):
     metrics = run_cell(config, tmp_path / "c", RunOptions(plugins=("runner_plugins",)))
     assert metrics["status"] == "failed" and "no_such_model" in metrics["error"]
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    from gmbench.errors import GmbenchError
+    from gmbench.runner import LOCK_FILE, run_lock
+
+    suite = tiny_suite(TINY.replace("    - {label: broken, model_params: {fail: true}}\n    - {label: nan, model_params: {diverge: true}}\n", ""))
+    run_dir = tmp_path / "run"
+    run_suite(suite, run_dir, RunOptions(), progress=False)
+    with run_lock(run_dir):
+        with pytest.raises(GmbenchError, match="in use by another gmbench run"):
+            run_suite(suite, run_dir, RunOptions(), progress=False)
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from gmbench.runner import LOCK_FILE
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    suite = tiny_suite(TINY.replace("    - {label: broken, model_params: {fail: true}}\n    - {label: nan, model_params: {diverge: true}}\n", ""))
+    run_dir = tmp_path / "run"
+    run_suite(suite, run_dir, RunOptions(), progress=False)
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "since": "then"}))
+    summary = run_suite(suite, run_dir, RunOptions(), progress=False)
+    assert summary.skipped == 1 and not (run_dir / LOCK_FILE).exists()

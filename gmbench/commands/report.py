@@ -15,12 +15,13 @@ def register(subparsers) -> None:
     parser.add_argument("run_dir", help="run folder written by 'gmbench run'")
     parser.add_argument("--out", help="report folder (default: RUN_DIR/report)")
     parser.add_argument("--compare", metavar="OTHER_RUN_DIR", help="put another run's numbers beside this one's, with deltas (cells matched by id)")
+    parser.add_argument("--template", metavar="FILE", help="Markdown template with $header, $tables, $figures, $compare, $failed, $cells (see reports/)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from gmbench.report import write_report
 
-    path = write_report(args.run_dir, args.out, compare=args.compare)
+    path = write_report(args.run_dir, args.out, compare=args.compare, template=args.template)
     print(f"report: {path}")
     return 0

@@ -23,6 +23,8 @@ procedure as for pooling"), precisely:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,6 +51,35 @@ def to_input_mixture(params: MixtureParameters, normalize: bool = True) -> Tenso
     return gm.with_weights(m, gm.weights(m) / activation.clamp_min(torch.finfo(m.dtype).tiny).unsqueeze(-1))
 
 
+AUTO_REG_QUERIES = 512
+
+
+def sampling_cell_variance(x: Tensor, w: Tensor) -> Tensor:
+    """``[B]``: ``d^2 / 12``, ``d`` the mean distance from a point to its nearest neighbour.
+
+    Each sample point stands for a cell of the sampling resolution; a uniform
+    cell of side ``d`` has variance ``d^2 / 12`` per axis.  This is ``reg_covar="auto"``:
+    exactly the pixel variance ``1/12`` for images given as pixel centres, and
+    about ``1e-3`` for 1024 points on the surface of a unit sphere.  Up to
+    ``AUTO_REG_QUERIES`` evenly spaced points of positive weight are the queries.
+    """
+    b, p, _ = x.shape
+    valid = w > 0
+    # Evenly spaced queries among each set's points of positive weight.
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    count = valid.sum(-1)  # [B], >= 1
+    q = min(p, AUTO_REG_QUERIES)
+    rank = (torch.arange(q, device=x.device, dtype=x.dtype) / q * count.unsqueeze(-1)).long()
+    queries = torch.gather(order, 1, rank)  # [B, q]
+    distance = torch.cdist(torch.gather(x, 1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1])), x)
+    distance = distance.masked_fill(~valid.unsqueeze(1), math.inf)
+    distance.scatter_(2, queries.unsqueeze(-1), math.inf)  # not the point itself
+    nearest = distance.amin(-1)
+    nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+    spacing = nearest.mean(-1)
+    return (spacing**2 / 12).clamp_min(1e-8)
+
+
 def check_points(points: Tensor, weights: Tensor | None, n_components: int) -> None:
     """Raise :class:`DataError` for inputs no fitting method can use."""
     if points.dim() != 3 or points.shape[-1] not in gm.DIMS:
@@ -71,7 +102,8 @@ class InputFitting:
 
     Parameters shared by all methods:
     ``reg_covar`` is added to every covariance diagonal (data units, like
-    scikit-learn's); ``normalize`` applies the paper's input normalisation
+    scikit-learn's), or ``"auto"``: per sample :func:`sampling_cell_variance`
+    (``d^2 / 12`` for mean nearest-neighbour spacing ``d``); ``normalize`` applies the paper's input normalisation
     (module docstring); ``seed`` seeds random initialisation; ``dtype``
     (``"float32"`` / ``"float64"``) is the compute precision; ``device``
     (``None``: the points' device) is where the fit runs.
@@ -79,13 +111,13 @@ class InputFitting:
 
     name = ""
 
-    def __init__(self, reg_covar: float = 1e-3, normalize: bool = True, seed: int = 0,
+    def __init__(self, reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
                  dtype: str = "float32", device: str | None = None):
-        if not reg_covar > 0:
-            raise ValueError(f"reg_covar must be positive, got {reg_covar}")
+        if reg_covar != "auto" and not (isinstance(reg_covar, (int, float)) and reg_covar > 0):
+            raise ValueError(f"reg_covar must be a positive number or 'auto', got {reg_covar!r}")
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        self.reg_covar = float(reg_covar)
+        self.reg_covar = reg_covar if reg_covar == "auto" else float(reg_covar)
         self.normalize = bool(normalize)
         self.seed = int(seed)
         self.dtype = getattr(torch, dtype)
@@ -104,7 +136,11 @@ class InputFitting:
         x, centre, scale = standardize(points, w)
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
-        params = self.fit_standardized(x, w, int(n_components), self.reg_covar / scale**2, generator)
+        if self.reg_covar == "auto":
+            reg = sampling_cell_variance(x, w)  # already in standardised units
+        else:
+            reg = self.reg_covar / scale**2
+        params = self.fit_standardized(x, w, int(n_components), reg, generator)
         return unstandardize(params, centre, scale)
 
     def fit(self, points: Tensor, n_components: int, weights: Tensor | None = None) -> Tensor:

@@ -58,7 +58,7 @@ class EckartFitting(InputFitting):
     name = "eckart"
 
     def __init__(self, per_node: int = 5, levels: int | None = None, threshold: float = 0.1,
-                 iterations: int = 30, tolerance: float = 1e-3, init: str = "kmeans++", reg_covar: float = 1e-3,
+                 iterations: int = 30, tolerance: float = 1e-3, init: str = "kmeans++", reg_covar: float | str = "auto",
                  normalize: bool = True, seed: int = 0, dtype: str = "float32", device: str | None = None):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         if per_node < 2:

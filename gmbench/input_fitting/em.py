@@ -134,6 +134,16 @@ def e_step(x: Tensor, params: MixtureParameters, features: Tensor | None = None)
     return responsibilities, (torch.log(total) + peak).squeeze(-1)
 
 
+def empty_safe(mass: Tensor) -> Tensor:
+    """Component masses safe to divide by.
+
+    scikit-learn adds ``10 * eps``; with masses normalised to sum 1 that biases
+    float32 means by ~1e-5 relative and covariances (``E[xx^T] - mu mu^T``) by
+    far more, so only masses below ``sqrt(tiny)`` (empty components) are raised.
+    """
+    return mass.clamp_min(torch.finfo(mass.dtype).tiny ** 0.5)
+
+
 def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float,
            moments: Tensor | None = None) -> MixtureParameters:
     """Weighted M step (module docstring); ``reg_covar`` is a float or ``[B]``.
@@ -145,7 +155,7 @@ def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | f
     """
     b, p, d = x.shape
     wr = responsibilities.mul_(w.unsqueeze(-1))  # in place: [B, P, N] is the big tensor
-    nk = wr.sum(1) + 10 * torch.finfo(x.dtype).eps  # [B, N]
+    nk = empty_safe(wr.sum(1))  # [B, N]
     moments = torch.bmm(wr.transpose(1, 2), moment_features(x) if moments is None else moments)
     moments = moments / nk.unsqueeze(-1)
     mu = moments[..., :d]
@@ -165,7 +175,7 @@ def mean_log_likelihood(x: Tensor, w: Tensor, params: MixtureParameters) -> Tens
 
 def _moments_to_parameters(acc: Tensor, d: int, reg_covar: Tensor | float) -> MixtureParameters:
     """M step from accumulated ``[B, N, 1 + D + D*D]`` sums of ``w r [1, x, x x^T]``."""
-    nk = acc[..., 0] + 10 * torch.finfo(acc.dtype).eps
+    nk = empty_safe(acc[..., 0])
     mu = acc[..., 1 : 1 + d] / nk.unsqueeze(-1)
     second = (acc[..., 1 + d :] / nk.unsqueeze(-1)).unflatten(-1, (d, d))
     cov = second - mu.unsqueeze(-1) * mu.unsqueeze(-2)
@@ -235,7 +245,9 @@ def run_em(
     # Fixed across iterations.
     features = quadratic_features(x)
     statistics = torch.cat([torch.ones_like(x[..., :1]), moment_features(x)], -1)
-    block = max(16, EM_TILE_ELEMENTS // max(1, b * params.mu.shape[1]))
+    n = params.mu.shape[1]
+    # With few Gaussians (Eckart's nodes) many tiny GEMMs cost more than cache misses: longer blocks.
+    block = max(8192 // n, EM_TILE_ELEMENTS // max(1, b * n))
     for _ in range(iterations):
         updated, current = em_iteration(features, statistics, w, params, reg_covar, block)
         params = updated.where(active, params)

@@ -30,7 +30,7 @@ class KMeansEMFitting(InputFitting):
     name = "kmeans_em"
 
     def __init__(self, iterations: int = 100, tolerance: float = 1e-3, init: str = "kmeans++",
-                 kmeans_iterations: int = 20, reg_covar: float = 1e-3, normalize: bool = True,
+                 kmeans_iterations: int = 20, reg_covar: float | str = "auto", normalize: bool = True,
                  seed: int = 0, dtype: str = "float32", device: str | None = None):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         _check_em(iterations, tolerance)
@@ -62,7 +62,7 @@ class RandomEMFitting(InputFitting):
     name = "random_em"
 
     def __init__(self, iterations: int = 100, tolerance: float = 1e-3, init: str = "points",
-                 reg_covar: float = 1e-3, normalize: bool = True, seed: int = 0,
+                 reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
                  dtype: str = "float32", device: str | None = None):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         _check_em(iterations, tolerance)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gmbench.input_fitting.base import InputFitting
-from gmbench.input_fitting.em import MixtureParameters, run_em
+from gmbench.input_fitting.em import MixtureParameters, empty_safe, run_em
 from gmbench.plugins import hookimpl
 
 SEEDINGS = ("fps", "kmeans++")
@@ -145,7 +145,7 @@ def hard_m_step(x: Tensor, w: Tensor, centres: Tensor, reg_covar: Tensor | float
     labels = assign(x, centres)
     outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
     mass, sums = cluster_sums(torch.cat([x, outer], -1), w, labels, n)
-    nk = mass + 10 * torch.finfo(x.dtype).eps
+    nk = empty_safe(mass)
     mu = sums[..., :d] / nk.unsqueeze(-1)
     cov = (sums[..., d:] / nk.unsqueeze(-1)).unflatten(-1, (d, d)) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
@@ -183,7 +183,7 @@ class KMeansFitting(InputFitting):
     name = "kmeans"
 
     def __init__(self, init: str = "kmeans++", iterations: int = 20, tolerance: float = 1e-4,
-                 covariance: str = "full", em_steps: int = 0, reg_covar: float = 1e-3, normalize: bool = True, seed: int = 0,
+                 covariance: str = "full", em_steps: int = 0, reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
                  dtype: str = "float32", device: str | None = None):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         if init not in SEEDINGS:

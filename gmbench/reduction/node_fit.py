@@ -39,7 +39,8 @@ def single_linkage_labels(positions: Tensor, weights: Tensor, valid: Tensor, n_c
     remain when there is nothing left that may merge.
     """
     m, s = valid.shape
-    dist = torch.cdist(positions, positions)
+    # Squared distances order pairs like distances do (cdist is slow on tiny sets).
+    dist = (positions.unsqueeze(-2) - positions.unsqueeze(-3)).pow(2).sum(-1)
     mergeable = valid.unsqueeze(-1) & valid.unsqueeze(-2)
     mergeable &= (weights.unsqueeze(-1) >= 0) == (weights.unsqueeze(-2) >= 0)
     mergeable &= ~torch.eye(s, dtype=torch.bool, device=valid.device)
