@@ -63,7 +63,10 @@ class TreeHEMReduction:
     ``kl_threshold`` the KL-divergence gate of the E step (``None``: off);
     ``weight_threshold`` Gaussians with smaller ``|w|`` are dropped;
     ``morton_bits`` bits per axis of the Morton code;
-    ``normalize_scale`` pre-scale each mixture to mean covariance trace D.
+    ``normalize_scale`` pre-scale each mixture to mean covariance trace D;
+    ``recompute`` recompute the per-node EM steps in backward instead of
+    keeping their intermediates (several times less training memory, about
+    one more forward pass of time; not in the authors' code).
     """
 
     name = "treehem"
@@ -76,6 +79,7 @@ class TreeHEMReduction:
         weight_threshold: float = 1e-7,
         morton_bits: int = 10,
         normalize_scale: bool = True,
+        recompute: bool = True,
     ):
         if not isinstance(T, int) or T < 2 or T & (T - 1):
             raise ValueError(f"T must be a power of two >= 2, got {T!r}")
@@ -93,6 +97,7 @@ class TreeHEMReduction:
         self.weight_threshold = float(weight_threshold)
         self.morton_bits = morton_bits
         self.normalize_scale = normalize_scale
+        self.recompute = recompute
 
     def __repr__(self) -> str:
         return f"TreeHEMReduction(T={self.T}, virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
@@ -135,7 +140,7 @@ class TreeHEMReduction:
             collected_valid = valid.reshape(g * n_parents, 2 * T)
             n_out = torch.full((g * n_parents,), T, dtype=torch.long, device=m.device)
             fitted, fitted_valid = fit_nodes(
-                collected, collected_valid, n_out, T, self.virtual_points, self.kl_threshold
+                collected, collected_valid, n_out, T, self.virtual_points, self.kl_threshold, self.recompute
             )
             use_fit = collected_valid.sum(-1) > T
             if not bool(use_fit.all()):
