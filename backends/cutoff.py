@@ -66,14 +66,16 @@ def _spread_bits(v: Tensor, dims: int) -> Tensor:
 def morton_order(x: Tensor) -> Tensor:
     """``[G, P, D] -> [G, P]`` permutation sorting each group's points along a Z-order curve.
 
-    Coordinates are quantised on each group's bounding box (``63 // D`` bits per axis).
+    Coordinates are quantised on each group's bounding cube (``min(63 // D, 21)``
+    bits per axis): one scale for all axes, so that a flat or elongated set is
+    still split along its long axis first.
     """
     g, p, d = x.shape
     if p == 0:
         return torch.zeros(g, 0, dtype=torch.long, device=x.device)
     bits = 63 // d
     lo = x.amin(1, keepdim=True)
-    extent = (x.amax(1, keepdim=True) - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    extent = (x.amax(1, keepdim=True) - lo).amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     # Quantise in float64: 2^21 levels exceed float32's integer precision.
     q = ((x.double() - lo.double()) / extent.double() * ((1 << min(bits, 21)) - 1)).round().long()
     code = torch.zeros(g, p, dtype=torch.long, device=x.device)

@@ -18,7 +18,6 @@ for tests.  Otherwise selecting the backend fails with a one-line message (see
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -160,7 +159,9 @@ class FusedBackend(TorchBackend):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if importlib.util.find_spec("triton") is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
             return "triton is not installed; pip install 'gmbench[fused]' or use backend 'torch'"
         if interpreting():
             return None

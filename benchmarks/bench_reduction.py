@@ -7,7 +7,9 @@ For N_o in {640, 2560, 10240} and each method: ``forward`` and
 ``forward+backward`` time (pytest-benchmark), and in ``extra_info``
 ``autograd_saved_mb`` (distinct storages autograd keeps for backward: the
 memory a training step holds per reduction) and ``peak_rss_mb`` (peak resident
-memory a fresh process adds for one forward+backward).  MEM is the reference
+memory a fresh process adds for one forward+backward, sampled every ms).
+``treehem-T2-keep`` is TreeHEM T=2 with ``recompute: false`` (no activation
+checkpointing of the per-node EM steps).  MEM is the reference
 of the ratios printed at the end (same run, same machine): TreeHEM should need
 less memory and grow ~N log N where MEM grows ~N_o x N_p.
 
@@ -31,7 +33,13 @@ from gmbench import plugins
 
 N_OUT = 32
 SIZES = [int(s) for s in os.environ.get("GMBENCH_BENCH_SIZES", "640,2560,10240").split(",")]
-METHODS = {"mem": ("mem", {}), "treehem-T2": ("treehem", {"T": 2}), "treehem-T4": ("treehem", {"T": 4})}
+METHODS = {
+    "mem": ("mem", {}),
+    "treehem-T2": ("treehem", {"T": 2}),
+    "treehem-T4": ("treehem", {"T": 4}),
+    # Without recomputing the node EM steps in backward (faster, more memory).
+    "treehem-T2-keep": ("treehem", {"T": 2, "recompute": False}),
+}
 RESULTS: dict[tuple[str, int, str], dict] = {}
 
 
@@ -62,20 +70,36 @@ def saved_mb(method: str, m: torch.Tensor) -> float:
     return sum(saved.values()) / 2**20
 
 
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _measure_rss(method: str, n: int) -> dict:
+    """Peak resident memory added by one forward+backward, sampled every millisecond."""
+    import threading
+    import time
+
     m = layer_output(n)
     name, params = METHODS[method]
     reduction = plugins.create("reduction", name, **params)
     x = m.clone().requires_grad_(True)
-    before = _rss_mb()
+    before = _current_rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _current_rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     reduction.reduce(x, N_OUT).sum().backward()
-    return {"peak_rss_mb": _rss_mb() - before}
+    done.set()
+    sampler.join()
+    return {"peak_rss_mb": max(peak[0], _current_rss_mb()) - before}
 
 
 def child_peak_rss(method: str, n: int) -> float:

@@ -73,8 +73,9 @@ def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl
             if str(row["dataset"]) != dataset:
                 continue
             name = f"{row['label']} N={row['n_gaussians']} s{row['seed']}"
-            axes[0][column].plot(history["epoch"], 100 * history["test_accuracy"], label=name)
-            axes[1][column].plot(history["epoch"], history["train_loss"], label=name)
+            # Markers keep one-epoch (--smoke) curves visible.
+            axes[0][column].plot(history["epoch"], 100 * history["test_accuracy"], marker="o", markersize=3, label=name)
+            axes[1][column].plot(history["epoch"], history["train_loss"], marker="o", markersize=3, label=name)
         axes[0][column].set_title(dataset)
         axes[0][column].set_ylabel("test accuracy (%)")
         axes[1][column].set_ylabel("training loss")

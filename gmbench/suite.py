@@ -101,6 +101,7 @@ REQUIRED_FIELDS = {
     "transfer_fitting_timing": ("transfer_fitting",),
 }
 INPUTS = ("gm", "points")
+REPORT_TABLE_KEYS = ("name", "title", "rows", "columns", "value", "extra", "where", "paper", "source")
 POSITIVE_FIELDS = (
     "n_gaussians", "n_points", "train_samples", "test_samples", "diagnostics_samples", "diagnostics_points",
     "batch", "kernel_gaussians", "n_mixtures", "repeats", "rmse_samples",
@@ -331,6 +332,7 @@ class _Validator:
         smoke_overrides = self.top("smoke", (dict,), LDict())
         self.check_fields(smoke_overrides, "smoke")
         report = self.top("report", (dict,), {})
+        self.check_report(report)
 
         cells: list[Cell] = []
         seen: dict[str, int] = {}
@@ -356,6 +358,31 @@ class _Validator:
             description=self.top("description", (str,), ""), cells=cells, report=_plain(report),
             smoke=self.smoke,
         )
+
+    # ----------------------------------------------------------------- report
+
+    def check_report(self, report: dict) -> None:
+        """``report: tables:`` entries: known keys and paper tables (see gmbench.report)."""
+        for key in report:
+            if key != "tables":
+                raise self.fail(_line_of(report, key, 1), f"unknown report key '{key}'; allowed: tables")
+        tables = report.get("tables") or []
+        if not isinstance(tables, list):
+            raise self.fail(_line_of(report, "tables", 1), "'report.tables' must be a list of table mappings")
+        from gmbench.report import load_paper_results
+
+        paper = load_paper_results()
+        for index, table in enumerate(tables):
+            line = _line_of(tables, index, 1)
+            if not isinstance(table, dict):
+                raise self.fail(line, "each report table must be a mapping (name, title, rows, columns, value, ...)")
+            for key in table:
+                if key not in REPORT_TABLE_KEYS:
+                    raise self.fail(_line_of(table, key, line), f"unknown report table key '{key}'; allowed: {', '.join(REPORT_TABLE_KEYS)}")
+            if table.get("paper") is not None and table["paper"] not in paper:
+                raise self.fail(_line_of(table, "paper", line), f"unknown paper table '{table['paper']}'; known: {', '.join(paper)}")
+            if table.get("source") not in (None, "results", "diagnostics"):
+                raise self.fail(_line_of(table, "source", line), "report table 'source' must be results or diagnostics")
 
     # ----------------------------------------------------------------- fields
 

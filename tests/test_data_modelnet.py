@@ -15,6 +15,11 @@ CUBE = ("OFF8 6 0\n" + "\n".join(f"{x} {y} {z}" for x in (0, 2) for y in (0, 2) 
         + "\n4 0 1 3 2\n4 4 6 7 5\n4 0 4 5 1\n4 2 3 7 6\n4 0 2 6 4\n4 1 5 7 3\n")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GMBENCH_CACHE", str(tmp_path / "cache"))
+
+
 def make_princeton(root, classes=10):
     folder = root / f"ModelNet{classes}"
     for cls, text in (("bed", CUBE), ("chair", TETRA)):
@@ -112,3 +117,25 @@ def test_data_root_from_environment(tmp_path, monkeypatch):
     make_princeton(tmp_path)
     monkeypatch.setenv("GMBENCH_DATA", str(tmp_path))
     assert len(plugins.create("dataset", "modelnet10", n_points=8).load("test")) == 2
+
+
+def test_sampled_clouds_are_cached_and_invalidated_by_file_changes(tmp_path, monkeypatch):
+    from gmbench.data import modelnet
+
+    folder = make_princeton(tmp_path / "data")
+    make = lambda: plugins.create("dataset", "modelnet10", data_root=str(tmp_path / "data"), n_points=16)
+    first = make().load("train")
+    assert len(list((tmp_path / "cache" / "points").glob("modelnet10-train-*.pt"))) == 1
+
+    def no_parsing(path):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(modelnet, "read_off", no_parsing)
+    second = make().load("train")
+    assert torch.equal(first.points, second.points) and second.names == first.names
+    assert second.class_names == first.class_names and torch.equal(first.labels, second.labels)
+    monkeypatch.undo()
+    monkeypatch.setenv("GMBENCH_CACHE", str(tmp_path / "cache"))
+    (folder / "bed" / "train" / "bed_0001.off").write_text(TETRA)  # a changed file
+    changed = make().load("train")
+    assert not torch.equal(changed.points[0], first.points[0])

@@ -253,3 +253,25 @@ def test_gradients_reach_every_kernel_through_fitting_and_reduction(reduction):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, name
 
+
+
+def test_gmcn_resumes_bit_identically_including_pooling_statistics(tmp_path):
+    from gmbench.training import TrainConfig, seed_everything, train
+
+    x, y = tiny_classification_batch()
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, progress=False)
+
+    def build():
+        seed_everything(0)
+        return GMCN(num_classes=3, dims=2, layout="1/6->4/4->3", reduction="mem")
+
+    straight_model = build()
+    straight = train(straight_model, x, y, x, y, config, run_dir=tmp_path / "straight")
+    train(build(), x, y, x, y, TrainConfig(epochs=1, batch_size=4, lr=1e-2, progress=False), run_dir=tmp_path / "resumed")
+    resumed_model = build()
+    resumed = train(resumed_model, x, y, x, y, config, run_dir=tmp_path / "resumed")
+    keys = ("train_loss", "train_accuracy", "test_accuracy", "lr")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in straight.history]
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight_model.blocks[0].pooling.running_trace, torch.full((4,), 2.0))

@@ -153,6 +153,18 @@ def test_treehem_gradcheck_3d_with_partial_node():
     assert torch.autograd.gradcheck(lambda x: red.reduce(x, 5), (m,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
+def test_treehem_recompute_gives_the_same_values_and_gradients():
+    m = random_mixture(2, 2, 40, 3, seed=12)
+    results = []
+    for recompute in (True, False):
+        x = m.clone().requires_grad_(True)
+        out = reducer("treehem", {"T": 2, "recompute": recompute}).reduce(x, 7)
+        (out * torch.linspace(0.5, 1.5, out.shape[-1], dtype=out.dtype)).sum().backward()
+        results.append((out.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
 def keep_largest(m, n):
     order = torch.argsort(gm.weights(m), dim=-1, descending=True)[..., :n]
     return m.gather(-2, order.unsqueeze(-1).expand(*order.shape, m.shape[-1]))

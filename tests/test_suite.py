@@ -248,3 +248,10 @@ def test_unimportable_plugin_module_is_reported():
 def test_missing_suite_file_is_a_user_error(tmp_path):
     with pytest.raises(SuiteError, match="does not exist"):
         load_suite(tmp_path / "nope.yaml")
+
+
+def test_report_tables_are_validated_with_lines():
+    message = error_of(BASE + "report:\n  tables:\n    - {name: t1, paper: table99}\n")
+    assert message.startswith("s.yaml:12:") and "unknown paper table 'table99'" in message and "table1" in message
+    message = error_of(BASE + "report:\n  tables:\n    - {name: t1, colums: n_gaussians}\n")
+    assert "unknown report table key 'colums'" in message and "columns" in message

@@ -12,11 +12,17 @@ Accepted layouts under the data root (checked in this order):
    per sample from ``seed`` and the file name (:mod:`gmbench.data.sampling`).
 
 Every cloud is centred and scaled into the unit sphere (``normalize``).
+The sampled clouds are cached (``cache_points``) in ``<cache dir>/points/``
+(``$GMBENCH_CACHE`` or ``~/.cache/gmbench``), keyed by the parameters and the
+size and modification time of every data file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -29,6 +35,7 @@ from gmbench.data.off import parse_off, read_off
 from gmbench.data.records import PointSetSplit
 from gmbench.data.sampling import normalize_to_unit_sphere, sample_surface
 from gmbench.errors import DataError
+from gmbench.io import load_torch, save_torch
 from gmbench.plugins import hookimpl
 
 SOURCES = ("auto", "resampled", "meshes")
@@ -70,7 +77,8 @@ class ModelNet:
     classes = 10
 
     def __init__(self, data_root: str | None = None, seed: int = 0, n_points: int = 1024,
-                 samples_per_class: int | None = None, source: str = "auto", normalize: bool = True):
+                 samples_per_class: int | None = None, source: str = "auto", normalize: bool = True,
+                 cache_points: bool = True):
         if n_points < 1:
             raise ValueError(f"n_points must be positive, got {n_points}")
         if samples_per_class is not None and samples_per_class < 1:
@@ -83,6 +91,7 @@ class ModelNet:
         self.samples_per_class = samples_per_class
         self.source = source
         self.normalize = bool(normalize)
+        self.cache_points = bool(cache_points)
 
     @property
     def dataset_name(self) -> str:
@@ -93,6 +102,51 @@ class ModelNet:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}' for {self.dataset_name}; use train or test")
         root = paths.data_root(self.data_root, self.dataset_name, _expected(self.classes))
+        cache_file = self._points_cache_path(root, split) if self.cache_points else None
+        if cache_file is not None and cache_file.exists():
+            cached = self._read_points_cache(cache_file, split)
+            if cached is not None:
+                return cached
+        loaded = self._load_files(root, split)
+        if cache_file is not None:
+            save_torch(cache_file, {"points": loaded.points, "labels": loaded.labels,
+                                    "class_names": loaded.class_names, "names": loaded.names})
+        return loaded
+
+    def _points_cache_path(self, root: Path, split: str) -> Path:
+        """Sampled clouds are cached too: parsing thousands of meshes takes minutes, and the
+        runner loads the data set for every cell.  The key covers every parameter and the
+        size and modification time of every data file."""
+        from gmbench import __version__
+        from gmbench.cache import default_cache_dir
+
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.dataset_name, split, str(root.resolve()), self.seed, self.n_points,
+                                  self.samples_per_class, self.source, self.normalize, __version__]).encode())
+        candidates = [root / "modelnet40_normal_resampled", root / f"ModelNet{self.classes}",
+                      root / f"ModelNet{self.classes}.zip"]
+        present = [c for c in candidates if c.exists()] or [root]
+        for location in present:
+            files = [location] if location.is_file() else sorted(p for p in location.rglob("*") if p.is_file())
+            for path in files:
+                stat = path.stat()
+                digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return default_cache_dir() / "points" / f"{self.dataset_name}-{split}-{digest.hexdigest()[:16]}.pt"
+
+    def _read_points_cache(self, path: Path, split: str) -> PointSetSplit | None:
+        try:
+            payload = load_torch(path)
+            result = PointSetSplit(points=payload["points"], labels=payload["labels"],
+                                   class_names=list(payload["class_names"]), names=list(payload["names"]),
+                                   dataset=self.dataset_name, split=split)
+            if result.points.shape[1] != self.n_points or not bool(torch.isfinite(result.points).all()):
+                raise ValueError("wrong shape or non-finite values")
+            return result
+        except Exception as error:  # a damaged cache file is only a lost shortcut
+            warnings.warn(f"point cache {path} is unusable ({error}); loading the data files again", stacklevel=3)
+            return None
+
+    def _load_files(self, root: Path, split: str) -> PointSetSplit:
         resampled = paths.first_existing([root / "modelnet40_normal_resampled", root])
         if self.source in ("auto", "resampled") and resampled is not None and \
                 (resampled / f"modelnet{self.classes}_{split}.txt").is_file():

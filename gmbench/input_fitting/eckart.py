@@ -14,13 +14,14 @@ is the leaf level: ``per_node ** levels`` Gaussians.
 All nodes of one level are fitted as one batch of ``B * per_node**(level-1)``
 EM problems; there is no loop over samples or nodes.
 
-Differences from Eckart et al.: they use 8 children per node and a geometric
-E step restricted to a node's children, as here; their children's initial
-parameters are derived from the parent.  We seed each node's children with
-k-means++ on the node's weighted points (``init="kmeans++"``; ``"points"``:
-random points of the node), one hard-assignment M step, and
-run ``iterations`` EM steps per level (per-node convergence with
-``tolerance``).  Nodes that receive no points get zero-weight children that
+Differences from Eckart et al.: they use 8 children per node (here
+``per_node``, default 5 as in the GMCN paper's Figure 6); as in their method a
+node's E step involves only its own children.  We do not reproduce their
+child initialisation: each node's children are seeded with k-means++ on the
+node's weighted points (``init="kmeans++"``; ``"points"``: random points of
+the node) followed by one hard-assignment M step, and every level runs up to
+``iterations`` EM steps (per-node convergence with ``tolerance``).
+Nodes that receive no points get zero-weight children that
 copy the parent Gaussian.  The paper's Figure 6 used ``per_node=5``, 3 levels
 (125 Gaussians) and ``threshold=0.1``; with ``n_components=128`` the 3
 remaining slots are zero-weight padding.

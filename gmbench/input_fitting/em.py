@@ -144,27 +144,16 @@ def empty_safe(mass: Tensor) -> Tensor:
     return mass.clamp_min(torch.finfo(mass.dtype).tiny ** 0.5)
 
 
-def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float,
-           moments: Tensor | None = None) -> MixtureParameters:
+def m_step(x: Tensor, w: Tensor, responsibilities: Tensor, reg_covar: Tensor | float) -> MixtureParameters:
     """Weighted M step (module docstring); ``reg_covar`` is a float or ``[B]``.
 
     An empty component (``N_k = 0``) keeps a finite mean and the covariance
     ``reg_covar * I``, as in scikit-learn (it gets a weight of about 0).
-    ``responsibilities`` is overwritten (with ``w r``); ``moments`` are
-    precomputed :func:`moment_features` of ``x``.
+    ``responsibilities`` is overwritten (with ``w r``).
     """
-    b, p, d = x.shape
     wr = responsibilities.mul_(w.unsqueeze(-1))  # in place: [B, P, N] is the big tensor
-    nk = empty_safe(wr.sum(1))  # [B, N]
-    moments = torch.bmm(wr.transpose(1, 2), moment_features(x) if moments is None else moments)
-    moments = moments / nk.unsqueeze(-1)
-    mu = moments[..., :d]
-    second = moments[..., d:].unflatten(-1, (d, d))
-    cov = second - mu.unsqueeze(-1) * mu.unsqueeze(-2)
-    cov = 0.5 * (cov + cov.transpose(-1, -2))
-    reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-    cov = cov + reg * torch.eye(d, dtype=x.dtype, device=x.device)
-    return MixtureParameters(nk / nk.sum(-1, keepdim=True), mu, cov)
+    statistics = torch.cat([torch.ones_like(x[..., :1]), moment_features(x)], -1)
+    return _moments_to_parameters(torch.bmm(wr.transpose(1, 2), statistics), x.shape[-1], reg_covar)
 
 
 def mean_log_likelihood(x: Tensor, w: Tensor, params: MixtureParameters) -> Tensor:

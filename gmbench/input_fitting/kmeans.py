@@ -140,7 +140,7 @@ def hard_m_step(x: Tensor, w: Tensor, centres: Tensor, reg_covar: Tensor | float
     responsibilities, computed with scatter-adds.  A cluster without points
     keeps its centre and gets covariance ``reg_covar * I`` and weight ~0.
     """
-    b, p, d = x.shape
+    d = x.shape[-1]
     n = centres.shape[1]
     labels = assign(x, centres)
     outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
@@ -164,7 +164,7 @@ def seed_centres(x: Tensor, w: Tensor, n: int, init: str, generator: torch.Gener
 
 
 class KMeansFitting(InputFitting):
-    """k-means centres, then one EM step for the covariances (paper Section 5; Table 4 "k-means").
+    """k-means centres, then one hard-assignment M step for the covariances (paper Section 5; Table 4 "k-means").
 
     Steps: seed ``N`` centres (``init``: ``kmeans++`` or ``fps`` = farthest
     point sampling), run up to ``iterations`` weighted Lloyd iterations (stop

@@ -18,6 +18,7 @@ from torch import Tensor
 from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.em import em_step
+from gmbench.reduction.node_fit import take
 from gmbench.reduction.scaling import check_reduction_input, prescale, unscale
 
 
@@ -60,11 +61,11 @@ class ModifiedEMReduction:
             return gm.pad(m, n_components)
         batch, n, k = m.shape[:-2], m.shape[-2], m.shape[-1]
         flat, factor = prescale(m.reshape(-1, n, k), self.normalize_scale)
-        valid = gm.weights(flat).abs() >= self.weight_threshold
+        valid = gm.weights(flat).detach().abs() >= self.weight_threshold
         with torch.no_grad():
             magnitude = torch.where(valid, gm.weights(flat).abs(), torch.full_like(gm.weights(flat), -1.0))
             largest = torch.argsort(-magnitude, dim=-1, stable=True)[:, :n_components]
-        init = flat.gather(1, largest.unsqueeze(-1).expand(*largest.shape, k))
+        init = take(flat, largest)
         fitted, fitted_valid = em_step(
             flat, valid, init, valid.gather(1, largest), self.virtual_points, self.kl_threshold
         )

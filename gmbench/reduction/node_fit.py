@@ -23,11 +23,21 @@ from gmbench import mixture as gm
 from gmbench.reduction.em import em_step
 
 
+def take(m: Tensor, index: Tensor) -> Tensor:
+    """``m[g, index[g, w]]``: ``[G, N, K]``, ``[G, W]`` -> ``[G, W, K]``.
+
+    Through ``index_select`` rather than ``gather``: autograd then keeps only
+    the indices for backward, not a copy of all of ``m``.
+    """
+    g, n = m.shape[:2]
+    flat = (index + torch.arange(g, device=index.device).unsqueeze(-1) * n).flatten()
+    return m.reshape(g * n, *m.shape[2:]).index_select(0, flat).view(*index.shape, *m.shape[2:])
+
+
 def compact(m: Tensor, valid: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Move the valid Gaussians to the front (stable) and keep ``width`` slots."""
     order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[..., :width]
-    taken = m.gather(-2, order.unsqueeze(-1).expand(*order.shape, m.shape[-1]))
-    return taken, valid.gather(-1, order)
+    return take(m, order), valid.gather(-1, order)
 
 
 @torch.no_grad()
@@ -82,8 +92,7 @@ def initial_gaussians(target: Tensor, valid: Tensor, n_out: Tensor, max_out: int
         order = torch.argsort(-score, dim=-1, stable=True)[:, :max_out]
         slot = torch.arange(order.shape[1], device=order.device)
         init_valid = (score.gather(-1, order) >= 0) & (slot < n_out.unsqueeze(-1))
-    init = target.gather(-2, order.unsqueeze(-1).expand(*order.shape, target.shape[-1]))
-    return init, init_valid
+    return take(target, order), init_valid
 
 
 def fit_nodes(

@@ -32,7 +32,11 @@ Differences to the authors' CUDA implementation, all deliberate:
   that would overshoot ``N_p`` is *partially* expanded: its children's
   Gaussians are fitted (same per-node step) by exactly as many Gaussians as are
   still missing plus its own, so the result has exactly ``N_p`` real Gaussians
-  whenever the input has at least ``N_p`` Gaussians with ``|w| >= weight_threshold``.
+  whenever the input has at least ``N_p`` Gaussians with ``|w| >= weight_threshold``;
+* gradients come from autograd (the authors wrote a manual CUDA backward); with
+  ``recompute`` (default) the per-node EM steps are recomputed in backward
+  instead of stored (activation checkpointing), which keeps the training
+  memory below MEM's.
 
 Cost: ``O(N log N)`` time for the sort, ``O(N T^2)`` for the node fits, ``O(N)``
 memory for the node caches (about ``2N`` Gaussians per mixture).
@@ -50,7 +54,7 @@ from torch import Tensor
 from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.morton import morton_codes
-from gmbench.reduction.node_fit import compact, fit_nodes
+from gmbench.reduction.node_fit import compact, fit_nodes, take
 from gmbench.reduction.scaling import check_reduction_input, prescale, unscale
 
 
@@ -115,12 +119,12 @@ class TreeHEMReduction:
     # -- bottom-up ---------------------------------------------------------
     def _sorted_leaves(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
         g, n, k = m.shape
-        valid = gm.weights(m).abs() >= self.weight_threshold
+        valid = gm.weights(m).detach().abs() >= self.weight_threshold
         codes = morton_codes(gm.positions(m), valid, self.morton_bits)
         # Dropped Gaussians go to the end so they do not dilute the tree.
         codes = torch.where(valid, codes, torch.full_like(codes, torch.iinfo(torch.int64).max))
         order = torch.argsort(codes, dim=-1, stable=True)
-        m = m.gather(1, order.unsqueeze(-1).expand(g, n, k))
+        m = take(m, order)
         valid = valid.gather(1, order)
         n_leaves = max(2, 1 << math.ceil(math.log2(math.ceil(n / self.T))))
         width = n_leaves * self.T
@@ -186,7 +190,7 @@ class TreeHEMReduction:
             partial_count = n_out - current + counts.gather(1, partial.unsqueeze(-1)).squeeze(-1)
             partial_count = torch.where(has_partial, partial_count, torch.ones_like(partial_count))
         children = torch.stack([2 * partial + 1, 2 * partial + 2], -1)  # [G, 2]
-        child_nodes = nodes.gather(1, children[..., None, None].expand(g, 2, T, k)).reshape(g, 2 * T, k)
+        child_nodes = take(nodes, children).reshape(g, 2 * T, k)
         child_valid = valid.gather(1, children[..., None].expand(g, 2, T)).reshape(g, 2 * T)
         partial_fit, partial_valid = fit_nodes(
             child_nodes, child_valid, partial_count, 2 * T, self.virtual_points, self.kl_threshold

@@ -1,0 +1,139 @@
+"""The ``fused`` backend's Triton kernels, run in Triton's CPU interpreter, against the torch backend.
+
+The kernels are the ones that compile for CUDA; ``TRITON_INTERPRET=1`` must be
+set before :mod:`gmbench.backends.triton_kernels` is imported, which the
+fixture below does (and skips, saying why, if that is impossible).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gmbench import backends
+from gmbench import mixture as gm
+from gmbench.backends import cutoff
+from gmbench.errors import GmbenchError, PluginError
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import: it reads its knobs then
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'gmbench[fused]')")
+    already = sys.modules.get("gmbench.backends.triton_kernels")
+    if already is not None and previous in (None, "", "0"):
+        pytest.skip("triton_kernels was imported before TRITON_INTERPRET=1 was set; run this file alone")
+    from gmbench.backends import triton_kernels  # noqa: F401  (decorated in interpreter mode now)
+
+    yield
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+def random_mixture(batch, channels, n, dims, seed=0, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return gm.pack(
+        torch.randn(batch, channels, n, generator=g, dtype=torch.float64),
+        torch.randn(batch, channels, n, dims, generator=g, dtype=torch.float64) * spread,
+        gm.covariance_from_factor(torch.randn(batch, channels, n, dims, dims, generator=g, dtype=torch.float64) * 0.6, 0.05),
+    )
+
+
+def value_and_grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(), inputs)
+    return out, grads
+
+
+def assert_close_relative(a, b, tol):
+    scale = b.abs().max().clamp_min(1e-30)
+    assert ((a.double() - b.double()).abs().max() / scale) < tol
+
+
+# N and M chosen so that several 64-wide tiles run, the last one ragged.
+@pytest.mark.parametrize("dims", [2, 3])
+def test_evaluate_at_centroids_values_and_gradients_match_torch(interpreter, dims):
+    m = random_mixture(1, 2, 150, dims, seed=dims)
+    with backends.use("torch", cpu_kernel="gemm"):
+        expected, expected_grads = value_and_grads(gm.evaluate_at_centroids, m)
+    with backends.use("fused"):
+        out, grads = value_and_grads(gm.evaluate_at_centroids, m)
+    assert out.dtype == torch.float64  # computed in float32, returned in the input dtype
+    assert_close_relative(out, expected, 5e-5)  # float32 compute vs float64
+    assert_close_relative(grads[0], expected_grads[0], 2e-4)
+
+
+def test_evaluate_at_points_values_and_gradients_match_torch(interpreter):
+    m = random_mixture(2, 1, 70, 3, seed=5)
+    points = torch.randn(2, 1, 90, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 2
+    with backends.use("torch", cpu_kernel="gemm"):
+        expected, expected_grads = value_and_grads(gm.evaluate, m, points)
+    with backends.use("fused"):
+        out, grads = value_and_grads(gm.evaluate, m, points)
+    assert_close_relative(out, expected, 5e-5)  # float32 compute vs float64
+    for g, e in zip(grads, expected_grads):  # w.r.t. the mixture and the points
+        assert_close_relative(g, e, 2e-4)
+
+
+def test_cutoff_mask_is_honoured_by_the_kernels(interpreter):
+    # Two far-apart clusters: the cut-off must skip the tiles between them and agree with
+    # the torch backend's masked GEMM path (same 64 x 64 tiles, same mask).
+    m = random_mixture(1, 1, 200, 2, seed=7, spread=1.0)
+    shift = torch.zeros_like(gm.positions(m))
+    shift[..., 100:, 0] = 30.0  # far enough to skip tiles, near enough for float32 features
+    m = gm.pack(gm.weights(m), gm.positions(m) + shift, gm.covariances(m))
+    flat = m.reshape(1, 200, -1)
+    plan = cutoff.make_plan(gm.positions(flat), gm.positions(flat), gm.covariances(flat),
+                            gm.normalisation_factors(flat), 1e-6, same_set=True)
+    assert plan.mask.shape == (1, 4, 4) and 0 < plan.active_fraction < 1
+    m = m.float()  # both backends then round the features alike (far from the centre in float32)
+    with backends.use("torch", cpu_kernel="gemm", cutoff=1e-6):
+        expected, expected_grads = value_and_grads(gm.evaluate_at_centroids, m)
+    with backends.use("fused", cutoff=1e-6):
+        out, grads = value_and_grads(gm.evaluate_at_centroids, m)
+    assert_close_relative(out, expected, 5e-5)  # float32 compute vs float64
+    assert_close_relative(grads[0], expected_grads[0], 2e-4)
+
+
+def test_convolve_values_and_gradients_match_reference(interpreter):
+    data = random_mixture(2, 3, 5, 3, seed=8)
+    kernels = random_mixture(4, 3, 2, 3, seed=9, spread=0.5)
+    expected, expected_grads = value_and_grads(
+        lambda d, k: gm.convolve_dense(d, k).flatten(-2), data, kernels
+    )
+    with backends.use("fused"):
+        out, grads = value_and_grads(lambda d, k: gm.convolve(d, k).flatten(-2), data, kernels)
+    assert out.shape == expected.shape
+    assert_close_relative(out, expected, 1e-6)
+    for g, e in zip(grads, expected_grads):
+        assert_close_relative(g, e, 1e-6)
+
+
+def test_tensors_outside_cuda_give_a_clear_error_when_not_interpreting(interpreter, monkeypatch):
+    backend = backends.use("fused").backend
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(GmbenchError, match="move the model and data to CUDA"):
+        backend.evaluate_at_centroids(random_mixture(1, 1, 4, 2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_selecting_fused_without_cuda_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PluginError, match="backend 'fused' cannot run here: .*(no CUDA GPU|triton is not installed)"):
+        backends.use("fused")
+
+
+def test_backend_module_imports_and_explains_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from gmbench.backends.fused import FusedBackend\n"
+        "print(FusedBackend.unavailable_reason())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "triton is not installed; pip install 'gmbench[fused]'" in result.stdout
