@@ -32,7 +32,6 @@ Semantics shared by all backends (those of PointNet++ and torch-cluster):
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -252,8 +251,3 @@ def radius(
     else:
         from torch_cluster import radius as native_radius
     return native_radius(x, y, r, batch_x, batch_y, max_num_neighbors=max_num_neighbors)
-
-
-def sample_count(n: int, ratio: float) -> int:
-    """Points FPS keeps of an example with ``n`` points: ``ceil(ratio * n)``."""
-    return math.ceil(ratio * n)

@@ -81,24 +81,45 @@ def test_evaluate_at_points_values_and_gradients_match_torch(interpreter):
         assert_close_relative(g, e, 2e-4)
 
 
-def test_cutoff_mask_is_honoured_by_the_kernels(interpreter):
-    # Two far-apart clusters: the cut-off must skip the tiles between them and agree with
-    # the torch backend's masked GEMM path (same 64 x 64 tiles, same mask).
+def test_tile_mask_skips_exactly_the_masked_pairs_values_and_gradients(interpreter):
+    from gmbench.backends.fused import BLOCK, FusedExpKernelMatVec
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(2, 150, 10, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 140, 10, generator=g, dtype=torch.float64) * 0.3
+    c = torch.randn(2, 140, generator=g, dtype=torch.float64)
+    X[..., -1] = 1.0
+    A[..., -1] -= 6.0
+    mask = (torch.rand(2, 3, 3, generator=g) > 0.4).to(torch.uint8)
+    assert 0 < mask.sum() < mask.numel()
+    pairs = mask.repeat_interleave(BLOCK, 1)[:, :150].repeat_interleave(BLOCK, 2)[:, :, :140].double()
+
+    def reference(X, A, c):
+        return ((X @ A.transpose(1, 2)).exp() * pairs * c[:, None, :]).sum(-1)
+
+    expected, expected_grads = value_and_grads(reference, X, A, c)
+    out, grads = value_and_grads(lambda X, A, c: FusedExpKernelMatVec.apply(X, A, c, mask), X, A, c)
+    assert_close_relative(out, expected, 1e-6)
+    for g_, e in zip(grads, expected_grads):
+        assert_close_relative(g_, e, 1e-5)
+
+
+def test_cutoff_backend_matches_torch_cutoff(interpreter):
+    # Two clusters: the cut-off skips the tiles between them.  Both backends get the same
+    # float32 input and the same 64 x 64 mask.
     m = random_mixture(1, 1, 200, 2, seed=7, spread=1.0)
     shift = torch.zeros_like(gm.positions(m))
-    shift[..., 100:, 0] = 30.0  # far enough to skip tiles, near enough for float32 features
-    m = gm.pack(gm.weights(m), gm.positions(m) + shift, gm.covariances(m))
+    shift[..., 100:, 0] = 30.0
+    m = gm.pack(gm.weights(m), gm.positions(m) + shift, gm.covariances(m)).float()
     flat = m.reshape(1, 200, -1)
     plan = cutoff.make_plan(gm.positions(flat), gm.positions(flat), gm.covariances(flat),
                             gm.normalisation_factors(flat), 1e-6, same_set=True)
     assert plan.mask.shape == (1, 4, 4) and 0 < plan.active_fraction < 1
-    m = m.float()  # both backends then round the features alike (far from the centre in float32)
     with backends.use("torch", cpu_kernel="gemm", cutoff=1e-6):
-        expected, expected_grads = value_and_grads(gm.evaluate_at_centroids, m)
+        expected = gm.evaluate_at_centroids(m)
     with backends.use("fused", cutoff=1e-6):
-        out, grads = value_and_grads(gm.evaluate_at_centroids, m)
-    assert_close_relative(out, expected, 5e-5)  # float32 compute vs float64
-    assert_close_relative(grads[0], expected_grads[0], 2e-4)
+        out = gm.evaluate_at_centroids(m)
+    assert_close_relative(out, expected, 1e-5)
 
 
 def test_convolve_values_and_gradients_match_reference(interpreter):

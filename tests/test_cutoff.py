@@ -1,0 +1,141 @@
+"""The spatial cut-off (`gmbench.backends.cutoff`): Morton order, conservative tile masks, error bound."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from gmbench import backends, plugins
+from gmbench import mixture as gm
+from gmbench.backends import cutoff
+from gmbench.errors import PluginError
+
+TOLERANCE = 1e-5
+
+
+def random_mixture(n, dims, seed=0, spread=4.0, groups=2):
+    g = torch.Generator().manual_seed(seed)
+    return gm.pack(
+        torch.randn(groups, n, generator=g, dtype=torch.float64),
+        torch.randn(groups, n, dims, generator=g, dtype=torch.float64) * spread,
+        gm.covariance_from_factor(torch.randn(groups, n, dims, dims, generator=g, dtype=torch.float64) * 0.5, 0.02),
+    )
+
+
+def pair_contributions(m, points):
+    """``[G, M, N]`` |c_j| g_j(x_i) / |c_j| peak-scaled, brute force."""
+    precision, _ = gm.symmetric_inverse_and_logdet(gm.covariances(m))
+    d = points[:, :, None, :] - gm.positions(m)[:, None, :, :]
+    q = torch.einsum("gijd,gjde,gije->gij", d, precision, d)
+    return gm.normalisation_factors(m).abs()[:, None, :] * torch.exp(-0.5 * q)
+
+
+def test_morton_order_follows_the_z_curve_on_a_grid():
+    xs, ys = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten()], -1)[torch.randperm(16)]
+    ordered = points[cutoff.morton_order(points[None])[0]]
+    # Z-order with x in the lowest bit: (0,0) (1,0) (0,1) (1,1) (2,0) (3,0) (2,1) ...
+    expected = [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1),
+                (0, 2), (1, 2), (0, 3), (1, 3), (2, 2), (3, 2), (2, 3), (3, 3)]
+    assert [tuple(int(v) for v in p) for p in ordered] == expected
+
+
+def test_morton_order_keeps_elongated_clusters_contiguous():
+    # One scale for all axes: two clusters far apart along x are not interleaved along y.
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(1, 200, 2, generator=g)
+    points[0, 100:, 0] += 30
+    order = cutoff.morton_order(points)[0]
+    second = (order >= 100).int()
+    assert (second[1:] != second[:-1]).sum() == 1
+
+
+def test_influence_box_contains_every_point_above_the_threshold():
+    m = random_mixture(30, 3, seed=1, spread=1.0)
+    peaks = gm.normalisation_factors(m)
+    half = cutoff.influence_half_widths(gm.covariances(m), peaks, TOLERANCE)
+    points = torch.randn(2, 20000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    contribution = pair_contributions(m, points)  # [G, P, N]
+    tau = TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    inside = ((points[:, :, None, :] - gm.positions(m)[:, None]).abs() <= half[:, None]).all(-1)
+    above = contribution >= tau
+    assert above.any() and (~above).any()
+    assert not (above & ~inside).any()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_plan_is_conservative_every_significant_pair_is_evaluated(dims):
+    m = random_mixture(300, dims, seed=3, spread=10.0)
+    points = torch.randn(2, 250, dims, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 10
+    peaks = gm.normalisation_factors(m)
+    plan = cutoff.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE, 16, 16)
+    assert 0.05 < plan.active_fraction < 0.95  # the test is not vacuous
+    contribution = pair_contributions(m, points)
+    tau = TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    # Pair (i, j) is evaluated iff its tiles in the sorted orders are active.
+    rank_points = torch.argsort(plan.point_order, 1) // 16
+    rank_gaussians = torch.argsort(plan.gaussian_order, 1) // 16
+    groups = torch.arange(2)[:, None, None]
+    evaluated = plan.mask[groups, rank_points[:, :, None], rank_gaussians[:, None, :]].bool()
+    assert not ((contribution >= tau) & ~evaluated).any()
+
+
+@pytest.mark.parametrize("cpu_kernel", ["cpp", "gemm"])
+def test_error_is_below_the_stated_bound_on_random_mixtures(cpu_kernel):
+    m = random_mixture(500, 3, seed=5)[:, None]
+    with backends.use("torch", compute_dtype="float64", cpu_kernel=cpu_kernel):
+        exact = gm.evaluate_at_centroids(m)
+    with backends.use("torch", compute_dtype="float64", cpu_kernel=cpu_kernel, cutoff=TOLERANCE):
+        truncated = gm.evaluate_at_centroids(m)
+    peak = gm.normalisation_factors(m).abs().amax(-1, keepdim=True)
+    error = ((truncated - exact).abs() / peak).max().item()
+    assert 0 < error < 10 * TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def digits_activations():
+    """Mixtures a GMCN evaluates: fitted digits inputs and each block's convolution output."""
+    split = plugins.create("dataset", "digits", samples_per_class=2, n_points=256).load("test")
+    fitter = plugins.create("input_fitting", "kmeans", seed=0)
+    inputs = fitter.fit(split.points, 32)
+    torch.manual_seed(0)
+    model = plugins.create("model", "gmcn", num_classes=10, dims=2, layout="1/32->8/16->10").eval()
+    with torch.no_grad(), backends.use("torch"):
+        trace = model.trace(inputs)
+    normalized, _ = gm.normalize_scale(inputs.double())
+    return [normalized] + [block.convolved.double() for block in trace]
+
+
+def test_error_is_below_the_stated_bound_on_fitted_digits_after_each_layer(digits_activations):
+    skipped_somewhere = False
+    for m in digits_activations:
+        with backends.use("torch", compute_dtype="float64"):
+            exact = gm.evaluate_at_centroids(m)
+        with backends.use("torch", compute_dtype="float64", cutoff=TOLERANCE) as backend:
+            truncated = gm.evaluate_at_centroids(m)
+            flat = m.reshape(-1, *m.shape[2:])
+            plan = cutoff.make_plan(gm.positions(flat), gm.positions(flat), gm.covariances(flat),
+                                    gm.normalisation_factors(flat), TOLERANCE, 16, 16, same_set=True)
+        peak = gm.normalisation_factors(m).abs().amax(-1, keepdim=True)
+        error = ((truncated - exact).abs() / peak).max().item()
+        assert error < 10 * TOLERANCE, f"N={m.shape[2]}: error {error:.2e} x max|c|"
+        skipped_somewhere |= plan.active_fraction < 0.9
+    assert backend.cutoff == TOLERANCE
+    assert skipped_somewhere, "no layer skipped 10% of its tiles: the test would not test the cut-off"
+
+
+def test_gradients_of_the_truncated_sum_pass_gradcheck():
+    # Two well-separated clusters: the mask is the same for every finite-difference step.
+    m = random_mixture(40, 2, seed=6, spread=0.7, groups=1)
+    shift = torch.zeros_like(gm.positions(m))
+    shift[:, 20:, 0] = 40.0
+    leaf = gm.pack(gm.weights(m), gm.positions(m) + shift, gm.covariances(m))[:, None].requires_grad_()
+    for kernel in ("cpp", "gemm"):
+        with backends.use("torch", cpu_kernel=kernel, cutoff=TOLERANCE):
+            assert gradcheck(gm.evaluate_at_centroids, (leaf,))
+
+
+def test_cutoff_parameter_is_validated():
+    with pytest.raises(PluginError, match="cutoff must be a relative tolerance"):
+        backends.use("torch", cutoff=0.0)
+    with pytest.raises(PluginError, match="cutoff must be a relative tolerance"):
+        backends.use("torch", cutoff=2.0)
