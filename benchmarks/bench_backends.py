@@ -129,7 +129,7 @@ def test_evaluate_at_centroids(benchmark, activations, implementation, n, mode):
     params = IMPLEMENTATIONS[implementation] or {}
     with backends.use("torch", **params):
         call = make_call(implementation, mode, m)
-        rounds = 1 if n > 2560 or mode == "forward_backward" else 3
+        rounds = 1 if n >= 2560 or mode == "forward_backward" else 3
         peak = peak_cpu_bytes(call) if n <= 2560 else float("nan")
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
         with torch.no_grad():
