@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gmbench {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `gmbench ... | head` closed the pipe: not an error worth a traceback.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"gmbench {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -30,8 +30,9 @@ hookspec = pluggy.HookspecMarker("gmbench")
 def gmbench_backend():
     """Compute backends. Instances implement ``evaluate(m, points)``,
     ``evaluate_at_centroids(m)`` and ``convolve(data, kernels)`` on mixtures in
-    the layout of :mod:`gmbench.mixture`; ``available()`` (a classmethod) says
-    whether the backend can run on this machine."""
+    the layout of :mod:`gmbench.mixture`; the classmethod
+    ``unavailable_reason() -> str | None`` says why it cannot run on this
+    machine (``None`` when it can)."""
 
 
 @hookspec

@@ -171,7 +171,13 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
                 for key_name, item in zip(rows, row_key):
                     subset = subset[subset[key_name] == item]
                 numbers = pd.to_numeric(subset[name], errors="coerce").dropna()
-                line[METRIC_TITLES.get(name, name)] = _format(float(numbers.mean()), float("nan"), 1, name) if len(numbers) else "n/a"
+                if not len(numbers):
+                    text = "n/a"
+                elif name == "params" and numbers.nunique() > 1:  # e.g. a 2D and a 3D data set in one row
+                    text = f"{_format(float(numbers.min()), float('nan'), 1, name)}-{_format(float(numbers.max()), float('nan'), 1, name)}"
+                else:
+                    text = _format(float(numbers.mean()), float("nan"), 1, name)
+                line[METRIC_TITLES.get(name, name)] = text
         display_rows.append(line)
     return pd.DataFrame(display_rows), tidy
 

@@ -28,6 +28,7 @@ COLUMNS = [
 # Configuration fields copied from the cell (metrics override them where the cell resolved more).
 _CONFIG_COLUMNS = ("task", "label", "dataset", "model", "input", "input_fitting", "n_gaussians", "n_points", "seed", "transfer_fitting", "layout", "batch", "kernel_gaussians", "integrated", "dims", "n_mixtures")
 _SKIP_METRICS = ("cell_id", "finished_at")
+_INTEGER_COLUMNS = ("n_gaussians", "n_points", "seed", "epochs", "params", "batch_size", "n_train", "n_test", "num_classes", "dims")
 
 
 def collect(run_dir: str | Path) -> pd.DataFrame:
@@ -72,6 +73,11 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame.columns:
             frame[column] = None
+    for column in _INTEGER_COLUMNS:  # nullable integers: 48, not 48.0, next to empty cells
+        if column in frame.columns:
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            if (numbers.dropna() % 1 == 0).all():
+                frame[column] = numbers.astype("Int64")
     extra = [column for column in frame.columns if column not in COLUMNS]
     return frame[COLUMNS + extra]
 
