@@ -15,8 +15,8 @@ an ``M x N`` tensor: peak extra memory is O((M + N) * tile), not O(M * N).
 
 On CPU the same function (and its gradients) runs by default in a small
 vectorised C++ kernel (:mod:`gmbench.backends.cpu_kernel`, compiled at first
-use; falls back to the GEMM form without a compiler), about 10x faster than
-the GEMM form on two cores.  An optional spatial cut-off
+use; falls back to the GEMM form without a compiler), 4-6x faster than the
+GEMM form on two cores (``benchmarks/bench_backends.py``).  An optional spatial cut-off
 (:mod:`gmbench.backends.cutoff`) skips negligible Gaussian pairs tile by tile.
 
 Numerics: coordinates are centred on each mixture's mean position before the

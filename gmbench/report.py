@@ -146,8 +146,8 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
     display_rows = []
     row_keys = list(dict.fromkeys(tuple(values) for values in grouped[rows].itertuples(index=False)))
     column_values = list(dict.fromkeys(grouped[column])) if column else [None]
-    if column:
-        column_values = sorted(column_values, key=_sort_key)
+    if column and all(_sort_key(value)[0] == 0 for value in column_values):
+        column_values = sorted(column_values, key=_sort_key)  # numbers ascending; names keep their order
     for row_key in row_keys:
         line = dict(zip(rows, row_key))
         selected = grouped

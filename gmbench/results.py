@@ -66,6 +66,9 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
                 if value is None and row.get(key) is not None:
                     continue
                 row[key] = value
+        if metrics is not None and metrics.get("status") != "ok" and config.get("task") == "train":
+            # A failed or diverged cell: the epochs it finished, not the ones it was given.
+            row["epochs"] = _count_epochs(run_dir / "cells" / cell["id"] / "epochs.jsonl")
         if not row.get("label"):
             row["label"] = _default_label(config)
         rows.append(row)
@@ -80,6 +83,10 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
                 frame[column] = numbers.astype("Int64")
     extra = [column for column in frame.columns if column not in COLUMNS]
     return frame[COLUMNS + extra]
+
+
+def _count_epochs(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
 def _default_label(config: dict) -> str:

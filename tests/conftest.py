@@ -6,6 +6,10 @@ import torch
 # Tests must not depend on third-party plugins installed in the developer's venv
 # unless a test installs them itself.
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Triton decides at its first import whether kernels compile for CUDA or run in its CPU
+# interpreter; without CUDA the fused-backend tests need the interpreter (issue 8).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

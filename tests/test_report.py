@@ -154,3 +154,19 @@ def test_shipped_report_template_uses_only_known_fields():
     fields = set(re.findall(r"\$(\w+)", text))
     assert fields and fields <= set(TEMPLATE_FIELDS)
     string.Template(text).substitute({name: "" for name in TEMPLATE_FIELDS})
+
+
+def test_diagnostics_table_averages_seeds_per_layer_and_method_with_paper_values(tmp_path):
+    from gmbench.report import build_diagnostics_table
+
+    run = tmp_path / "run"
+    _fake_run(run, [0.8, 0.9])
+    for seed, offset in ((0, 0.0), (1, 0.2)):
+        rows = [{"layer": "1->8", "method": "dense+mem", "metric": metric, "value": value + offset} for metric, value in (("all", 0.4), ("relu", 0.1), ("reduction", 0.3))]
+        pd.DataFrame(rows).to_csv(run / "cells" / f"c{seed}" / "diagnostics.csv", index=False)
+    frame = results([{"cell_id": "c0", "label": "MEM", "n_gaussians": 64}, {"cell_id": "c1", "label": "MEM", "n_gaussians": 64}])
+    display, _ = build_diagnostics_table(run, frame, {"rows": ["layer", "label"], "columns": "metric"}, load_paper_results()["table10"])
+    row = display.iloc[0]
+    assert row["layer"] == "1->8" and row["label"] == "MEM"
+    assert row["metric=all"] == "0.500 ± 0.141" and row["metric=all paper"] == "0.446"  # paper Table 10: 0.4457
+    assert [c for c in display.columns if not c.endswith("paper")][2:] == ["metric=all", "metric=relu", "metric=reduction"]

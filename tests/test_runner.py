@@ -71,6 +71,8 @@ def test_failing_cells_are_recorded_and_the_others_still_run(finished_run):
     assert "Traceback" in (cell_dir(run_dir, cells["broken"].id) / "error.txt").read_text()
     nan = read_metrics(run_dir, cells["nan"].id)
     assert nan["status"] == "diverged" and "TrainingDiverged" in nan["error"]
+    frame = pd.read_csv(run_dir / RESULTS_CSV, keep_default_na=False).set_index("label")
+    assert frame.loc["nan", "epochs"] == 0 and frame.loc["good", "epochs"] == 2  # epochs finished
     assert sorted(summary.failed) == sorted([cells["broken"].id, cells["nan"].id])
 
 
