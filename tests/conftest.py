@@ -16,3 +16,16 @@ if not torch.cuda.is_available():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_active_backend():
+    """A test that calls ``backends.use(...)`` as a plain call must not change the backend of
+    the tests after it."""
+    from gmbench import backends
+
+    saved_global = backends._global["backend"]
+    saved_local = getattr(backends._state, "backend", None)
+    yield
+    backends._global["backend"] = saved_global
+    backends._state.backend = saved_local
