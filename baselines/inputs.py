@@ -100,6 +100,16 @@ def mixture_point_features(m: Tensor) -> Tensor:
     return features[:, 0]
 
 
+def check_classifier_arguments(num_classes: int, dims: int, in_features: int) -> None:
+    """The framework-supplied arguments every baseline validates (``ValueError`` -> one-line PluginError)."""
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if in_features < 0:
+        raise ValueError(f"in_features must be >= 0, got {in_features}")
+
+
 def normalize_to_unit_ball(x: Tensor, dims: int) -> Tensor:
     """Centre each set's coordinates on their mean and scale them into the unit ball.
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
-from gmbench.baselines.inputs import normalize_to_unit_ball
+from gmbench.baselines.inputs import check_classifier_arguments, normalize_to_unit_ball
 from gmbench.plugins import hookimpl
 
 
@@ -103,12 +103,7 @@ class PointNet(nn.Module):
         bn_decay_samples: int = 200_000,
     ):
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if in_features < 0:
-            raise ValueError(f"in_features must be >= 0, got {in_features}")
+        check_classifier_arguments(num_classes, dims, in_features)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if regularization_weight < 0:

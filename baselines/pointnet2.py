@@ -39,7 +39,7 @@ from torch_geometric.nn import PointNetConv, global_max_pool
 
 from gmbench.baselines import sampling
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
-from gmbench.baselines.inputs import normalize_to_unit_ball
+from gmbench.baselines.inputs import check_classifier_arguments, normalize_to_unit_ball
 from gmbench.baselines.pointnet import fully_connected
 from gmbench.plugins import hookimpl
 
@@ -116,12 +116,7 @@ class PointNet2(nn.Module):
         bn_decay_samples: int = 200_000,
     ):
         super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if in_features < 0:
-            raise ValueError(f"in_features must be >= 0, got {in_features}")
+        check_classifier_arguments(num_classes, dims, in_features)
         ratios, radii, max_neighbors = tuple(ratios), tuple(radii), tuple(max_neighbors)
         if len(ratios) != 2 or not all(0.0 < r <= 1.0 for r in ratios):
             raise ValueError(f"ratios must be two numbers in (0, 1], got {ratios}")

@@ -137,10 +137,10 @@ def test_convolve_values_and_gradients_match_reference(interpreter):
 
 
 def test_tensors_outside_cuda_give_a_clear_error_when_not_interpreting(interpreter, monkeypatch):
-    backend = backends.use("fused").backend
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(GmbenchError, match="move the model and data to CUDA"):
-        backend.evaluate_at_centroids(random_mixture(1, 1, 4, 2))
+    with backends.use("fused") as backend:  # the context manager restores the previous backend
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(GmbenchError, match="move the model and data to CUDA"):
+            backend.evaluate_at_centroids(random_mixture(1, 1, 4, 2))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")

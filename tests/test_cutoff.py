@@ -139,3 +139,12 @@ def test_cutoff_parameter_is_validated():
         backends.use("torch", cutoff=0.0)
     with pytest.raises(PluginError, match="cutoff must be a relative tolerance"):
         backends.use("torch", cutoff=2.0)
+
+
+@pytest.mark.parametrize("dims, bits", [(2, 31), (3, 21)])
+def test_bit_spreading_matches_the_bit_by_bit_definition(dims, bits):
+    values = torch.randint(0, 1 << bits, (1000,), generator=torch.Generator().manual_seed(8))
+    expected = torch.zeros_like(values)
+    for bit in range(bits):
+        expected |= ((values >> bit) & 1) << (bit * dims)
+    assert torch.equal(cutoff._spread_bits(values, dims), expected)
