@@ -59,6 +59,7 @@ class RunOptions:
 
     device: str = "cpu"
     backend: str | None = None
+    backend_params: dict | None = None  # the suite's backend_params (cutoff, cpu_kernel, ...)
     data_root: str | None = None
     cache_dir: str | None = None
     plugins: tuple[str, ...] = ()
@@ -91,7 +92,11 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
         from gmbench import backends, plugins
 
         plugins.load_modules(list(options.plugins), source="suite plugins:")
-        backend = backends.use(options.backend) if options.backend else contextlib.nullcontext()
+        backend = (
+            backends.use(options.backend or "torch", **(options.backend_params or {}))
+            if options.backend or options.backend_params
+            else contextlib.nullcontext()
+        )
         with backend:
             task = TASKS[cell_config["task"]]
             metrics.update(task(cell_config, cell_dir, options, on_epoch))
@@ -473,7 +478,7 @@ def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: b
     environment.write_environment(run_dir / environment.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend)
     if options.backend is None and suite.backend:
         options = dataclasses.replace(options, backend=suite.backend)
-    options = dataclasses.replace(options, plugins=tuple(suite.plugins))
+    options = dataclasses.replace(options, plugins=tuple(suite.plugins), backend_params=suite.backend_params or None)
 
     todo, skipped = [], 0
     for cell in suite.cells:

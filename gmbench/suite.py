@@ -11,6 +11,7 @@ configuration (:func:`cell_id`).  Schema (see ``docs/suites.md``)::
     task: train                      # train | footprint | transfer_fitting_timing
     plugins: [my_package.plugin]     # extra plugin modules to import
     backend: torch                   # compute backend (overridden by --backend)
+    backend_params: {cutoff: 1.0e-5} # the backend's parameters (gmbench plugins --kind backend)
     cell:                            # settings shared by every cell (the task's fields)
       dataset: digits
       n_gaussians: 16
@@ -47,7 +48,7 @@ from gmbench import plugins
 from gmbench.errors import GmbenchError, SuiteError
 
 TASKS = ("train", "footprint", "transfer_fitting_timing")
-TOP_LEVEL_KEYS = ("name", "description", "task", "plugins", "backend", "cell", "matrix", "exclude", "smoke", "report")
+TOP_LEVEL_KEYS = ("name", "description", "task", "plugins", "backend", "backend_params", "cell", "matrix", "exclude", "smoke", "report")
 
 # TrainConfig fields a suite may set (device and progress come from the command line).
 RUNNER_TRAINING_FIELDS = ("device", "progress")
@@ -239,6 +240,7 @@ class Suite:
     cells: list[Cell]
     report: dict
     smoke: bool = False
+    backend_params: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -247,6 +249,7 @@ class Suite:
             "task": self.task,
             "plugins": self.plugins,
             "backend": self.backend,
+            "backend_params": self.backend_params,
             "description": self.description,
             "smoke": self.smoke,
             "report": self.report,
@@ -323,6 +326,12 @@ class _Validator:
                 self.data.lines["backend"],
                 f"unknown backend '{backend}'; available: {', '.join(plugins.available('backend'))}",
             )
+        backend_params = self.top("backend_params", (dict,), LDict())
+        if backend_params:
+            try:
+                plugins.check_parameters("backend", backend or "torch", _plain(backend_params))
+            except GmbenchError as error:
+                raise self.fail(self.data.lines["backend_params"], str(error)) from None
         base = self.top("cell", (dict,), LDict())
         self.check_fields(base, "cell")
         blocks = self.top("matrix", (dict, list), LDict())
@@ -356,7 +365,7 @@ class _Validator:
         return Suite(
             name=name, path=self.where, text=text, task=task, plugins=list(modules), backend=backend,
             description=self.top("description", (str,), ""), cells=cells, report=_plain(report),
-            smoke=self.smoke,
+            smoke=self.smoke, backend_params=_plain(backend_params),
         )
 
     # ----------------------------------------------------------------- report

@@ -255,3 +255,13 @@ def test_report_tables_are_validated_with_lines():
     assert message.startswith("s.yaml:12:") and "unknown paper table 'table99'" in message and "table1" in message
     message = error_of(BASE + "report:\n  tables:\n    - {name: t1, colums: n_gaussians}\n")
     assert "unknown report table key 'colums'" in message and "columns" in message
+
+
+def test_backend_params_are_checked_against_the_backend_plugin():
+    message = error_of("backend: torch\nbackend_params: {cutof: 1.0e-5}\n" + BASE)
+    assert message.startswith("s.yaml:2:") and "no parameter 'cutof'" in message and "cutoff" in message
+
+
+def test_backend_params_reach_the_suite():
+    suite = parse("backend_params: {cutoff: 1.0e-5}\n" + BASE)
+    assert suite.backend_params == {"cutoff": 1.0e-5}
