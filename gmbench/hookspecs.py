@@ -68,4 +68,6 @@ def gmbench_model():
 @hookspec
 def gmbench_dataset():
     """Data sets. Instances have ``load(split) -> PointSetSplit`` for the splits
-    ``"train"`` and ``"test"`` (see :mod:`gmbench.data.records`)."""
+    ``"train"`` and ``"test"`` (see :mod:`gmbench.data.records`) and optionally a
+    cheap ``check()`` that raises :class:`gmbench.errors.DataError` when local
+    files are missing (the runner calls it before any cell starts)."""

@@ -161,6 +161,33 @@ def _plugin_choice(model_info, params: dict, kind: str) -> str | None:
     return name
 
 
+def check_data(cells, options: RunOptions) -> None:
+    """Fail before any cell runs when a data set's local files are missing.
+
+    Calls each distinct data set's optional ``check()``; its
+    :class:`~gmbench.errors.DataError` is a one-line user error (exit 2), not
+    one failed cell per data set.
+    """
+    from gmbench import plugins
+
+    seen = set()
+    for cell in cells:
+        config = cell.config
+        if config.get("task") != "train":
+            continue
+        params = dict(config["dataset_params"])
+        if options.data_root is not None:
+            params["data_root"] = options.data_root
+        key = (config["dataset"], json.dumps(params, sort_keys=True, default=str))
+        if key in seen:
+            continue
+        seen.add(key)
+        dataset = plugins.create("dataset", config["dataset"], **params)
+        check = getattr(dataset, "check", None)
+        if check is not None:
+            check()
+
+
 def _train_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> dict:
     from gmbench import plugins
     from gmbench.suite import substitute_placeholders
@@ -487,6 +514,7 @@ def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: b
             skipped += 1
         else:
             todo.append(cell)
+    check_data(todo, options)
     if skipped:
         log.info("%d of %d cells already finished in %s; running the other %d", skipped, len(suite.cells), run_dir, len(todo))
     results.write_results(run_dir)

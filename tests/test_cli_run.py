@@ -146,3 +146,17 @@ def test_resume_after_the_process_is_killed_mid_run(tmp_path):
     assert _epochs(interrupted) == [1, 2, 3, 4]  # resumed from the checkpoint, no epoch twice
     frame = pd.read_csv(out / "results.csv")
     assert len(frame) == 3 and (frame["status"] == "ok").all() and (frame["epochs"] == 4).all()
+
+
+def test_missing_data_folder_stops_the_run_before_any_cell(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GMBENCH_DATA", raising=False)
+    suite = tmp_path / "mn.yaml"
+    suite.write_text(
+        "name: mn\ncell:\n  dataset: modelnet10\n  model: pointnet\n  input: points\n  n_gaussians: 8\n"
+    )
+    out = tmp_path / "run"
+    code = main(["run", str(suite), "--out", str(out), "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "\n" not in error and "modelnet10" in error and "--data-root" in error
+    assert not [p for p in out.iterdir() if p.is_dir()]  # no cell folder: nothing ran

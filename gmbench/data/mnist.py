@@ -91,6 +91,13 @@ class IDXImages:
                     return candidate
         raise DataError(f"{stem}[.gz] not found for data set '{self.name}' under {root}; expected {self._expected()}")
 
+    def check(self) -> None:
+        """Fail fast with a :class:`DataError` when any of the four IDX files is missing."""
+        root = paths.data_root(self.data_root, self.name, self._expected())
+        for stems in FILES.values():
+            for stem in stems:
+                self._find(root, stem)
+
     def load(self, split: str) -> PointSetSplit:
         """``PointSetSplit`` of 2D points in pixel units (28x28 grid), weights = intensity / 255."""
         if split not in FILES:

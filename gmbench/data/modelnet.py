@@ -97,6 +97,10 @@ class ModelNet:
     def dataset_name(self) -> str:
         return f"modelnet{self.classes}"
 
+    def check(self) -> None:
+        """Fail fast with a :class:`DataError` when no data root is set or it is not a folder."""
+        paths.data_root(self.data_root, self.dataset_name, _expected(self.classes))
+
     def load(self, split: str) -> PointSetSplit:
         """``PointSetSplit`` with points ``[S, n_points, 3]``, no weights, labels by sorted class name."""
         if split not in SPLITS:
