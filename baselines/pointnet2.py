@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import PointNetConv, global_max_pool
 
 from gmbench.baselines import sampling
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
@@ -61,6 +60,10 @@ class SetAbstraction(nn.Module):
         self.ratio = ratio
         self.radius = radius
         self.max_neighbors = max_neighbors
+        # Imported here, not at module level: torch_geometric pulls in torch._dynamo
+        # (~2 s), and every `gmbench` command registers this plugin module.
+        from torch_geometric.nn import PointNetConv
+
         self.conv = PointNetConv(point_mlp(channels), add_self_loops=False)
 
     def forward(self, features: Tensor | None, pos: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,6 +87,8 @@ class GlobalSetAbstraction(nn.Module):
         self.mlp = point_mlp(channels)
 
     def forward(self, features: Tensor, pos: Tensor, batch: Tensor, batch_size: int) -> Tensor:
+        from torch_geometric.nn import global_max_pool
+
         return global_max_pool(self.mlp(torch.cat([features, pos], dim=1)), batch, size=batch_size)
 
 
