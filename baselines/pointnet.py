@@ -51,6 +51,20 @@ def fully_connected(channels: list[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+
+def prepare_input(model: nn.Module, x: Tensor) -> Tensor:
+    """Shared entry of both baselines: check ``[B, P, dims + in_features]``, advance the
+    batch-norm momentum schedule in training, scale coordinates into the unit ball."""
+    if x.dim() != 3 or x.shape[-1] != model.dims + model.in_features:
+        raise ValueError(
+            f"expected input [B, P, {model.dims + model.in_features}] (dims + in_features), got {tuple(x.shape)}"
+        )
+    if model.training:
+        model.bn_schedule.step(model, x.shape[0])
+    if model.normalize:
+        x = normalize_to_unit_ball(x, model.dims)
+    return x
+
 class TransformNet(nn.Module):
     """T-net: predicts a ``K x K`` matrix from a point set ``[B, C, P] -> [B, K, K]``.
 
@@ -122,14 +136,7 @@ class PointNet(nn.Module):
         self._last_feature_transform: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dims + self.in_features:
-            raise ValueError(
-                f"expected input [B, P, {self.dims + self.in_features}] (dims + in_features), got {tuple(x.shape)}"
-            )
-        if self.training:
-            self.bn_schedule.step(self, x.shape[0])
-        if self.normalize:
-            x = normalize_to_unit_ball(x, self.dims)
+        x = prepare_input(self, x)
         x = x.transpose(1, 2)  # [B, C, P]
         transform = self.input_transform(x)
         coordinates = torch.bmm(transform.transpose(1, 2), x[:, : self.dims])

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from gmbench.baselines import sampling
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
-from gmbench.baselines.inputs import check_classifier_arguments, normalize_to_unit_ball
-from gmbench.baselines.pointnet import fully_connected
+from gmbench.baselines.inputs import check_classifier_arguments
+from gmbench.baselines.pointnet import fully_connected, prepare_input
 from gmbench.plugins import hookimpl
 
 
@@ -141,14 +141,7 @@ class PointNet2(nn.Module):
         self.classifier = nn.Sequential(fully_connected([1024, 512, 256], dropout), nn.Linear(256, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dims + self.in_features:
-            raise ValueError(
-                f"expected input [B, P, {self.dims + self.in_features}] (dims + in_features), got {tuple(x.shape)}"
-            )
-        if self.training:
-            self.bn_schedule.step(self, x.shape[0])
-        if self.normalize:
-            x = normalize_to_unit_ball(x, self.dims)
+        x = prepare_input(self, x)
         b, p, _ = x.shape
         flat = x.reshape(b * p, -1)
         pos = flat[:, : self.dims].contiguous()

@@ -43,6 +43,7 @@ import torch
 
 from gmbench import backends, plugins
 from gmbench import mixture as gm
+from gmbench.profiling import peak_tensor_bytes
 
 SIZES = (640, 2560, 10240)
 MODES = ("forward", "forward_backward")
@@ -81,21 +82,6 @@ def activations() -> dict[int, torch.Tensor]:
     return {640: trace[0].convolved.contiguous(), 2560: block2.contiguous(), 10240: wide.contiguous()}
 
 
-def peak_cpu_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def evaluator(implementation: str):
     if implementation == "naive":
         return naive_evaluate_at_centroids
@@ -130,7 +116,7 @@ def test_evaluate_at_centroids(benchmark, activations, implementation, n, mode):
     with backends.use("torch", **params):
         call = make_call(implementation, mode, m)
         rounds = 1 if n >= 2560 or mode == "forward_backward" else 3
-        peak = peak_cpu_bytes(call) if n <= 2560 else float("nan")
+        peak = peak_tensor_bytes(call) if n <= 2560 else float("nan")
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
         with torch.no_grad():
             out = evaluator(implementation)(m).double()

@@ -38,6 +38,7 @@ import torch
 
 from gmbench import backends
 from gmbench import mixture as gm
+from gmbench.profiling import peak_tensor_bytes
 
 DIMS = 3
 SIZES = (640, 2560)
@@ -98,27 +99,11 @@ def make_call(implementation: str, mode: str, leaves):
     return call
 
 
-def peak_cpu_bytes(fn) -> int:
-    """Peak live bytes of CPU tensor allocations during ``fn()`` (profiler allocation/free events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def run_case(benchmark, implementation: str, n: int, mode: str, batch: int = 8, channels: int = 1, rounds: int = 3):
     torch.manual_seed(0)
     with backends.use("torch", **IMPLEMENTATIONS[implementation][1]):
         call = make_call(implementation, mode, make_leaves(batch, channels, n))
-        peak = peak_cpu_bytes(call)
+        peak = peak_tensor_bytes(call)
         cpu_seconds = []
 
         def timed_call():

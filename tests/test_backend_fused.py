@@ -25,7 +25,10 @@ def interpreter():
     pytest.importorskip("triton", reason="triton is not installed (pip install 'gmbench[fused]')")
     already = sys.modules.get("gmbench.backends.triton_kernels")
     if already is not None and previous in (None, "", "0"):
-        pytest.skip("triton_kernels was imported before TRITON_INTERPRET=1 was set; run this file alone")
+        pytest.skip(
+            "triton_kernels was compiled for CUDA (TRITON_INTERPRET unset at import) on a machine without a GPU; "
+            "run with TRITON_INTERPRET=1"
+        )
     from gmbench.backends import triton_kernels  # noqa: F401  (decorated in interpreter mode now)
 
     yield

@@ -11,6 +11,7 @@ from gmbench import mixture as gm
 from gmbench.backends import cpu_kernel
 from gmbench.backends.torch import ExpKernelMatVec
 from gmbench.errors import PluginError
+from gmbench.profiling import peak_tensor_bytes
 
 # tile_elements small enough that every GEMM-form evaluation below runs over several tiles of 1-3 Gaussians.
 SMALL_TILES = 24
@@ -240,27 +241,6 @@ def test_exponent_clamp_never_exceeds_the_peak(cpu_path):
 # ---------------------------------------------------------------- memory
 
 
-def _peak_cpu_bytes(fn) -> int:
-    """Peak live bytes of CPU tensor allocations during ``fn()``.
-
-    Replays the profiler's allocation/free events (``profile_memory=True``) in
-    time order; this counts what the allocator hands out (the same events
-    ``torch.profiler``'s memory timeline uses), not allocator caching or
-    fragmentation.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    assert events, "the profiler recorded no memory events; the measurement would be meaningless"
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def _centroid_forward_backward(n, dense=False):
     w, p, f = (t.detach().float().requires_grad_() for t in mixture_parameters(1, 1, n, 3, seed=10, spread=3.0))
 
@@ -280,14 +260,14 @@ def _centroid_forward_backward(n, dense=False):
 
 def test_peak_memory_measurement_sees_a_dense_implementation():
     n = 1024
-    assert _peak_cpu_bytes(_centroid_forward_backward(n, dense=True)) > 4 * n * n * 4
+    assert peak_tensor_bytes(_centroid_forward_backward(n, dense=True)) > 4 * n * n * 4
 
 
 def test_evaluate_at_centroids_forward_backward_memory_stays_far_below_n_squared(cpu_path):
     n = 8192
     n_squared_bytes = n * n * 4  # one float32 N x N matrix: 256 MiB; a naive autograd graph keeps several
     with backends.use("torch", cpu_kernel=cpu_path):
-        peak = _peak_cpu_bytes(_centroid_forward_backward(n))
+        peak = peak_tensor_bytes(_centroid_forward_backward(n))
     assert peak < n_squared_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
 
 

@@ -23,6 +23,8 @@ procedure as for pooling"), precisely:
 
 from __future__ import annotations
 
+import abc
+
 import math
 
 import torch
@@ -97,7 +99,7 @@ def check_points(points: Tensor, weights: Tensor | None, n_components: int) -> N
         raise DataError("a point set has no point with positive weight; remove empty samples from the data set")
 
 
-class InputFitting:
+class InputFitting(abc.ABC):
     """Base class of the input-fitting plugins (not itself a plugin).
 
     Parameters shared by all methods:
@@ -123,9 +125,11 @@ class InputFitting:
         self.dtype = getattr(torch, dtype)
         self.device = device
 
+    @abc.abstractmethod
     def fit_standardized(self, x: Tensor, w: Tensor, n_components: int, reg_covar: Tensor,
                          generator: torch.Generator) -> MixtureParameters:
-        raise NotImplementedError
+        """The method itself: fit ``n_components`` Gaussians to standardised points ``x [B, P, D]``
+        with normalised weights ``w [B, P]``; ``reg_covar [B]`` is in standardised units."""
 
     def fit_parameters(self, points: Tensor, n_components: int, weights: Tensor | None = None) -> MixtureParameters:
         """The fitted probability mixture in the points' units (no input normalisation)."""
