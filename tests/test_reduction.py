@@ -82,6 +82,22 @@ def test_zero_weight_padding_is_ignored(name, params):
 
 
 @pytest.mark.parametrize("name,params", METHODS, ids=IDS)
+def test_batched_mixtures_with_different_real_counts_match_each_alone(name, params):
+    # TreeHEM fits only the node prefix that holds real Gaussians (the batch's
+    # largest count decides its length): a mixture that is mostly zero padding
+    # next to a full one must still get exactly the result it gets alone.
+    counts = [70, 9, 33, 6]
+    mixtures = [gm.pad(random_mixture(1, 1, c, 3, seed=c), 70)[0, 0] for c in counts]
+    batch = torch.stack(mixtures)
+    out = reducer(name, params).reduce(batch, 5)
+    for mixture, count, got in zip(mixtures, counts, out):
+        alone = reducer(name, params).reduce(mixture[:count].unsqueeze(0), 5)[0]
+        real = gm.weights(alone) != 0
+        torch.testing.assert_close(got[real], alone[real], rtol=1e-9, atol=1e-9)
+        assert int((gm.weights(got) != 0).sum()) == 5
+
+
+@pytest.mark.parametrize("name,params", METHODS, ids=IDS)
 def test_duplicated_centroids_give_finite_output(name, params):
     base = random_mixture(1, 1, 6, 3, seed=5)
     m = torch.cat([base, base, base], dim=-2)  # every centroid three times

@@ -137,12 +137,20 @@ class TreeHEMReduction:
         T = self.T
         level, valid, _ = self._sorted_leaves(m)
         g, _, _, k = level.shape
+        # The sort puts every valid Gaussian before the dropped ones and the
+        # padding, so at each level only a prefix of the nodes holds anything:
+        # the node fits run on that prefix (the power-of-two padding would
+        # otherwise cost up to half of all the work) and the rest stays empty.
+        n_valid = int(valid.flatten(1).sum(-1).max())
+        span = T  # Gaussians of the sorted sequence under one node of the level
         levels = [(level, valid)]
         while level.shape[1] > 1:
             n_parents = level.shape[1] // 2
-            collected = level.reshape(g * n_parents, 2 * T, k)
-            collected_valid = valid.reshape(g * n_parents, 2 * T)
-            n_out = torch.full((g * n_parents,), T, dtype=torch.long, device=m.device)
+            span *= 2
+            active = min(n_parents, max(1, -(-n_valid // span)))
+            collected = level[:, : 2 * active].reshape(g * active, 2 * T, k)
+            collected_valid = valid[:, : 2 * active].reshape(g * active, 2 * T)
+            n_out = torch.full((g * active,), T, dtype=torch.long, device=m.device)
             fitted, fitted_valid = fit_nodes(
                 collected, collected_valid, n_out, T, self.virtual_points, self.kl_threshold, self.recompute
             )
@@ -151,7 +159,11 @@ class TreeHEMReduction:
                 passed, passed_valid = compact(collected, collected_valid, T)
                 fitted = torch.where(use_fit[:, None, None], fitted, passed)
                 fitted_valid = torch.where(use_fit[:, None], fitted_valid, passed_valid)
-            level, valid = fitted.view(g, n_parents, T, k), fitted_valid.view(g, n_parents, T)
+            level, valid = fitted.view(g, active, T, k), fitted_valid.view(g, active, T)
+            if active < n_parents:
+                empty = gm.pad(level.new_zeros(g, n_parents - active, 0, k), T)
+                level = torch.cat([level, empty], 1)
+                valid = torch.cat([valid, valid.new_zeros(g, n_parents - active, T)], 1)
             levels.append((level, valid))
         levels.reverse()
         return torch.cat([lv for lv, _ in levels], dim=1), torch.cat([va for _, va in levels], dim=1)
