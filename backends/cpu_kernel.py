@@ -89,9 +89,10 @@ static inline float exp_nonpositive(float x) {
 static inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // Forward: one task per (mixture, point tile); Gaussian coefficients are
-// stored transposed (At [G, F, N]) so the inner loop over Gaussians is
-// contiguous and vectorises, exponential included.
-template <typename T, int F>
+// stored transposed (At [G, F, N], c [G, W, N]) so the inner loop over
+// Gaussians is contiguous and vectorises, exponential included.  W (1 or 2)
+// weight sets share each exponential; out is [G, M, W].
+template <typename T, int F, int W>
 static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T* out,
                     i64 tm, i64 tn, const uint8_t* mask, int threads) {
     const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
@@ -101,28 +102,32 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T*
             const i64 g = item / nmt, pt = item % nmt;
             {
             const T* a = At + g * F * N;
-            const T* cg = c + g * N;
+            const T* c0 = c + g * W * N;
+            const T* c1 = c0 + (W - 1) * N;
             const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
             const i64 i1 = (pt + 1) * tm < M ? (pt + 1) * tm : M;
             for (i64 i = pt * tm; i < i1; ++i) {
                 T x[F];
                 for (int f = 0; f < F; ++f) x[f] = X[(g * M + i) * F + f];
-                T acc = 0;
+                T acc0 = 0, acc1 = 0;
                 for (i64 nt = 0; nt < nnt; ++nt) {
                     if (row && !row[nt]) continue;
                     // Merge a run of active tiles into one loop (Morton order clusters them).
                     const i64 j0 = nt * tn;
                     if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
                     const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
-                    #pragma omp simd reduction(+ : acc)
+                    #pragma omp simd reduction(+ : acc0, acc1)
                     for (i64 j = j0; j < j1; ++j) {
                         T q = 0;
                         for (int f = 0; f < F; ++f) q += x[f] * a[f * N + j];
                         q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                        acc += cg[j] * exp_nonpositive(q);
+                        const T e = exp_nonpositive(q);
+                        acc0 += c0[j] * e;
+                        if (W == 2) acc1 += c1[j] * e;
                     }
                 }
-                out[g * M + i] = acc;
+                out[(g * M + i) * W] = acc0;
+                if (W == 2) out[(g * M + i) * W + 1] = acc1;
             }
             }
         }
@@ -132,8 +137,9 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T*
 // Backward: each exponential is computed once and feeds all three gradients.
 // Work items (mixture, point chunk) are split contiguously over the threads;
 // each thread accumulates dA and dc of its current mixture privately and adds
-// them to the output (under a lock) when it moves on.
-template <typename T, int F>
+// them to the output (under a lock) when it moves on.  go is [G, M, W],
+// gc [G, N, W].
+template <typename T, int F, int W>
 static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, const T* go,
                      T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask, int threads) {
     const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
@@ -142,17 +148,17 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
     const i64 items = G * chunks_per_g;
     if (gX) std::memset(gX, 0, sizeof(T) * G * M * F);
     if (gA) std::memset(gA, 0, sizeof(T) * G * N * F);
-    if (gc) std::memset(gc, 0, sizeof(T) * G * N);
+    if (gc) std::memset(gc, 0, sizeof(T) * G * N * W);
     std::mutex flush_lock;
     run_parallel(threads, [&](int tid, int nth) {
         const i64 w0 = items * tid / nth, w1 = items * (tid + 1) / nth;
-        std::vector<T> dAt((size_t)F * N), dc((size_t)N), s((size_t)N);
+        std::vector<T> dAt((size_t)F * N), dc((size_t)W * N), s((size_t)N);
         i64 current = -1;
         auto flush = [&](i64 g) {
             if (g < 0) return;
             std::lock_guard<std::mutex> guard(flush_lock);
             for (i64 j = 0; j < N; ++j) {
-                if (gc) gc[g * N + j] += dc[j];
+                if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] += dc[w * N + j];
                 if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] += dAt[f * N + j];
             }
         };
@@ -165,15 +171,17 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                 current = g;
             }
             const T* a = At + g * F * N;
-            const T* cg = c + g * N;
+            const T* c0 = c + g * W * N;
+            const T* c1 = c0 + (W - 1) * N;
             const i64 pt0 = chunk * pts_per_chunk;
             const i64 pt1 = pt0 + pts_per_chunk < nmt ? pt0 + pts_per_chunk : nmt;
             for (i64 pt = pt0; pt < pt1; ++pt) {
                 const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
                 const i64 i1 = (pt + 1) * tm < M ? (pt + 1) * tm : M;
                 for (i64 i = pt * tm; i < i1; ++i) {
-                    const T gi = go[g * M + i];
-                    if (gi == T(0)) continue;
+                    const T g0 = go[(g * M + i) * W];
+                    const T g1 = W == 2 ? go[(g * M + i) * W + 1] : T(0);
+                    if (g0 == T(0) && g1 == T(0)) continue;
                     T x[F], dx[F];
                     for (int f = 0; f < F; ++f) { x[f] = X[(g * M + i) * F + f]; dx[f] = 0; }
                     for (i64 nt = 0; nt < nnt; ++nt) {
@@ -182,16 +190,18 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                         if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
                         const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
                         T* sp = s.data();
-                        T* dcp = dc.data();
+                        T* dc0 = dc.data();
+                        T* dc1 = dc0 + (W - 1) * N;
                         T* dap = dAt.data();
                         #pragma omp simd
                         for (i64 j = j0; j < j1; ++j) {
                             T q = 0;
                             for (int f = 0; f < F; ++f) q += x[f] * a[f * N + j];
                             q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                            const T ge = gi * exp_nonpositive(q);
-                            dcp[j] += ge;
-                            const T sj = ge * cg[j];
+                            const T e = exp_nonpositive(q);
+                            dc0[j] += g0 * e;
+                            if (W == 2) dc1[j] += g1 * e;
+                            const T sj = W == 2 ? e * (g0 * c0[j] + g1 * c1[j]) : g0 * e * c0[j];
                             sp[j] = sj;
                             for (int f = 0; f < F; ++f) dap[f * N + j] += sj * x[f];
                         }
@@ -210,20 +220,24 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
     });
 }
 
-#define INSTANTIATE(T, F, SUFFIX)                                                            \
+#define INSTANTIATE(T, F, W, SUFFIX)                                                         \
 extern "C" void ekmv_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* At,      \
         const T* c, T* out, i64 tm, i64 tn, const uint8_t* mask, int threads) {           \
-    forward<T, F>(G, M, N, X, At, c, out, tm, tn, mask, threads);                          \
+    forward<T, F, W>(G, M, N, X, At, c, out, tm, tn, mask, threads);                       \
 }                                                                                          \
 extern "C" void ekmv_backward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* At,     \
         const T* c, const T* go, T* gX, T* gA, T* gc, i64 tm, i64 tn,                     \
         const uint8_t* mask, int threads) {                                                \
-    backward<T, F>(G, M, N, X, At, c, go, gX, gA, gc, tm, tn, mask, threads);              \
+    backward<T, F, W>(G, M, N, X, At, c, go, gX, gA, gc, tm, tn, mask, threads);           \
 }
-INSTANTIATE(float, 6, f32_6)
-INSTANTIATE(float, 10, f32_10)
-INSTANTIATE(double, 6, f64_6)
-INSTANTIATE(double, 10, f64_10)
+INSTANTIATE(float, 6, 1, f32_6_w1)
+INSTANTIATE(float, 10, 1, f32_10_w1)
+INSTANTIATE(double, 6, 1, f64_6_w1)
+INSTANTIATE(double, 10, 1, f64_10_w1)
+INSTANTIATE(float, 6, 2, f32_6_w2)
+INSTANTIATE(float, 10, 2, f32_10_w2)
+INSTANTIATE(double, 6, 2, f64_6_w2)
+INSTANTIATE(double, 10, 2, f64_10_w2)
 """
 
 # -ffast-math lets GCC reassociate the reductions into vector lanes;
@@ -272,7 +286,7 @@ def _compile() -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent processes never load a partial file
     library = ctypes.CDLL(str(target))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    for suffix in ("f32_6", "f32_10", "f64_6", "f64_10"):
+    for suffix in (f"{t}_{f}_w{w}" for t in ("f32", "f64") for f in (6, 10) for w in (1, 2)):
         forward = getattr(library, f"ekmv_forward_{suffix}")
         forward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, cint]
         forward.restype = None
@@ -307,19 +321,32 @@ def supports(X: Tensor) -> bool:
     return X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[-1] in (6, 10)
 
 
-def _suffix(X: Tensor) -> str:
-    return f"{'f32' if X.dtype == torch.float32 else 'f64'}_{X.shape[-1]}"
+def _suffix(X: Tensor, sets: int) -> str:
+    return f"{'f32' if X.dtype == torch.float32 else 'f64'}_{X.shape[-1]}_w{sets}"
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, tile_m: int, tile_n: int) -> Tensor:
+    """:class:`CPUExpKernelMatVec` for ``c [G, N]`` or any number of weight sets ``c [G, N, W]``.
+
+    The kernel shares each exponential between up to two weight sets; more
+    are evaluated two at a time.
+    """
+    if c.dim() == 3 and c.shape[-1] > 2:
+        parts = [CPUExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask, tile_m, tile_n) for k in range(0, c.shape[-1], 2)]
+        return torch.cat(parts, -1)
+    return CPUExpKernelMatVec.apply(X, A, c, mask, tile_m, tile_n)
+
+
 class CPUExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` by the C++ CPU kernel.
 
-    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]``, optional
-    ``mask uint8 [G, ceil(M / tile_m), ceil(N / tile_n)]`` -> ``[G, M]``.
+    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]`` -> ``[G, M]`` or
+    ``c [G, N, W]`` -> ``[G, M, W]`` with ``W <= 2`` weight sets sharing every
+    exponential; optional ``mask uint8 [G, ceil(M / tile_m), ceil(N / tile_n)]``.
     Gradients as in :class:`gmbench.backends.torch.ExpKernelMatVec` (the clamp
     is treated as the identity), restricted to unmasked tiles.
     """
@@ -327,33 +354,40 @@ class CPUExpKernelMatVec(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, tile_m: int, tile_n: int) -> Tensor:
         library = load()
-        X, c = X.contiguous(), c.contiguous()
-        At = A.transpose(1, 2).contiguous()
-        mask = None if mask is None else mask.to(torch.uint8).contiguous()
         G, M, _ = X.shape
         N = A.shape[1]
-        out = X.new_empty(G, M)
-        getattr(library, f"ekmv_forward_{_suffix(X)}")(
-            G, M, N, _ptr(X), _ptr(At), _ptr(c), _ptr(out), tile_m, tile_n, _ptr(mask), torch.get_num_threads()
+        sets = 1 if c.dim() == 2 else c.shape[-1]
+        if sets not in (1, 2):
+            raise ValueError(f"the C++ kernel takes one or two weight sets, got {sets}")
+        X = X.contiguous()
+        At = A.transpose(1, 2).contiguous()
+        ct = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]: contiguous over Gaussians
+        mask = None if mask is None else mask.to(torch.uint8).contiguous()
+        out = X.new_empty(G, M, sets)
+        getattr(library, f"ekmv_forward_{_suffix(X, sets)}")(
+            G, M, N, _ptr(X), _ptr(At), _ptr(ct), _ptr(out), tile_m, tile_n, _ptr(mask), torch.get_num_threads()
         )
-        ctx.save_for_backward(X, At, c, mask)
+        ctx.save_for_backward(X, At, ct, mask)
         ctx.tiles = (tile_m, tile_n)
-        return out
+        ctx.c_shape = c.shape
+        return out.view(G, M, *c.shape[2:])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         library = load()
-        X, At, c, mask = ctx.saved_tensors
+        X, At, ct, mask = ctx.saved_tensors
         G, M, F = X.shape
-        N = At.shape[2]
+        N, sets = At.shape[2], ct.shape[1]
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
-        grad_out = grad_out.to(X.dtype).contiguous()
+        grad_out = grad_out.to(X.dtype).reshape(G, M, sets).contiguous()
         grad_x = X.new_empty(G, M, F) if need_x else None
         grad_a = X.new_empty(G, N, F) if need_a else None
-        grad_c = X.new_empty(G, N) if need_c else None
+        grad_c = X.new_empty(G, N, sets) if need_c else None
         if need_x or need_a or need_c:
-            getattr(library, f"ekmv_backward_{_suffix(X)}")(
-                G, M, N, _ptr(X), _ptr(At), _ptr(c), _ptr(grad_out), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
+            getattr(library, f"ekmv_backward_{_suffix(X, sets)}")(
+                G, M, N, _ptr(X), _ptr(At), _ptr(ct), _ptr(grad_out), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
                 *ctx.tiles, _ptr(mask), torch.get_num_threads(),
             )
+        if grad_c is not None:
+            grad_c = grad_c.view(ctx.c_shape)
         return grad_x, grad_a, grad_c, None, None, None

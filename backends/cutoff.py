@@ -166,15 +166,15 @@ def permute_rows(x: Tensor, order: Tensor) -> Tensor:
 
 
 def unpermute_rows(x: Tensor, order: Tensor) -> Tensor:
-    """Inverse of :func:`permute_rows` for ``x [G, P]``."""
-    return x.gather(1, torch.argsort(order, dim=1))
+    """Inverse of :func:`permute_rows` for ``x [G, P, ...]``."""
+    return permute_rows(x, torch.argsort(order, dim=1))
 
 
 class MaskedExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` over active tile pairs only.
 
     Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]``, ``mask [G, Tm, Tn]``
-    -> ``[G, M]``.  The active pairs are gathered into ``[K, tile_m, F]`` and
+    -> ``[G, M]`` (``c [G, N, W]`` -> ``[G, M, W]``: W weight sets).  The active pairs are gathered into ``[K, tile_m, F]`` and
     ``[K, tile_n, F]`` batches (``chunk`` pairs at a time) and multiplied with
     ``bmm``; backward recomputes the exponentials (no ``M x N`` tensor is kept).
     """
@@ -186,43 +186,49 @@ class MaskedExpKernelMatVec(torch.autograd.Function):
         Tm, Tn = mask.shape[1:]
         Xt = _pad_rows(X, Tm * tile_m).reshape(G * Tm, tile_m, F)
         At = _pad_rows(A, Tn * tile_n).reshape(G * Tn, tile_n, F)
-        ct = _pad_rows(c, Tn * tile_n).reshape(G * Tn, tile_n)
+        sets = c if c.dim() == 3 else c.unsqueeze(-1)
+        W = sets.shape[-1]
+        ct = _pad_rows(sets, Tn * tile_n).reshape(G * Tn, tile_n, W)
         g, p, q = mask.nonzero(as_tuple=True)
         xi, ai = g * Tm + p, g * Tn + q
-        out = X.new_zeros(G * Tm, tile_m)
+        out = X.new_zeros(G * Tm, tile_m, W)
         for start in range(0, xi.numel(), chunk):
             xs, as_ = xi[start : start + chunk], ai[start : start + chunk]
             e = torch.bmm(Xt[xs], At[as_].transpose(1, 2)).clamp_max_(0).exp_()
-            out.index_add_(0, xs, torch.bmm(e, ct[as_].unsqueeze(-1)).squeeze(-1))
+            out.index_add_(0, xs, torch.bmm(e, ct[as_]))
         ctx.save_for_backward(Xt, At, ct, xi, ai)
-        ctx.sizes = (G, M, N, F, chunk)
-        return out.reshape(G, Tm * tile_m)[:, :M]
+        ctx.sizes = (G, M, N, F, chunk, c.dim())
+        out = out.reshape(G, Tm * tile_m, W)[:, :M]
+        return out if c.dim() == 3 else out.squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad_out):
         Xt, At, ct, xi, ai = ctx.saved_tensors
-        G, M, N, F, chunk = ctx.sizes
+        G, M, N, F, chunk, c_dims = ctx.sizes
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
-        tile_m = Xt.shape[1]
-        go = _pad_rows(grad_out.contiguous(), Xt.shape[0] // G * tile_m).reshape(-1, tile_m)
+        tile_m, W = Xt.shape[1], ct.shape[-1]
+        grad_out = grad_out if c_dims == 3 else grad_out.unsqueeze(-1)
+        go = _pad_rows(grad_out.contiguous(), Xt.shape[0] // G * tile_m).reshape(-1, tile_m, W)
         grad_x = torch.zeros_like(Xt) if need_x else None
         grad_a = torch.zeros_like(At) if need_a else None
         grad_c = torch.zeros_like(ct) if need_c else None
         for start in range(0, xi.numel(), chunk):
             xs, as_ = xi[start : start + chunk], ai[start : start + chunk]
-            x_tile, a_tile, g_tile = Xt[xs], At[as_], go[xs].unsqueeze(-1)
+            x_tile, a_tile, g_tile = Xt[xs], At[as_], go[xs]  # g_tile [K, tm, W]
             e = torch.bmm(x_tile, a_tile.transpose(1, 2)).clamp_max_(0).exp_()  # [K, tm, tn]
             if need_c:
-                grad_c.index_add_(0, as_, torch.bmm(e.transpose(1, 2), g_tile).squeeze(-1))
+                grad_c.index_add_(0, as_, torch.bmm(e.transpose(1, 2), g_tile))
             if need_x or need_a:
-                s = e.mul_(g_tile).mul_(ct[as_].unsqueeze(1))
+                s = e.mul_(torch.bmm(g_tile, ct[as_].transpose(1, 2)))
                 if need_x:
                     grad_x.index_add_(0, xs, torch.bmm(s, a_tile))
                 if need_a:
                     grad_a.index_add_(0, as_, torch.bmm(s.transpose(1, 2), x_tile))
         grad_x = grad_x.reshape(G, -1, F)[:, :M] if need_x else None
         grad_a = grad_a.reshape(G, -1, F)[:, :N] if need_a else None
-        grad_c = grad_c.reshape(G, -1)[:, :N] if need_c else None
+        grad_c = grad_c.reshape(G, -1, W)[:, :N] if need_c else None
+        if grad_c is not None and c_dims == 2:
+            grad_c = grad_c.squeeze(-1)
         return grad_x, grad_a, grad_c, None, None, None, None
 
 

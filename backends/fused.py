@@ -5,7 +5,9 @@ r"""The ``fused`` backend: Triton kernels for CUDA GPUs (paper Appendix C hot sp
 in fused Triton kernels (:mod:`gmbench.backends.triton_kernels`): forward and
 the two backward kernels recompute the exponentials tile by tile
 (FlashAttention-style), so no ``M x N`` tensor is ever stored and the
-exponent, exponential and weighted sum never leave registers.  ``convolve``
+exponent, exponential and weighted sum never leave registers.
+``evaluate_weight_sets_at_centroids`` (the dense ReLU fit's input and coarse
+mixture) shares every exponential between two weight vectors.  ``convolve``
 writes the outer product of Eq. 3 in one kernel.  The spatial cut-off
 (``cutoff=``) passes its tile mask to the same kernels.
 
@@ -54,11 +56,24 @@ def _grid_sizes(M: int, N: int) -> tuple[int, int]:
     return -(-M // BLOCK), -(-N // BLOCK)
 
 
+def fused_matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+    """:class:`FusedExpKernelMatVec` for ``c [G, N]`` or any number of weight sets ``c [G, N, W]``.
+
+    The kernels share each exponential between up to two weight sets; more
+    are evaluated two at a time.
+    """
+    if c.dim() == 3 and c.shape[-1] > 2:
+        return torch.cat([FusedExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask) for k in range(0, c.shape[-1], 2)], -1)
+    return FusedExpKernelMatVec.apply(X, A, c, mask)
+
+
 class FusedExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` by Triton kernels.
 
-    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]``, optional ``mask
-    uint8 [G, ceil(M / 64), ceil(N / 64)]`` -> ``[G, M]`` (float32 compute).
+    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]`` -> ``[G, M]`` or
+    ``c [G, N, W]`` -> ``[G, M, W]`` (``W <= 2`` weight sets sharing every
+    exponential), optional ``mask uint8 [G, ceil(M / 64), ceil(N / 64)]``
+    (float32 compute).
     """
 
     @staticmethod
@@ -66,31 +81,34 @@ class FusedExpKernelMatVec(torch.autograd.Function):
         k = _kernels()
         G, M, F = X.shape
         N = A.shape[1]
+        sets = 1 if c.dim() == 2 else c.shape[-1]
+        if sets not in (1, 2):
+            raise ValueError(f"the fused kernels take one or two weight sets, got {sets}")
         n_mt, n_nt = _grid_sizes(M, N)
         Xp, Ap = _pad_features(X), _pad_features(A)
         cf = c.float().contiguous()
         mask_arg = mask.to(torch.uint8).contiguous() if mask is not None else Xp  # dummy pointer
-        out = Xp.new_empty(G, M)
+        out = Xp.new_empty(G, M, *c.shape[2:])
         if M and G:
             k.ekmv_forward_kernel[(n_mt, G)](
                 Xp, Ap, cf, mask_arg, out, M, N, n_mt, n_nt,
-                HAS_MASK=mask is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED,
+                HAS_MASK=mask is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED, W=sets,
             )
         ctx.save_for_backward(Xp, Ap, cf, mask_arg)
-        ctx.info = (F, mask is not None, X.dtype)
+        ctx.info = (F, mask is not None, X.dtype, sets)
         return out.to(X.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         k = _kernels()
         Xp, Ap, cf, mask_arg = ctx.saved_tensors
-        F, has_mask, dtype = ctx.info
+        F, has_mask, dtype, sets = ctx.info
         G, M, _ = Xp.shape
         N = Ap.shape[1]
         n_mt, n_nt = _grid_sizes(M, N)
         go = grad_out.float().contiguous()
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
-        common = dict(HAS_MASK=has_mask, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED)
+        common = dict(HAS_MASK=has_mask, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED, W=sets)
         grad_x = grad_a = grad_c = None
         if need_x:
             gx = torch.empty_like(Xp)
@@ -186,7 +204,7 @@ class FusedBackend(TorchBackend):
         self._check_device(X)
         if plan is not None and (plan.tile_m, plan.tile_n) != (BLOCK, BLOCK):
             raise ValueError(f"the fused kernels need cut-off tiles of {BLOCK} x {BLOCK}")
-        return FusedExpKernelMatVec.apply(X, A, c, None if plan is None else plan.mask)
+        return fused_matvec(X, A, c, None if plan is None else plan.mask)
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
         if data.shape[1] != kernels.shape[1]:

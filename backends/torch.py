@@ -53,10 +53,12 @@ def quadratic_features(x: Tensor) -> Tensor:
     return torch.cat([quad, x, torch.ones_like(x[..., :1])], dim=-1)
 
 
-def gaussian_coefficients(m: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
+def gaussian_coefficients(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-Gaussian ``A`` ``[..., N, F]`` and ``c`` ``[..., N]`` so that ``g(x) = c exp(X(x) . A)``.
 
-    ``centre`` (``[..., 1, D]``) is subtracted from the positions first.
+    ``centre`` (``[..., 1, D]``) is subtracted from the positions first.  With
+    ``weight_sets`` (``[..., N, W]``) these replace the mixture's weights and
+    ``c`` is ``[..., N, W]``: W mixtures that share every Gaussian.
     """
     d = gm.n_dims(m)
     precision, logdet = gm.symmetric_inverse_and_logdet(gm.covariances(m))
@@ -68,50 +70,61 @@ def gaussian_coefficients(m: Tensor, centre: Tensor) -> tuple[Tensor, Tensor]:
     quad = precision[..., rows, cols] * off_diagonal
     constant = (b * pb).sum(-1, keepdim=True)
     coefficients = -0.5 * torch.cat([quad, -2.0 * pb, constant], dim=-1)
-    c = gm.weights(m) * torch.exp(-0.5 * (logdet + d * torch.log(torch.tensor(2 * torch.pi, dtype=m.dtype))))
-    return coefficients, c
+    peak = torch.exp(-0.5 * (logdet + d * torch.log(torch.tensor(2 * torch.pi, dtype=m.dtype))))
+    if weight_sets is not None:
+        return coefficients, weight_sets * peak.unsqueeze(-1)
+    return coefficients, gm.weights(m) * peak
 
 
 class ExpKernelMatVec(torch.autograd.Function):
     """``f[b, i] = sum_j c[b, j] * exp(min(X[b, i] . A[b, j], 0))``, tiled over ``j``.
 
-    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]`` -> ``[G, M]``.  The
-    exponent of a normalised Gaussian is never positive; clamping at 0 removes
-    rounding overshoot at the centres without changing gradients elsewhere.
+    Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]`` -> ``[G, M]``, or
+    ``c [G, N, W]`` -> ``[G, M, W]`` (W weight sets share every exponential).
+    The exponent of a normalised Gaussian is never positive; clamping at 0
+    removes rounding overshoot at the centres without changing gradients
+    elsewhere.
     """
 
     @staticmethod
     def forward(ctx, X: Tensor, A: Tensor, c: Tensor, tile: int) -> Tensor:
         ctx.save_for_backward(X, A, c)
         ctx.tile = tile
-        out = X.new_zeros(X.shape[:2])
+        sets = c if c.dim() == 3 else c.unsqueeze(-1)
+        out = X.new_zeros(*X.shape[:2], sets.shape[-1])
         for start in range(0, A.shape[1], tile):
             stop = start + tile
             e = torch.bmm(X, A[:, start:stop].transpose(1, 2)).clamp_max_(0).exp_()
-            out.unsqueeze(-1).baddbmm_(e, c[:, start:stop, None])
-        return out
+            out.baddbmm_(e, sets[:, start:stop])
+        return out if c.dim() == 3 else out.squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         X, A, c = ctx.saved_tensors
         tile = ctx.tile
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
+        sets = c if c.dim() == 3 else c.unsqueeze(-1)
+        g = grad_out if c.dim() == 3 else grad_out.unsqueeze(-1)  # [G, M, W]
         grad_x = torch.zeros_like(X) if need_x else None
         grad_a = torch.empty_like(A) if need_a else None
-        grad_c = torch.empty_like(c) if need_c else None
-        g = grad_out.unsqueeze(-1)  # [G, M, 1]
+        grad_c = torch.empty_like(sets) if need_c else None
         for start in range(0, A.shape[1], tile):
             stop = start + tile
             a_tile = A[:, start:stop]
             e = torch.bmm(X, a_tile.transpose(1, 2)).clamp_max_(0).exp_()  # [G, M, T]
             if need_c:
-                grad_c[:, start:stop] = torch.bmm(e.transpose(1, 2), g).squeeze(-1)
+                grad_c[:, start:stop] = torch.bmm(e.transpose(1, 2), g)
             if need_x or need_a:
-                s = e.mul_(g).mul_(c[:, None, start:stop])  # d f / d exponent
+                if sets.shape[-1] == 1:
+                    s = e.mul_(g).mul_(sets[:, start:stop].transpose(1, 2))  # d f / d exponent
+                else:
+                    s = e.mul_(torch.bmm(g, sets[:, start:stop].transpose(1, 2)))
                 if need_x:
                     grad_x.baddbmm_(s, a_tile)
                 if need_a:
                     grad_a[:, start:stop] = torch.bmm(s.transpose(1, 2), X)
+        if grad_c is not None and c.dim() == 2:
+            grad_c = grad_c.squeeze(-1)
         return grad_x, grad_a, grad_c, None
 
 
@@ -164,6 +177,18 @@ class TorchBackend:
     def evaluate_at_centroids(self, m: Tensor) -> Tensor:
         return self._evaluate(m, gm.positions(m), same_set=True)
 
+    def evaluate_weight_sets_at_centroids(self, m: Tensor, weight_sets: Tensor) -> Tensor:
+        """``m [..., N, K]`` with ``W`` alternative weight vectors ``[..., N, W]`` -> ``[..., N, W]``.
+
+        One pass over the ``N x N`` pairs for all ``W`` mixtures: each
+        exponential is computed once (the dense ReLU fit needs ``W = 2``).
+        """
+        if weight_sets.dim() != m.dim() or weight_sets.shape[:-1] != m.shape[:-1]:
+            raise ValueError(
+                f"weight sets {tuple(weight_sets.shape)} do not match mixtures {tuple(m.shape)}: expected [..., N, W]"
+            )
+        return self._evaluate(m, gm.positions(m), same_set=True, weight_sets=weight_sets)
+
     def _use_cpu_kernel(self, X: Tensor) -> bool:
         return self.cpu_kernel != "gemm" and cpu_kernel.supports(X) and cpu_kernel.load() is not None
 
@@ -171,17 +196,17 @@ class TorchBackend:
         return CPU_CUTOFF_TILE if self._use_cpu_kernel(X) else cutoff.DEFAULT_TILE
 
     def _matvec(self, X: Tensor, A: Tensor, c: Tensor, plan: cutoff.CutoffPlan | None) -> Tensor:
-        """``[G, M]``: the exponential-kernel mat-vec on the fastest path available."""
+        """``[G, M]`` (or ``[G, M, W]`` for ``c [G, N, W]``): the exponential-kernel mat-vec on the fastest path available."""
         if plan is None:
             if self._use_cpu_kernel(X):
-                return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, CPU_TILE_M, CPU_TILE_N)
+                return cpu_kernel.matvec(X, A, c, None, CPU_TILE_M, CPU_TILE_N)
             return ExpKernelMatVec.apply(X, A, c, self._tile(X.shape[0], X.shape[1]))
         if self._use_cpu_kernel(X):
-            return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n)
+            return cpu_kernel.matvec(X, A, c, plan.mask, plan.tile_m, plan.tile_n)
         chunk = max(1, self.tile_elements // (plan.tile_m * plan.tile_n))
         return cutoff.MaskedExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n, chunk)
 
-    def _evaluate(self, m: Tensor, points: Tensor, same_set: bool) -> Tensor:
+    def _evaluate(self, m: Tensor, points: Tensor, same_set: bool, weight_sets: Tensor | None = None) -> Tensor:
         batch = m.shape[:-2]
         d = gm.n_dims(m)
         if points.shape[-1] != d:
@@ -193,25 +218,28 @@ class TorchBackend:
         out_dtype = m.dtype
         if self.compute_dtype is not None:
             m, points = m.to(self.compute_dtype), points.to(self.compute_dtype)
+            weight_sets = None if weight_sets is None else weight_sets.to(self.compute_dtype)
         m_flat = m.reshape(-1, *m.shape[-2:])
         p_flat = points.reshape(-1, *points.shape[-2:])
+        sets_flat = None if weight_sets is None else weight_sets.reshape(-1, *weight_sets.shape[-2:]).to(m.dtype)
         # Centring on the (detached) mean position: exact shift, removes the
         # cancellation of x^T P x - 2 x^T P b + b^T P b far from the origin.
         centre = gm.positions(m_flat).mean(-2, keepdim=True).detach()
-        A, c = gaussian_coefficients(m_flat, centre)
+        A, c = gaussian_coefficients(m_flat, centre, sets_flat)
         X = quadratic_features(p_flat - centre)
         if self.cutoff is None:
             out = self._matvec(X, A, c, None)
         else:
             tile = self._cutoff_tile(X)
+            peaks = c if c.dim() == 2 else c.abs().amax(-1)
             plan = cutoff.make_plan(
-                p_flat, gm.positions(m_flat), gm.covariances(m_flat), c, self.cutoff, tile, tile, same_set=same_set
+                p_flat, gm.positions(m_flat), gm.covariances(m_flat), peaks, self.cutoff, tile, tile, same_set=same_set
             )
             X = cutoff.permute_rows(X, plan.point_order)
             A = cutoff.permute_rows(A, plan.gaussian_order)
             c = cutoff.permute_rows(c, plan.gaussian_order)
             out = cutoff.unpermute_rows(self._matvec(X, A, c, plan), plan.point_order)
-        return out.reshape(*batch, points.shape[-2]).to(out_dtype)
+        return out.reshape(*batch, *out.shape[1:]).to(out_dtype)
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
         return gm.convolve_dense(data, kernels)

@@ -32,7 +32,10 @@ def gmbench_backend():
     ``evaluate_at_centroids(m)`` and ``convolve(data, kernels)`` on mixtures in
     the layout of :mod:`gmbench.mixture`; the classmethod
     ``unavailable_reason() -> str | None`` says why it cannot run on this
-    machine (``None`` when it can)."""
+    machine (``None`` when it can).  Optional:
+    ``evaluate_weight_sets_at_centroids(m, weight_sets)`` (``[..., N, W]``
+    weight vectors for the same Gaussians, one pass; otherwise gmbench calls
+    ``evaluate_at_centroids`` once per set)."""
 
 
 @hookspec

@@ -15,8 +15,8 @@ Gaussians are normalised densities (paper Eq. 1)
 so a mixture :math:`\sum_i a_i g(x; b_i, C_i)` integrates to :math:`\sum_i a_i`.
 Padding Gaussians have weight 0 and a valid (e.g. identity) covariance.
 
-The quadratic-cost evaluations (:func:`evaluate`, :func:`evaluate_at_centroids`)
-and :func:`convolve` run through the active compute backend
+The quadratic-cost evaluations (:func:`evaluate`, :func:`evaluate_at_centroids`,
+:func:`evaluate_weight_sets_at_centroids`) and :func:`convolve` run through the active compute backend
 (:func:`gmbench.backends.active`); everything else here is plain PyTorch.
 """
 
@@ -136,6 +136,23 @@ def evaluate_at_centroids(m: Tensor) -> Tensor:
     from gmbench import backends
 
     return backends.active().evaluate_at_centroids(m)
+
+
+def evaluate_weight_sets_at_centroids(m: Tensor, weight_sets: Tensor) -> Tensor:
+    """The Gaussians of ``m`` with ``W`` weight vectors, each at the centres: ``[B, C, N, W]``.
+
+    ``weight_sets`` is ``[B, C, N, W]`` (it replaces ``weights(m)``).  Backends
+    that implement it share every exponential between the ``W`` mixtures (one
+    O(N^2) pass instead of ``W``); others evaluate them one by one.
+    """
+    from gmbench import backends
+
+    backend = backends.active()
+    if hasattr(backend, "evaluate_weight_sets_at_centroids"):
+        return backend.evaluate_weight_sets_at_centroids(m, weight_sets)
+    return torch.stack(
+        [backend.evaluate_at_centroids(with_weights(m, w)) for w in weight_sets.unbind(-1)], dim=-1
+    )
 
 
 def integrate(m: Tensor) -> Tensor:

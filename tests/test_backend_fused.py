@@ -161,3 +161,28 @@ def test_backend_module_imports_and_explains_without_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "triton is not installed; pip install 'gmbench[fused]'" in result.stdout
+
+
+@pytest.mark.parametrize("n_sets", [2, 3])
+@pytest.mark.parametrize("use_cutoff", [False, True])
+def test_weight_sets_values_and_gradients_match_torch(interpreter, n_sets, use_cutoff):
+    # The dense ReLU fit's shared pass: two weight vectors per exponential in one kernel
+    # (three: a pair and a single).  Cut-off: masked tiles, the same 64 x 64 mask on both.
+    m = random_mixture(1, 2, 150, 3, seed=10, spread=6.0 if use_cutoff else 2.0).float()
+    g = torch.Generator().manual_seed(11)
+    sets = torch.cat([gm.weights(m).unsqueeze(-1), torch.rand(1, 2, 150, n_sets - 1, generator=g)], -1)
+    params = {"cutoff": 1e-4} if use_cutoff else {}
+
+    def run(m, sets):
+        return gm.evaluate_weight_sets_at_centroids(m, sets)
+
+    # With the cut-off both plan from the same float32 input (float64 may flip a borderline tile).
+    reference_dtype = torch.float32 if use_cutoff else torch.float64
+    with backends.use("torch", cpu_kernel="gemm", **params):
+        expected, expected_grads = value_and_grads(run, m.to(reference_dtype), sets.to(reference_dtype))
+    with backends.use("fused", **params):
+        out, grads = value_and_grads(run, m, sets)
+    assert out.shape == (1, 2, 150, n_sets)
+    assert_close_relative(out, expected, 5e-5)
+    for g_, e in zip(grads, expected_grads):  # float32 on both sides with the cut-off: both round
+        assert_close_relative(g_, e, 1e-3 if use_cutoff else 2e-4)

@@ -305,3 +305,86 @@ def test_cuda_matches_cpu_values_and_gradients(dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 1e-10
     for a, b in zip(results["cpu"], results["cuda"]):
         assert torch.allclose(b, a, rtol=tolerance, atol=tolerance * a.abs().max().item())
+
+
+# ---------------------------------------------------------------- weight sets (the dense fit's shared pass)
+
+
+def weight_sets(w, n_sets, seed=11):
+    """``[..., N, n_sets]``: the mixture's own weights first, then random ones (differentiable in ``w``)."""
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randn(*w.shape, n_sets - 1, generator=g, dtype=w.dtype)
+    return torch.cat([w.unsqueeze(-1), extra * w.detach().abs().unsqueeze(-1) + w.unsqueeze(-1) ** 2], -1)
+
+
+@pytest.mark.parametrize("n_sets", [1, 2, 3])
+def test_weight_sets_equal_separate_evaluations_values_and_gradients(cpu_path, n_sets):
+    w, p, f = mixture_parameters(2, 2, 150, 3, seed=12, spread=3.0)
+
+    def shared(w, p, f):
+        return gm.evaluate_weight_sets_at_centroids(build(w, p, f), weight_sets(w, n_sets))
+
+    def separate(w, p, f):
+        m = build(w, p, f)
+        return torch.stack([gm.evaluate_at_centroids(gm.with_weights(m, s)) for s in weight_sets(w, n_sets).unbind(-1)], -1)
+
+    with backends.use("torch", tile_elements=SMALL_TILES * 10, cpu_kernel=cpu_path):
+        got = shared(w, p, f)
+        expected = separate(w, p, f)
+        assert got.shape == (2, 2, 150, n_sets)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        probe = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(13))
+        grads = torch.autograd.grad((got * probe).sum(), (w, p, f))
+        expected_grads = torch.autograd.grad((expected * probe).sum(), (w, p, f))
+    for g_, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g_, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_sets", [2, 3])
+def test_weight_sets_with_cutoff_stay_within_its_error_bound(cpu_path, n_sets):
+    # The tile mask serves all sets at once (its threshold uses the largest peak of any
+    # set), so the bound of docs/backends.md holds for every set: N * cutoff * max |c|.
+    tolerance = 1e-3
+    w, p, f = mixture_parameters(2, 2, 150, 3, seed=12, spread=8.0)
+    m, sets = build(w, p, f).detach(), weight_sets(w, n_sets).detach()
+    with backends.use("torch", cpu_kernel=cpu_path):
+        exact = gm.evaluate_weight_sets_at_centroids(m, sets)
+    with backends.use("torch", cpu_kernel=cpu_path, cutoff=tolerance):
+        truncated = gm.evaluate_weight_sets_at_centroids(m, sets)
+    peak = (sets * gm.normalisation_factors(gm.with_weights(m, torch.ones_like(w))).unsqueeze(-1)).abs()
+    bound = 150 * tolerance * peak.amax((-2, -1), keepdim=True)
+    assert bool(((truncated - exact).abs() <= bound).all())
+    assert bool(((truncated - exact).abs() > 0).any())  # the cut-off did drop pairs
+
+
+@pytest.mark.parametrize("cutoff", [None, 1e-3])
+def test_gradcheck_weight_sets_at_centroids(cpu_path, cutoff):
+    w, p, f = mixture_parameters(1, 2, 6, 2, seed=14)
+    sets = torch.randn(1, 2, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(15)).requires_grad_()
+    with backends.use("torch", tile_elements=SMALL_TILES, cpu_kernel=cpu_path, cutoff=cutoff):
+        assert gradcheck(lambda w, p, f, s: gm.evaluate_weight_sets_at_centroids(build(w, p, f), s), (w, p, f, sets))
+
+
+def test_weight_sets_must_match_the_mixtures():
+    m = build(*mixture_parameters(1, 2, 6, 2))
+    with pytest.raises(ValueError, match=r"weight sets \(1, 2, 5, 2\) do not match mixtures"):
+        gm.evaluate_weight_sets_at_centroids(m, torch.ones(1, 2, 5, 2, dtype=m.dtype))
+
+
+def test_weight_sets_fall_back_to_one_evaluation_per_set_on_backends_without_them(monkeypatch):
+    from gmbench.backends.torch import TorchBackend
+
+    class Minimal:  # a third-party backend with only the required methods
+        inner = TorchBackend(cpu_kernel="gemm")
+        calls = 0
+
+        def evaluate_at_centroids(self, m):
+            Minimal.calls += 1
+            return self.inner.evaluate_at_centroids(m)
+
+    m = build(*mixture_parameters(1, 1, 9, 3, seed=16))
+    sets = weight_sets(gm.weights(m).detach(), 3)
+    expected = TorchBackend(cpu_kernel="gemm").evaluate_weight_sets_at_centroids(m, sets)
+    monkeypatch.setattr(backends, "active", lambda: Minimal())
+    torch.testing.assert_close(gm.evaluate_weight_sets_at_centroids(m, sets), expected, rtol=1e-12, atol=1e-12)
+    assert Minimal.calls == 3

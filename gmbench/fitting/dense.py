@@ -9,9 +9,10 @@ are corrected by the ratio of the target to the coarse mixture at each centre
 .. math:: a''_i = a'_i \, \frac{\varphi(\operatorname{gm}(B_i; a, B, C))}{\operatorname{gm}(B_i; a', B, C)} \qquad (7)
 
 with :math:`\varphi` the ReLU.  Since :math:`a' > 0` the output weights are
-non-negative.  Both evaluations go through the backend's
-:func:`gmbench.mixture.evaluate_at_centroids` (memory-bounded, never an
-``N x N`` tensor).
+non-negative.  Both evaluations share their Gaussians, so they are one call
+of the backend's :func:`gmbench.mixture.evaluate_weight_sets_at_centroids`:
+one pass over the ``N x N`` pairs for both weight vectors, memory-bounded,
+never an ``N x N`` tensor.
 
 ``variant="smoothed"`` is the authors' later code: :math:`a' = |a| + 0.1`
 and the correction ``(relu(target) + 0.05) / (current + 0.05)`` (both
@@ -20,6 +21,7 @@ constants are parameters, see :func:`fit_relu_dense`).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
@@ -54,8 +56,9 @@ def fit_relu_dense(
     close to zero (the authors' later code).
     """
     a1 = coarse_weights(m, eps, variant, offset)
-    target = gm.evaluate_at_centroids(m).clamp_min(0)
-    current = gm.evaluate_at_centroids(gm.with_weights(m, a1))
+    # Input and coarse mixture share every Gaussian: one O(N^2) pass for both.
+    both = gm.evaluate_weight_sets_at_centroids(m, torch.stack([gm.weights(m), a1], -1))
+    target, current = both[..., 0].clamp_min(0), both[..., 1]
     if variant == "smoothed":
         return gm.with_weights(m, a1 * (target + smoothing) / (current + smoothing))
     # current >= a'_i * g_i(B_i) > 0; the clamp only guards underflow of huge covariances.
