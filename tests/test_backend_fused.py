@@ -186,3 +186,26 @@ def test_weight_sets_values_and_gradients_match_torch(interpreter, n_sets, use_c
     assert_close_relative(out, expected, 5e-5)
     for g_, e in zip(grads, expected_grads):  # float32 on both sides with the cut-off: both round
         assert_close_relative(g_, e, 1e-3 if use_cutoff else 2e-4)
+
+
+def test_prepared_gpu_report_runs_end_to_end_in_the_interpreter(tmp_path):
+    # benchmarks/gpu_report.py is what a session with a lent GPU runs in one call;
+    # its smoke mode checks every section here, on CPU, in Triton's interpreter.
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'gmbench[fused]')")
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
+    out = tmp_path / "report.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["correctness"]["value_error_rel"] < 1e-4
+    assert report["correctness"]["grad_error_rel"] < 1e-3
+    assert {row["implementation"] for row in report["evaluate"]} == {"torch", "fused", "fused_cutoff_1e-5"}
+    assert {row["backend"] for row in report["training"]} == {"torch", "fused"}
+    assert all(row["step_seconds"] > 0 for row in report["training"])
