@@ -7,7 +7,8 @@ For N_o in {640, 2560, 10240} and each method: ``forward`` and
 ``forward+backward`` time (pytest-benchmark), and in ``extra_info``
 ``autograd_saved_mb`` (distinct storages autograd keeps for backward: the
 memory a training step holds per reduction) and ``peak_rss_mb`` (peak resident
-memory a fresh process adds for one forward+backward, sampled every ms).
+memory a fresh process adds for one forward+backward after one small warm-up
+call that pays the one-time imports, sampled every ms).
 ``treehem-T2-keep`` is TreeHEM T=2 with ``recompute: false`` (no activation
 checkpointing of the per-node EM steps).  MEM is the reference
 of the ratios printed at the end (same run, same machine): TreeHEM should need

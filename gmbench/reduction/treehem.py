@@ -10,7 +10,9 @@ steps of the per-node clustering):
    are dropped;
 3. build a complete binary tree over the sorted sequence whose bottom nodes hold
    ``T`` consecutive Gaussians (a node with at most ``T`` Gaussians passes them
-   up unchanged, so nothing happens below that level);
+   up unchanged, so nothing happens below that level); the sort puts the real
+   Gaussians first, so each level fits only the prefix of nodes that holds any
+   (the padding to a power of two and the dropped Gaussians cost nothing);
 4. bottom-up: each node collects the up to ``2T`` Gaussians of its children; if
    there are more than ``T``, it picks ``T`` initial ones (single-linkage
    clustering of the centroids, heaviest of each cluster) and runs one E step
