@@ -48,8 +48,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment_record(device: str = "cpu", backend: str | None = None) -> dict:
-    """Versions of gmbench and its dependencies, git commit, Python, OS, CPU/GPU, threads."""
+def environment_record(device: str = "cpu", backend: str | None = None, data_root: str | None = None) -> dict:
+    """Versions of gmbench and its dependencies, git commit, Python, OS, CPU/GPU, threads.
+
+    ``data_root``: the run's ``--data-root`` (kept out of the cells' configurations, so
+    cell ids do not depend on where the data lives; ``gmbench report`` reads it here).
+    """
     import torch
 
     import gmbench
@@ -66,6 +70,7 @@ def environment_record(device: str = "cpu", backend: str | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "backend": backend or "torch",
+        "data_root": None if data_root is None else str(Path(data_root).resolve()),
         "cuda_available": torch.cuda.is_available(),
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
@@ -82,7 +87,9 @@ def environment_record(device: str = "cpu", backend: str | None = None) -> dict:
     return record
 
 
-def write_environment(path: str | os.PathLike, device: str = "cpu", backend: str | None = None) -> dict:
-    record = environment_record(device=device, backend=backend)
+def write_environment(
+    path: str | os.PathLike, device: str = "cpu", backend: str | None = None, data_root: str | None = None
+) -> dict:
+    record = environment_record(device=device, backend=backend, data_root=data_root)
     io.write_json(path, record)
     return record

@@ -164,6 +164,8 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
     from gmbench.runner import cell_dir
 
     drawn, seen = [], set()
+    environment_file = run_dir / "environment.json"
+    data_root = json.loads(environment_file.read_text()).get("data_root") if environment_file.is_file() else None
     for _, row in _ok(frame).iterrows():
         if row.get("task") != "train" or row.get("input") != "gm":
             continue
@@ -176,8 +178,11 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
             continue
         seen.add(key)
         stem = f"input_{config['dataset']}_{config.get('input_fitting')}_{config.get('n_gaussians')}"
+        params = dict(config["dataset_params"])
+        if data_root is not None:  # the run's --data-root, as the runner passed it to the cells
+            params["data_root"] = data_root
         try:
-            split = plugins.create("dataset", config["dataset"], **config["dataset_params"]).load("test")
+            split = plugins.create("dataset", config["dataset"], **params).load("test")
             for suffix in ("png", "pdf"):
                 save_split_figure(split, config["input_fitting"], config["n_gaussians"], config["input_fitting_params"], folder / f"{stem}.{suffix}", samples=8)
         except Exception as error:  # noqa: BLE001 - e.g. the data set is not on this machine

@@ -502,7 +502,10 @@ def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: b
     from gmbench.executors import LocalExecutor
     from gmbench.run_progress import RunProgress
 
-    environment.write_environment(run_dir / environment.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend)
+    environment.write_environment(
+        run_dir / environment.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend,
+        data_root=options.data_root,
+    )
     if options.backend is None and suite.backend:
         options = dataclasses.replace(options, backend=suite.backend)
     options = dataclasses.replace(options, plugins=tuple(suite.plugins), backend_params=suite.backend_params or None)

@@ -160,3 +160,44 @@ def test_missing_data_folder_stops_the_run_before_any_cell(tmp_path, capsys, mon
     assert code == 2
     assert "\n" not in error and "modelnet10" in error and "--data-root" in error
     assert not [p for p in out.iterdir() if p.is_dir()]  # no cell folder: nothing ran
+
+
+MODELNET_SUITE = """\
+name: mn-e2e
+cell:
+  dataset: modelnet10
+  dataset_params: {n_points: 128}
+  input_fitting: kmeans
+  n_gaussians: 4
+  training: {epochs: 1, batch_size: 4}
+matrix:
+  variant:
+    - {label: GMCN, model: gmcn, input: gm, model_params: {layout: "1/{n_gaussians}->4/2->{num_classes}", kernel_gaussians: 2}}
+    - {label: PointNet++, model: pointnet2, input: points}
+"""
+
+
+@pytest.mark.slow
+def test_modelnet_run_with_data_root_and_its_report_end_to_end(tmp_path, capsys, monkeypatch):
+    # The user path of Table 1 on Princeton OFF files the test writes: --data-root reaches
+    # the cells and the report (which draws the fitted input mixtures from the same files).
+    from test_data_modelnet import make_princeton
+
+    monkeypatch.delenv("GMBENCH_DATA", raising=False)
+    monkeypatch.setenv("GMBENCH_CACHE", str(tmp_path / "cache"))
+    make_princeton(tmp_path / "data")
+    suite = tmp_path / "mn.yaml"
+    suite.write_text(MODELNET_SUITE)
+    out = tmp_path / "run"
+    code = main(["run", str(suite), "--out", str(out), "--data-root", str(tmp_path / "data"), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    frame = pd.read_csv(out / "results.csv")
+    assert len(frame) == 2 and (frame["status"] == "ok").all()
+    assert (frame["dataset"] == "modelnet10").all()
+    assert json.loads((out / "environment.json").read_text())["data_root"] == str((tmp_path / "data").resolve())
+    assert (out / "report" / "figures" / "input_modelnet10_kmeans_4.png").is_file()
+    # The report alone, later, finds the data through the run folder too.
+    (out / "report" / "figures" / "input_modelnet10_kmeans_4.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "figures" / "input_modelnet10_kmeans_4.png").is_file()
