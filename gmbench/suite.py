@@ -343,23 +343,26 @@ class _Validator:
         report = self.top("report", (dict,), {})
         self.check_report(report)
 
-        cells: list[Cell] = []
-        seen: dict[str, int] = {}
+        expanded = []
         for block_index, block in enumerate(blocks):
             if not isinstance(block, dict):
                 raise self.fail(_line_of(blocks, block_index, self.data.lines["matrix"]), "each matrix block must be a mapping of axis -> list of values")
             for config in self.expand(base, block):
-                if any(self.matches(config, entry, i, exclude) for i, entry in enumerate(exclude)):
-                    continue
-                if self.smoke:
-                    config = self.apply_smoke(config, smoke_overrides)
-                config = self.resolve(config)
-                plain = _plain(config)
-                identifier = cell_id(plain)
-                if identifier in seen:
-                    continue  # the same experiment from two blocks runs once
-                seen[identifier] = len(cells)
-                cells.append(Cell(identifier, plain, index=len(cells)))
+                if not any(self.matches(config, entry, i, exclude) for i, entry in enumerate(exclude)):
+                    expanded.append(config)
+        factor = smoke_factor(expanded) if self.smoke and self.task == "train" else 1
+        cells: list[Cell] = []
+        seen: dict[str, int] = {}
+        for config in expanded:
+            if self.smoke:
+                config = self.apply_smoke(config, smoke_overrides, factor)
+            config = self.resolve(config)
+            plain = _plain(config)
+            identifier = cell_id(plain)
+            if identifier in seen:
+                continue  # the same experiment from two blocks runs once
+            seen[identifier] = len(cells)
+            cells.append(Cell(identifier, plain, index=len(cells)))
         if not cells:
             raise self.fail(self.data.line or 1, "the matrix expands to no cells (everything excluded?)")
         return Suite(
@@ -461,7 +464,7 @@ class _Validator:
                 return False
         return True
 
-    def apply_smoke(self, config: dict, overrides: dict) -> dict:
+    def apply_smoke(self, config: dict, overrides: dict, factor: int) -> dict:
         if self.task == "train":
             training = config.setdefault("training", LDict())
             training["epochs"] = 1
@@ -470,11 +473,8 @@ class _Validator:
             config["diagnostics_samples"] = min(config.get("diagnostics_samples", 4), 4)
             config["diagnostics_points"] = min(config.get("diagnostics_points", 2000), 2000)
             n = config.get("n_gaussians", CELL_FIELDS["train"]["n_gaussians"][1])
-            factor = 1
-            while n // factor > SMOKE_MAX_GAUSSIANS:
-                factor *= 2
-            if factor > 1:
-                config["n_gaussians"] = n // factor
+            if factor > 1 and isinstance(n, int) and not isinstance(n, bool):
+                config["n_gaussians"] = max(2, n // factor)
                 if config.get("n_points"):
                     config["n_points"] = max(8, config["n_points"] // factor)
                 params = config.get("model_params") or {}
@@ -629,6 +629,21 @@ class _NestedView(dict):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def smoke_factor(configs: list[dict]) -> int:
+    """The power of two that brings the suite's largest Gaussian count to at most 16.
+
+    One factor for the whole suite keeps its sizes apart (32 / 64 / 128 -> 4 / 8 / 16),
+    so a smoke run's tables have the same columns as the full run's.
+    """
+    default = CELL_FIELDS["train"]["n_gaussians"][1]
+    counts = [c.get("n_gaussians", default) for c in configs]
+    largest = max((n for n in counts if isinstance(n, int) and not isinstance(n, bool)), default=0)
+    factor = 1
+    while largest // factor > SMOKE_MAX_GAUSSIANS:
+        factor *= 2
+    return factor
 
 
 def shrink_layout(layout: str, factor: int) -> str:

@@ -128,6 +128,15 @@ def test_smoke_shrinks_epochs_samples_and_gaussians_including_the_layout():
     assert config["model_params"]["layout"] == "1/16->8/8->{num_classes}"
 
 
+def test_smoke_divides_all_sizes_by_one_factor_so_they_stay_apart():
+    # Table 1's columns (32 / 64 / 128 Gaussians) must stay three columns in a smoke run.
+    text = BASE + "matrix:\n  n_gaussians: [32, 64, 128]\n"
+    sizes = [cell.config["n_gaussians"] for cell in parse(text, smoke=True).cells]
+    assert sizes == [4, 8, 16]
+    layouts = [cell.config["model_params"]["layout"] for cell in parse(text, smoke=True).cells]
+    assert layouts == ["1/4->8/2->{num_classes}", "1/8->8/2->{num_classes}", "1/16->8/2->{num_classes}"]
+
+
 def test_shrink_layout_divides_every_gaussian_count_but_keeps_at_least_two():
     assert shrink_layout("1/128->8/64->16/32->32/16->64/8->10", 8) == "1/16->8/8->16/4->32/2->64/2->10"
 
