@@ -56,15 +56,16 @@ def _grid_sizes(M: int, N: int) -> tuple[int, int]:
     return -(-M // BLOCK), -(-N // BLOCK)
 
 
-def fused_matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+def fused_matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, num_warps: int = 4) -> Tensor:
     """:class:`FusedExpKernelMatVec` for ``c [G, N]`` or any number of weight sets ``c [G, N, W]``.
 
     The kernels share each exponential between up to two weight sets; more
     are evaluated two at a time.
     """
     if c.dim() == 3 and c.shape[-1] > 2:
-        return torch.cat([FusedExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask) for k in range(0, c.shape[-1], 2)], -1)
-    return FusedExpKernelMatVec.apply(X, A, c, mask)
+        parts = [FusedExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask, num_warps) for k in range(0, c.shape[-1], 2)]
+        return torch.cat(parts, -1)
+    return FusedExpKernelMatVec.apply(X, A, c, mask, num_warps)
 
 
 class FusedExpKernelMatVec(torch.autograd.Function):
@@ -73,11 +74,11 @@ class FusedExpKernelMatVec(torch.autograd.Function):
     Shapes: ``X [G, M, F]``, ``A [G, N, F]``, ``c [G, N]`` -> ``[G, M]`` or
     ``c [G, N, W]`` -> ``[G, M, W]`` (``W <= 2`` weight sets sharing every
     exponential), optional ``mask uint8 [G, ceil(M / 64), ceil(N / 64)]``
-    (float32 compute).
+    (float32 compute); ``num_warps`` per program.
     """
 
     @staticmethod
-    def forward(ctx, X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(ctx, X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, num_warps: int) -> Tensor:
         k = _kernels()
         G, M, F = X.shape
         N = A.shape[1]
@@ -93,22 +94,23 @@ class FusedExpKernelMatVec(torch.autograd.Function):
             k.ekmv_forward_kernel[(n_mt, G)](
                 Xp, Ap, cf, mask_arg, out, M, N, n_mt, n_nt,
                 HAS_MASK=mask is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED, W=sets,
+                num_warps=num_warps,
             )
         ctx.save_for_backward(Xp, Ap, cf, mask_arg)
-        ctx.info = (F, mask is not None, X.dtype, sets)
+        ctx.info = (F, mask is not None, X.dtype, sets, num_warps)
         return out.to(X.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         k = _kernels()
         Xp, Ap, cf, mask_arg = ctx.saved_tensors
-        F, has_mask, dtype, sets = ctx.info
+        F, has_mask, dtype, sets, num_warps = ctx.info
         G, M, _ = Xp.shape
         N = Ap.shape[1]
         n_mt, n_nt = _grid_sizes(M, N)
         go = grad_out.float().contiguous()
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
-        common = dict(HAS_MASK=has_mask, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED, W=sets)
+        common = dict(HAS_MASK=has_mask, BLOCK_M=BLOCK, BLOCK_N=BLOCK, FP=k.FEATURES_PADDED, W=sets, num_warps=num_warps)
         grad_x = grad_a = grad_c = None
         if need_x:
             gx = torch.empty_like(Xp)
@@ -121,7 +123,7 @@ class FusedExpKernelMatVec(torch.autograd.Function):
                 k.ekmv_grad_a_c_kernel[(n_nt, G)](Xp, Ap, cf, go, mask_arg, ga, gc, M, N, n_mt, n_nt, **common)
             grad_a = ga[..., :F].to(dtype) if need_a else None
             grad_c = gc.to(dtype) if need_c else None
-        return grad_x, grad_a, grad_c, None
+        return grad_x, grad_a, grad_c, None, None
 
 
 class FusedConvolve(torch.autograd.Function):
@@ -166,14 +168,20 @@ class FusedBackend(TorchBackend):
     """Triton kernels (CUDA; CPU only in Triton's interpreter): evaluation, gradients, convolution.
 
     ``cutoff``: relative tolerance of the spatial cut-off (``None`` = off), as
-    for the ``torch`` backend.  Computes in float32 (float64 inputs are
-    evaluated in float32 and cast back).
+    for the ``torch`` backend.  ``num_warps``: warps per 64 x 64 tile program
+    (4 or 8; with 4 the gradient kernel for the Gaussians needs 255 registers
+    per thread and spills on sm_90, with 8 none does: see docs/backends.md;
+    which is faster is for ``benchmarks/gpu_report.py`` to measure).  Computes
+    in float32 (float64 inputs are evaluated in float32 and cast back).
     """
 
     name = "fused"
 
-    def __init__(self, cutoff: float | None = None):
+    def __init__(self, cutoff: float | None = None, num_warps: int = 4):
+        if num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two from 1 to 16, got {num_warps!r}")
         super().__init__(cpu_kernel="gemm", cutoff=cutoff)
+        self.num_warps = num_warps
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -204,7 +212,7 @@ class FusedBackend(TorchBackend):
         self._check_device(X)
         if plan is not None and (plan.tile_m, plan.tile_n) != (BLOCK, BLOCK):
             raise ValueError(f"the fused kernels need cut-off tiles of {BLOCK} x {BLOCK}")
-        return fused_matvec(X, A, c, None if plan is None else plan.mask)
+        return fused_matvec(X, A, c, None if plan is None else plan.mask, self.num_warps)
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
         if data.shape[1] != kernels.shape[1]:

@@ -13,8 +13,8 @@ It prints one table per section and writes every number to ``--out`` (JSON):
 * ``correctness``  fused vs torch backend on CUDA, values and gradients;
 * ``evaluate``     ``evaluate_at_centroids`` for 8 x 8 mixtures of N in
   {640, 2560, 10240} 3D Gaussians, forward and forward+backward: torch (GEMM
-  form on CUDA), fused, fused with cut-off 1e-5; time (median of CUDA-event
-  timings), pairs/s, peak memory, and the fraction of the FP32 peak, counting
+  form on CUDA), fused with 4 and with 8 warps per tile, fused with cut-off
+  1e-5; time (median of CUDA-event timings), pairs/s, peak memory, and the fraction of the FP32 peak, counting
   ``2F + 4`` operations per pair in forward (the exponent's dot product over
   ``F = 10`` features, clamp, exp, multiply-add; exp counted as one) and three
   times that in forward+backward (recomputed exponent, two gradient products);
@@ -141,7 +141,12 @@ def correctness(device: torch.device, n: int) -> dict:
 
 def evaluate_cases(device: torch.device, sizes: list[int], repeats: int, peak_tflops: float | None) -> list[dict]:
     rows = []
-    cases = {"torch": ("torch", {}), "fused": ("fused", {}), "fused_cutoff_1e-5": ("fused", {"cutoff": 1e-5})}
+    cases = {
+        "torch": ("torch", {}),
+        "fused": ("fused", {"num_warps": 4}),
+        "fused_8_warps": ("fused", {"num_warps": 8}),  # no register spills on sm_90: which wins?
+        "fused_cutoff_1e-5": ("fused", {"cutoff": 1e-5}),
+    }
     for n in sizes:
         m = layer_output(n, device)
         pairs = m.shape[0] * m.shape[1] * n * n

@@ -101,7 +101,7 @@ def test_tile_mask_skips_exactly_the_masked_pairs_values_and_gradients(interpret
         return ((X @ A.transpose(1, 2)).exp() * pairs * c[:, None, :]).sum(-1)
 
     expected, expected_grads = value_and_grads(reference, X, A, c)
-    out, grads = value_and_grads(lambda X, A, c: FusedExpKernelMatVec.apply(X, A, c, mask), X, A, c)
+    out, grads = value_and_grads(lambda X, A, c: FusedExpKernelMatVec.apply(X, A, c, mask, 4), X, A, c)
     assert_close_relative(out, expected, 1e-6)
     for g_, e in zip(grads, expected_grads):
         assert_close_relative(g_, e, 1e-5)
@@ -206,6 +206,69 @@ def test_prepared_gpu_report_runs_end_to_end_in_the_interpreter(tmp_path):
     report = json.loads(out.read_text())
     assert report["correctness"]["value_error_rel"] < 1e-4
     assert report["correctness"]["grad_error_rel"] < 1e-3
-    assert {row["implementation"] for row in report["evaluate"]} == {"torch", "fused", "fused_cutoff_1e-5"}
+    assert {row["implementation"] for row in report["evaluate"]} == {"torch", "fused", "fused_8_warps", "fused_cutoff_1e-5"}
     assert {row["backend"] for row in report["training"]} == {"torch", "fused"}
     assert all(row["step_seconds"] > 0 for row in report["training"])
+
+
+AOT_COMPILE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gmbench.backends import triton_kernels as k
+
+P, U8, I, C = "*fp32", "*u8", "i32", "constexpr"
+tiles = {"BLOCK_M": C, "BLOCK_N": C, "FP": C, "HAS_MASK": C, "W": C}
+common = {"M": I, "N": I, "n_mt": I, "n_nt": I, **tiles}
+kernels = {
+    "forward": (k.ekmv_forward_kernel, {"X": P, "A": P, "C": P, "MASK": U8, "OUT": P, **common}),
+    "grad_x": (k.ekmv_grad_x_kernel, {"X": P, "A": P, "C": P, "GO": P, "MASK": U8, "GX": P, **common}),
+    "grad_a_c": (k.ekmv_grad_a_c_kernel, {"X": P, "A": P, "C": P, "GO": P, "MASK": U8, "GA": P, "GC": P, **common}),
+}
+built = []
+for arch in (80, 90):
+    target = GPUTarget("cuda", arch, 32)
+    for name, (fn, signature) in kernels.items():
+        for sets in (1, 2):
+            for has_mask in (False, True):
+                constants = {"BLOCK_M": k_block, "BLOCK_N": k_block, "FP": k.FEATURES_PADDED, "HAS_MASK": has_mask, "W": sets}
+                compiled = triton.compile(ASTSource(fn, signature, constexprs=constants), target=target)
+                built.append([name, arch, sets, has_mask, len(compiled.asm["cubin"])])
+    signature = {"DATA": P, "KERNELS": P, "OUT": P, "F_i": I, "N_i": I, "N_k": I, "F_o": I, "K": I, "BLOCK": C, "KP": C}
+    compiled = triton.compile(ASTSource(k.convolve_kernel, signature, constexprs={"BLOCK": 64, "KP": 16}), target=target)
+    built.append(["convolve", arch, 0, False, len(compiled.asm["cubin"])])
+print(json.dumps(built))
+"""
+
+
+def test_kernels_compile_to_cuda_binaries_without_a_gpu(tmp_path):
+    # The interpreter does not check what the compiler does (types, tl.dot shapes, constexpr
+    # branches): compile every kernel variant ahead of time for A100 (sm_80) and H100 (sm_90)
+    # with Triton's bundled ptxas, in a process where TRITON_INTERPRET is unset.
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'gmbench[fused]')")
+    from gmbench.backends.fused import BLOCK
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))  # really compile
+    code = AOT_COMPILE.replace("k_block", str(BLOCK))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0 and ("ptxas" in result.stderr and "not found" in result.stderr or "No module named 'triton.backends.nvidia'" in result.stderr):
+        pytest.skip("Triton's CUDA backend or its ptxas is not installed here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(built) == 2 * (3 * 2 * 2 + 1)
+    assert all(size > 0 for *_, size in built)
+
+
+def test_num_warps_is_a_validated_parameter_and_does_not_change_results(interpreter):
+    with pytest.raises(PluginError, match="num_warps must be a power of two"):
+        backends.use("fused", num_warps=3)
+    m = random_mixture(1, 1, 70, 3, seed=12)
+    with backends.use("fused", num_warps=4):
+        four = gm.evaluate_at_centroids(m)
+    with backends.use("fused", num_warps=8):
+        eight = gm.evaluate_at_centroids(m)
+    torch.testing.assert_close(four, eight)
