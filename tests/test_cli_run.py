@@ -201,3 +201,14 @@ def test_modelnet_run_with_data_root_and_its_report_end_to_end(tmp_path, capsys,
     (out / "report" / "figures" / "input_modelnet10_kmeans_4.png").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "figures" / "input_modelnet10_kmeans_4.png").is_file()
+
+
+def test_footprint_suite_runs_and_prints_its_summary(tmp_path, capsys):
+    # Non-training tasks leave nullable columns (pandas NA) in the results; the summary
+    # printed at the end of the run must not trip over them.
+    out = tmp_path / "run"
+    code = main(["run", str(TESTS.parent / "suites" / "footprint.yaml"), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "781.37 MiB" in printed and "16.57 MiB" in printed  # paper Tables 5 and 6, 3D
+    assert "4 cells: 0 already done, 4 run, 0 failed" in printed

@@ -274,3 +274,25 @@ def test_backend_params_are_checked_against_the_backend_plugin():
 def test_backend_params_reach_the_suite():
     suite = parse("backend_params: {cutoff: 1.0e-5}\n" + BASE)
     assert suite.backend_params == {"cutoff": 1.0e-5}
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_shipped_input_fitting_cells_fit_their_gaussian_count(smoke):
+    # Plugin parameters that only fail at fitting time (Eckart's per_node ** levels must not
+    # exceed n_gaussians) must hold for the shipped suites, shrunk by --smoke too.
+    import torch
+
+    from gmbench import plugins
+
+    points = torch.randn(2, 300, 3, generator=torch.Generator().manual_seed(0))
+    checked = 0
+    for path in SUITES:
+        for cell in load_suite(path, smoke=smoke).cells:
+            config = cell.config
+            if config.get("task") != "train" or config.get("input_fitting") != "eckart":
+                continue
+            fitting = plugins.create("input_fitting", "eckart", **config["input_fitting_params"])
+            fitted = fitting.fit(points, config["n_gaussians"])
+            assert fitted.shape[-2] == config["n_gaussians"]
+            checked += 1
+    assert checked

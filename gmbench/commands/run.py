@@ -152,7 +152,7 @@ def summary_table(frame) -> str:
         else:
             headline.append("")
     table["result"] = headline
-    table = table.apply(lambda column: column.map(lambda v: "" if v is None or v != v else str(v)))
+    table = table.apply(lambda column: column.map(lambda v: str(v) if _present(v) else ""))
     widths = {c: max(len(c), *(len(v) for v in table[c])) for c in table.columns}
     lines.append("  ".join(c.ljust(widths[c]) for c in table.columns))
     for _, row in table.iterrows():
@@ -161,4 +161,10 @@ def summary_table(frame) -> str:
 
 
 def _present(value) -> bool:
-    return value is not None and value == value
+    """Not None, NaN or pandas' NA (nullable integer columns hold NA, whose truth value raises)."""
+    import pandas as pd
+
+    try:
+        return not bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array: present
+        return True
