@@ -351,6 +351,8 @@ class _Validator:
                 if not any(self.matches(config, entry, i, exclude) for i, entry in enumerate(exclude)):
                     expanded.append(config)
         factor = smoke_factor(expanded) if self.smoke and self.task == "train" else 1
+        if factor > 1:
+            shrink_report_filters(report, factor)
         cells: list[Cell] = []
         seen: dict[str, int] = {}
         for config in expanded:
@@ -644,6 +646,18 @@ def smoke_factor(configs: list[dict]) -> int:
     while largest // factor > SMOKE_MAX_GAUSSIANS:
         factor *= 2
     return factor
+
+
+def shrink_report_filters(report: dict, factor: int) -> None:
+    """Divide the Gaussian counts that report tables filter on (``where: {n_gaussians: 64}``)
+    like the cells' under --smoke, so those tables are not empty in a smoke run."""
+    for table in report.get("tables") or []:
+        where = table.get("where") if isinstance(table, dict) else None
+        if not isinstance(where, dict) or "n_gaussians" not in where:
+            continue
+        wanted = where["n_gaussians"]
+        shrink = lambda n: max(2, n // factor) if isinstance(n, int) and not isinstance(n, bool) else n  # noqa: E731
+        where["n_gaussians"] = [shrink(n) for n in wanted] if isinstance(wanted, list) else shrink(wanted)
 
 
 def shrink_layout(layout: str, factor: int) -> str:

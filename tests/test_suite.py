@@ -296,3 +296,16 @@ def test_shipped_input_fitting_cells_fit_their_gaussian_count(smoke):
             assert fitted.shape[-2] == config["n_gaussians"]
             checked += 1
     assert checked
+
+
+def test_smoke_shrinks_the_gaussian_counts_report_tables_filter_on():
+    text = BASE + (
+        "matrix:\n  n_gaussians: [64, 128]\n"
+        "report:\n  tables:\n"
+        "    - {name: t64, title: a, where: {n_gaussians: 64}, rows: [label]}\n"
+        "    - {name: both, title: b, where: {n_gaussians: [64, 128]}, rows: [label]}\n"
+    )
+    full, smoke = parse(text), parse(text, smoke=True)
+    assert [t["where"] for t in full.report["tables"]] == [{"n_gaussians": 64}, {"n_gaussians": [64, 128]}]
+    assert [c.config["n_gaussians"] for c in smoke.cells] == [8, 16]
+    assert [t["where"] for t in smoke.report["tables"]] == [{"n_gaussians": 8}, {"n_gaussians": [8, 16]}]
