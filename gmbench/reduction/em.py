@@ -132,8 +132,10 @@ def m_step(target: Tensor, r: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]
     cov_s = cov_s - mu_s.unsqueeze(-1) * mu_s.unsqueeze(-2)
     cov_s = 0.5 * (cov_s + cov_s.transpose(-1, -2))
     keep = nonzero.unsqueeze(-1)
-    positions = torch.where(keep, mu_s + centre, gm.positions(fallback))
-    covariances = torch.where(keep.unsqueeze(-1), cov_s, gm.covariances(fallback))
+    # The fallback only fills slots of weight 0, whose parameters influence nothing
+    # downstream; detached, backward skips a gradient branch per output tensor.
+    positions = torch.where(keep, mu_s + centre, gm.positions(fallback).detach())
+    covariances = torch.where(keep.unsqueeze(-1), cov_s, gm.covariances(fallback).detach())
     return gm.pack(torch.where(nonzero, w_s, torch.zeros_like(w_s)), positions, covariances), nonzero
 
 
