@@ -28,6 +28,8 @@ for ill-conditioned covariances far from the centre.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -70,7 +72,7 @@ def gaussian_coefficients(m: Tensor, centre: Tensor, weight_sets: Tensor | None 
     quad = precision[..., rows, cols] * off_diagonal
     constant = (b * pb).sum(-1, keepdim=True)
     coefficients = -0.5 * torch.cat([quad, -2.0 * pb, constant], dim=-1)
-    peak = torch.exp(-0.5 * (logdet + d * torch.log(torch.tensor(2 * torch.pi, dtype=m.dtype))))
+    peak = torch.exp(-0.5 * (logdet + d * math.log(2 * math.pi)))
     if weight_sets is not None:
         return coefficients, weight_sets * peak.unsqueeze(-1)
     return coefficients, gm.weights(m) * peak
