@@ -329,18 +329,6 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, tile_m: int, tile_n: int) -> Tensor:
-    """:class:`CPUExpKernelMatVec` for ``c [G, N]`` or any number of weight sets ``c [G, N, W]``.
-
-    The kernel shares each exponential between up to two weight sets; more
-    are evaluated two at a time.
-    """
-    if c.dim() == 3 and c.shape[-1] > 2:
-        parts = [CPUExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask, tile_m, tile_n) for k in range(0, c.shape[-1], 2)]
-        return torch.cat(parts, -1)
-    return CPUExpKernelMatVec.apply(X, A, c, mask, tile_m, tile_n)
-
-
 class CPUExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` by the C++ CPU kernel.
 

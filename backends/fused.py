@@ -56,18 +56,6 @@ def _grid_sizes(M: int, N: int) -> tuple[int, int]:
     return -(-M // BLOCK), -(-N // BLOCK)
 
 
-def fused_matvec(X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, num_warps: int = 4) -> Tensor:
-    """:class:`FusedExpKernelMatVec` for ``c [G, N]`` or any number of weight sets ``c [G, N, W]``.
-
-    The kernels share each exponential between up to two weight sets; more
-    are evaluated two at a time.
-    """
-    if c.dim() == 3 and c.shape[-1] > 2:
-        parts = [FusedExpKernelMatVec.apply(X, A, c[..., k : k + 2], mask, num_warps) for k in range(0, c.shape[-1], 2)]
-        return torch.cat(parts, -1)
-    return FusedExpKernelMatVec.apply(X, A, c, mask, num_warps)
-
-
 class FusedExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` by Triton kernels.
 
@@ -212,7 +200,7 @@ class FusedBackend(TorchBackend):
         self._check_device(X)
         if plan is not None and (plan.tile_m, plan.tile_n) != (BLOCK, BLOCK):
             raise ValueError(f"the fused kernels need cut-off tiles of {BLOCK} x {BLOCK}")
-        return fused_matvec(X, A, c, None if plan is None else plan.mask, self.num_warps)
+        return FusedExpKernelMatVec.apply(X, A, c, None if plan is None else plan.mask, self.num_warps)
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
         if data.shape[1] != kernels.shape[1]:

@@ -197,14 +197,21 @@ class TorchBackend:
     def _cutoff_tile(self, X: Tensor) -> int:
         return CPU_CUTOFF_TILE if self._use_cpu_kernel(X) else cutoff.DEFAULT_TILE
 
+    def _matvec_sets(self, X: Tensor, A: Tensor, c: Tensor, plan: cutoff.CutoffPlan | None) -> Tensor:
+        """:meth:`_matvec` for any number of weight sets: the kernels share each
+        exponential between at most two, so more run two at a time."""
+        if c.dim() == 3 and c.shape[-1] > 2:
+            return torch.cat([self._matvec(X, A, c[..., k : k + 2], plan) for k in range(0, c.shape[-1], 2)], -1)
+        return self._matvec(X, A, c, plan)
+
     def _matvec(self, X: Tensor, A: Tensor, c: Tensor, plan: cutoff.CutoffPlan | None) -> Tensor:
-        """``[G, M]`` (or ``[G, M, W]`` for ``c [G, N, W]``): the exponential-kernel mat-vec on the fastest path available."""
+        """``[G, M]`` (or ``[G, M, W]`` for ``c [G, N, W]``, ``W <= 2``): the exponential-kernel mat-vec on the fastest path available."""
         if plan is None:
             if self._use_cpu_kernel(X):
-                return cpu_kernel.matvec(X, A, c, None, CPU_TILE_M, CPU_TILE_N)
+                return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, CPU_TILE_M, CPU_TILE_N)
             return ExpKernelMatVec.apply(X, A, c, self._tile(X.shape[0], X.shape[1]))
         if self._use_cpu_kernel(X):
-            return cpu_kernel.matvec(X, A, c, plan.mask, plan.tile_m, plan.tile_n)
+            return cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n)
         chunk = max(1, self.tile_elements // (plan.tile_m * plan.tile_n))
         return cutoff.MaskedExpKernelMatVec.apply(X, A, c, plan.mask, plan.tile_m, plan.tile_n, chunk)
 
@@ -230,7 +237,7 @@ class TorchBackend:
         A, c = gaussian_coefficients(m_flat, centre, sets_flat)
         X = quadratic_features(p_flat - centre)
         if self.cutoff is None:
-            out = self._matvec(X, A, c, None)
+            out = self._matvec_sets(X, A, c, None)
         else:
             tile = self._cutoff_tile(X)
             peaks = c if c.dim() == 2 else c.abs().amax(-1)
@@ -240,7 +247,7 @@ class TorchBackend:
             X = cutoff.permute_rows(X, plan.point_order)
             A = cutoff.permute_rows(A, plan.gaussian_order)
             c = cutoff.permute_rows(c, plan.gaussian_order)
-            out = cutoff.unpermute_rows(self._matvec(X, A, c, plan), plan.point_order)
+            out = cutoff.unpermute_rows(self._matvec_sets(X, A, c, plan), plan.point_order)
         return out.reshape(*batch, *out.shape[1:]).to(out_dtype)
 
     def convolve(self, data: Tensor, kernels: Tensor) -> Tensor:
