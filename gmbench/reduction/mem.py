@@ -19,7 +19,7 @@ from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.em import em_step
 from gmbench.reduction.node_fit import take
-from gmbench.reduction.scaling import check_reduction_input, prescale, unscale
+from gmbench.reduction.scaling import reduce_batched
 
 
 class ModifiedEMReduction:
@@ -56,11 +56,9 @@ class ModifiedEMReduction:
         return f"ModifiedEMReduction(virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
 
     def reduce(self, m: Tensor, n_components: int) -> Tensor:
-        check_reduction_input(m, n_components)
-        if m.shape[-2] <= n_components:
-            return gm.pad(m, n_components)
-        batch, n, k = m.shape[:-2], m.shape[-2], m.shape[-1]
-        flat, factor = prescale(m.reshape(-1, n, k), self.normalize_scale)
+        return reduce_batched(m, n_components, self.normalize_scale, self._reduce_flat)
+
+    def _reduce_flat(self, flat: Tensor, n_components: int) -> Tensor:
         valid = gm.weights(flat).detach().abs() >= self.weight_threshold
         with torch.no_grad():
             magnitude = torch.where(valid, gm.weights(flat).abs(), torch.full_like(gm.weights(flat), -1.0))
@@ -69,8 +67,7 @@ class ModifiedEMReduction:
         fitted, fitted_valid = em_step(
             flat, valid, init, valid.gather(1, largest), self.virtual_points, self.kl_threshold
         )
-        fitted = gm.with_weights(fitted, torch.where(fitted_valid, gm.weights(fitted), torch.zeros_like(gm.weights(fitted))))
-        return unscale(fitted, factor).reshape(*batch, n_components, k)
+        return gm.with_weights(fitted, torch.where(fitted_valid, gm.weights(fitted), torch.zeros_like(gm.weights(fitted))))
 
 
 @hookimpl

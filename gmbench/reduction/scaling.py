@@ -8,6 +8,8 @@ quantisation are better conditioned at unit scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -38,3 +40,20 @@ def prescale(m: Tensor, enabled: bool = True) -> tuple[Tensor, Tensor | None]:
 def unscale(m: Tensor, factor: Tensor | None) -> Tensor:
     """Undo :func:`prescale`."""
     return m if factor is None else gm.scale(m, 1.0 / factor)
+
+
+def reduce_batched(
+    m: Tensor, n_components: int, normalize_scale: bool, reduce_flat: Callable[[Tensor, int], Tensor]
+) -> Tensor:
+    """The frame every reduction shares around its ``reduce_flat([G, N, K], n) -> [G, n, K]``.
+
+    Checks the input, pads mixtures that already have at most ``n_components``
+    Gaussians, flattens the batch, pre-scales (:func:`prescale`), reduces,
+    scales back and restores the batch shape ``[..., n_components, K]``.
+    """
+    check_reduction_input(m, n_components)
+    if m.shape[-2] <= n_components:
+        return gm.pad(m, n_components)
+    batch, n, k = m.shape[:-2], m.shape[-2], m.shape[-1]
+    flat, factor = prescale(m.reshape(-1, n, k), normalize_scale)
+    return unscale(reduce_flat(flat, n_components), factor).reshape(*batch, n_components, k)

@@ -57,7 +57,7 @@ from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.morton import morton_codes
 from gmbench.reduction.node_fit import compact, fit_nodes, take
-from gmbench.reduction.scaling import check_reduction_input, prescale, unscale
+from gmbench.reduction.scaling import reduce_batched
 
 
 class TreeHEMReduction:
@@ -109,14 +109,7 @@ class TreeHEMReduction:
         return f"TreeHEMReduction(T={self.T}, virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
 
     def reduce(self, m: Tensor, n_components: int) -> Tensor:
-        check_reduction_input(m, n_components)
-        if m.shape[-2] <= n_components:
-            return gm.pad(m, n_components)
-        batch, n, k = m.shape[:-2], m.shape[-2], m.shape[-1]
-        flat = m.reshape(-1, n, k)
-        flat, factor = prescale(flat, self.normalize_scale)
-        out = self._reduce_flat(flat, n_components)
-        return unscale(out, factor).reshape(*batch, n_components, k)
+        return reduce_batched(m, n_components, self.normalize_scale, self._reduce_flat)
 
     # -- bottom-up ---------------------------------------------------------
     def _sorted_leaves(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
