@@ -52,19 +52,45 @@ def test_dense_matches_equations_6_and_7_by_hand():
     torch.testing.assert_close(out[..., 1:], m[..., 1:])  # positions and covariances unchanged
 
 
-def test_smoothed_variant_matches_its_formula_and_differs_from_the_paper():
+def authors_pipeline_weights(weights, positions, covariances):
+    """The authors' published pipeline, written independently with SciPy: their
+    ``initial_approx_to_relu`` (constant 0: non-positive weights become 0), then one
+    fixed-point step ``x = relu(w) + 0.1``, ``x <- x (relu(f(mu_i)) + 0.05) / (g_x(mu_i) + 0.05)``."""
+    initial = [a if a > 0 else 0.0 for a in weights]  # initial_approx_to_relu
+    x = [a + 0.1 for a in initial]
+    target = [max(scipy_mixture(weights, positions, covariances, mu), 0.0) for mu in positions]
+    current = [scipy_mixture(x, positions, covariances, mu) for mu in positions]
+    return [x_i * (t + 0.05) / (g + 0.05) for x_i, t, g in zip(x, target, current)]
+
+
+def test_smoothed_variant_equals_the_authors_pipeline():
     m = mixture(**TOY)
-    fitting = plugins.create("transfer_fitting", "dense", variant="smoothed")
-    out = fitting.fit(m)
-    w, p, c = TOY["weights"], TOY["positions"], TOY["covariances"]
-    coarse = [abs(a) + 0.1 for a in w]
-    expected = [
-        coarse[i] * (max(scipy_mixture(w, p, c, p[i]), 0.0) + 0.05) / (scipy_mixture(coarse, p, c, p[i]) + 0.05)
-        for i in range(3)
-    ]
-    np.testing.assert_allclose(gm.weights(out)[0, 0].numpy(), expected, rtol=1e-10)
+    out = plugins.create("transfer_fitting", "dense", variant="smoothed").fit(m)
+    expected = authors_pipeline_weights(TOY["weights"], TOY["positions"], TOY["covariances"])
+    np.testing.assert_allclose(gm.weights(out)[0, 0].numpy(), expected, rtol=1e-12)
+    torch.testing.assert_close(out[..., 1:], m[..., 1:])
+
+
+def test_smoothed_variant_equals_the_authors_pipeline_on_a_random_mixture():
+    m = random_mixture(1, 1, 12, 2, seed=3)
+    out = plugins.create("transfer_fitting", "dense", variant="smoothed").fit(m)
+    w, p, c = (t[0, 0].numpy() for t in (gm.weights(m), gm.positions(m), gm.covariances(m)))
+    expected = authors_pipeline_weights(list(w), list(p), list(c))
+    np.testing.assert_allclose(gm.weights(out)[0, 0].numpy(), expected, rtol=1e-12)
+    # The start relu(w) + 0.1 differs from |w| + 0.1 wherever a weight is negative.
+    assert (gm.weights(m) < 0).any()
+    abs_start = [abs(a) + 0.1 for a in w]
+    wrong = [x * (max(scipy_mixture(w, p, c, mu), 0) + 0.05) / (scipy_mixture(abs_start, p, c, mu) + 0.05)
+             for x, mu in zip(abs_start, p)]
+    assert np.abs(gm.weights(out)[0, 0].numpy() - wrong).max() > 1e-2
+
+
+def test_smoothed_variant_differs_from_the_paper_default():
+    m = mixture(**TOY)
+    smoothed = plugins.create("transfer_fitting", "dense", variant="smoothed").fit(m)
     paper = plugins.create("transfer_fitting", "dense").fit(m)
-    assert (gm.weights(out) - gm.weights(paper)).abs().max() > 1e-2
+    assert (gm.weights(smoothed) - gm.weights(paper)).abs().max() > 1e-2
+    assert plugins.create("transfer_fitting", "dense").variant == "paper"
 
 
 def test_single_positive_gaussian_passes_through_unchanged():
