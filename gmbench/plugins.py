@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "gmbench.backends.fused",
     "gmbench.fitting.dense",
     "gmbench.fitting.lstsq",
+    "gmbench.fitting.weight_relu",
     "gmbench.reduction.mem",
     "gmbench.reduction.treehem",
     "gmbench.input_fitting.kmeans",

@@ -210,3 +210,26 @@ def test_lstsq_chunking_does_not_change_the_result():
 def test_bad_parameters_raise_plugin_error(name, params):
     with pytest.raises(PluginError, match=name):
         plugins.create("transfer_fitting", name, **params)
+
+
+def test_weight_relu_clamps_the_weights_and_keeps_the_gaussians():
+    m = random_mixture(2, 3, 7, 3, seed=5)
+    out = plugins.create("transfer_fitting", "weight_relu").fit(m)
+    torch.testing.assert_close(gm.weights(out), gm.weights(m).clamp_min(0))
+    torch.testing.assert_close(out[..., 1:], m[..., 1:])
+
+
+def test_weight_relu_overshoots_where_a_negative_gaussian_overlaps_a_positive_one():
+    # Appendix G's argument: relu(1.0 g1 - 0.9 g2) with g1, g2 almost on top of each other is
+    # nearly 0, but relu on the weights keeps g1 whole; the dense heuristic sees the sum.
+    m = mixture([1.0, -0.9], [[0.0, 0.0], [0.1, 0.0]], [[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    x = torch.linspace(-4, 4, 81, dtype=torch.float64)
+    points = torch.stack(torch.meshgrid(x, x, indexing="ij"), -1).reshape(1, 1, -1, 2)
+    target = gm.evaluate(m, points).clamp_min(0)
+
+    def rmse(fitted):
+        return float((gm.evaluate(fitted, points) - target).pow(2).mean().sqrt())
+
+    weight_relu = rmse(plugins.create("transfer_fitting", "weight_relu").fit(m))
+    dense = rmse(plugins.create("transfer_fitting", "dense").fit(m))
+    assert weight_relu > 5 * dense
