@@ -74,3 +74,9 @@ def gmbench_dataset():
     ``"train"`` and ``"test"`` (see :mod:`gmbench.data.records`) and optionally a
     cheap ``check()`` that raises :class:`gmbench.errors.DataError` when local
     files are missing (the runner calls it before any cell starts)."""
+
+
+# One plugin kind per hook, in the order the hooks are defined above.
+KINDS = tuple(
+    name.removeprefix("gmbench_") for name, spec in list(globals().items()) if hasattr(spec, "gmbench_spec")
+)

@@ -21,10 +21,11 @@ import pluggy
 
 from gmbench import hookspecs
 from gmbench.errors import PluginError
+from gmbench.parameters import ParameterInfo, PluginParameterError, plugin_parameters, value_text
 
 hookimpl = pluggy.HookimplMarker("gmbench")
 
-KINDS = ("backend", "transfer_fitting", "reduction", "input_fitting", "model", "dataset")
+KINDS = hookspecs.KINDS
 
 BUILTIN_PLUGINS = (
     "gmbench.backends.torch",
@@ -83,6 +84,7 @@ def reset() -> None:
     global _pm
     _pm = None
     _origins.clear()
+    _hook_results.clear()
 
 
 def load_modules(module_names: list[str] | tuple[str, ...], source: str = "suite") -> None:
@@ -109,25 +111,6 @@ def _hook(kind: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class ParameterInfo:
-    name: str
-    default: Any  # inspect.Parameter.empty when required
-    annotation: str
-
-    @property
-    def required(self) -> bool:
-        return self.default is inspect.Parameter.empty
-
-    def describe(self) -> str:
-        text = self.name
-        if self.annotation:
-            text += f": {self.annotation}"
-        if not self.required:
-            text += f" = {self.default!r}"
-        return text
-
-
-@dataclasses.dataclass(frozen=True)
 class PluginInfo:
     kind: str
     name: str
@@ -148,48 +131,61 @@ class PluginInfo:
         signature = inspect.signature(self.cls.__init__)
         return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
+    def nested_kinds(self) -> list[str]:
+        """Plugin kinds this plugin takes as a choice: a parameter named ``<kind>`` (the plugin
+        name) together with ``<kind>_params`` (its parameters), as ``gmcn`` takes a reduction."""
+        names = {p.name for p in self.parameters}
+        return [kind for kind in KINDS if kind in names and f"{kind}_params" in names]
 
-# Parameters that the framework passes itself (the API contract), not the suite.
-FRAMEWORK_PARAMETERS = {"model": ("num_classes", "dims")}
+
+# Parameters the framework passes itself (the API contract), not the suite: a model is
+# built with the data set's class count and dimension; a data set may be given the
+# --data-root folder and a seed.
+FRAMEWORK_PARAMETERS = {"model": ("num_classes", "dims"), "dataset": ("data_root", "seed")}
+
+# kind -> (fingerprint of the registered plugins, [(plugin name, class), ...]); a hook is
+# called again only after a plugin was registered or unregistered.
+_hook_results: dict[str, tuple[frozenset, list[tuple[str, Any]]]] = {}
 
 
-def plugin_parameters(cls: type) -> list[ParameterInfo]:
-    signature = inspect.signature(cls.__init__)
-    result = []
-    for parameter in list(signature.parameters.values())[1:]:
-        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
-            continue
-        annotation = parameter.annotation
-        if annotation is inspect.Parameter.empty:
-            annotation = ""
-        elif not isinstance(annotation, str):
-            annotation = getattr(annotation, "__name__", str(annotation))
-        result.append(ParameterInfo(parameter.name, parameter.default, annotation))
-    return result
+def _classes(kind: str) -> list[tuple[str, Any]]:
+    """Every ``(plugin name, returned class)`` for one kind, each plugin's hook called through
+    pluggy's hook caller (so ``GMBENCH_TRACE_PLUGINS`` shows the call)."""
+    hook = _hook(kind)
+    pm = get_plugin_manager()
+    fingerprint = frozenset(id(plugin) for plugin in pm.get_plugins())
+    cached = _hook_results.get(kind)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    implementations = hook.get_hookimpls()
+    found = []
+    for impl in implementations:
+        others = [other.plugin for other in implementations if other is not impl]
+        results = pm.subset_hook_caller(hook.name, remove_plugins=others)()
+        for result in results:
+            for cls in result if isinstance(result, (list, tuple)) else [result]:
+                if cls is not None:
+                    found.append((impl.plugin_name, cls))
+    _hook_results[kind] = (fingerprint, found)
+    return found
 
 
 def registry(kind: str) -> dict[str, PluginInfo]:
     """All plugins of one kind, by name."""
-    hook = _hook(kind)
     pm = get_plugin_manager()
     found: dict[str, PluginInfo] = {}
-    for impl in hook.get_hookimpls():
-        result = impl.function()
-        classes = result if isinstance(result, (list, tuple)) else [result]
-        for cls in classes:
-            if cls is None:
-                continue
-            name = getattr(cls, "name", None)
-            if not isinstance(name, str):
-                raise PluginError(f"plugin {impl.plugin_name} returned {cls!r} without a string 'name' attribute")
-            origin = _origins.get(impl.plugin_name) or _origins.get(pm.get_name(impl.plugin), impl.plugin_name)
-            # Later registrations (third-party) must not silently shadow built-ins.
-            if name in found and found[name].cls is not cls:
-                raise PluginError(
-                    f"two {kind} plugins are named '{name}': {found[name].origin} and {origin}; "
-                    "uninstall one or rename it"
-                )
-            found[name] = PluginInfo(kind, name, cls, origin)
+    for plugin_name, cls in _classes(kind):
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str):
+            raise PluginError(f"plugin {plugin_name} returned {cls!r} without a string 'name' attribute")
+        origin = _origins.get(plugin_name) or _origins.get(pm.get_name(pm.get_plugin(plugin_name)), plugin_name)
+        # Later registrations (third-party) must not silently shadow built-ins.
+        if name in found and found[name].cls is not cls:
+            raise PluginError(
+                f"two {kind} plugins are named '{name}': {found[name].origin} and {origin}; "
+                "uninstall one or rename it"
+            )
+        found[name] = PluginInfo(kind, name, cls, origin)
     return dict(sorted(found.items()))
 
 
@@ -206,24 +202,59 @@ def get(kind: str, name: str) -> PluginInfo:
 
 
 def check_parameters(kind: str, name: str, params: dict[str, Any], framework: bool = False) -> PluginInfo:
-    """Raise :class:`PluginError` if ``params`` do not fit the plugin's signature.
+    """Check ``params`` against the plugin's ``__init__``: names, required ones, and values.
 
-    With ``framework=False`` the framework-supplied parameters (a model's
-    ``num_classes`` and ``dims``) are treated as given.
+    Every value is checked against its parameter's annotation (see
+    :mod:`gmbench.parameters`), and a nested plugin choice (``<kind>`` +
+    ``<kind>_params``, e.g. a model's ``reduction`` and ``reduction_params``)
+    is checked the same way, recursively.  With ``framework=False`` the
+    parameters the framework supplies (:data:`FRAMEWORK_PARAMETERS`) count as
+    given.  Raises :class:`~gmbench.parameters.PluginParameterError` (its
+    ``path`` says which key of ``params`` is wrong) or :class:`PluginError`
+    for an unknown plugin; returns the plugin's :class:`PluginInfo`.
     """
     info = get(kind, name)
     accepted = {p.name: p for p in info.parameters}
+
+    def fail(parameter: str, problem: str, message: str, **details: Any) -> PluginParameterError:
+        about = accepted.get(parameter)
+        return PluginParameterError(
+            message, kind=kind, plugin=name, parameter=parameter, problem=problem,
+            expected=about.expected() if about else "", description=about.description if about else "", **details,
+        )
+
     if not info.accepts_any_parameter:
         unknown = [key for key in params if key not in accepted]
         if unknown:
             listing = ", ".join(p.describe() for p in info.parameters) or "(no parameters)"
-            raise PluginError(
-                f"{kind} plugin '{name}' has no parameter '{unknown[0]}'; accepted: {listing}"
-            )
+            raise fail(unknown[0], "unknown", f"{kind} plugin '{name}' has no parameter '{unknown[0]}'; accepted: {listing}")
     given = set(params) | (set() if framework else set(FRAMEWORK_PARAMETERS.get(kind, ())))
-    missing = [p.name for p in info.parameters if p.required and p.name not in given]
+    missing = [p for p in info.parameters if p.required and p.name not in given]
     if missing:
-        raise PluginError(f"{kind} plugin '{name}' needs parameter '{missing[0]}'")
+        about = f" ({missing[0].description})" if missing[0].description else ""
+        raise fail(missing[0].name, "missing", f"{kind} plugin '{name}' needs parameter '{missing[0].name}'{about}: {missing[0].expected()}")
+    for key, value in params.items():
+        parameter = accepted.get(key)
+        if parameter is not None and not parameter.accepts(value):
+            about = f"; {key}: {parameter.description}" if parameter.description else ""
+            raise fail(key, "value", f"{kind} plugin '{name}': {key} must be {parameter.expected()}, got {value_text(value)}{about}", value=value)
+    for nested_kind in info.nested_kinds():
+        nested_name = params.get(nested_kind, accepted[nested_kind].default)
+        if not isinstance(nested_name, str):
+            continue  # no choice made (a required parameter left to the framework, or None)
+        choices = available(nested_kind)
+        if nested_name not in choices:
+            raise fail(
+                nested_kind, "value",
+                f"{kind} plugin '{name}': {nested_kind} must be one of the {nested_kind} plugins "
+                f"{', '.join(choices) or '(none registered)'}, got {nested_name!r}",
+                value=nested_name,
+            )
+        nested_params = params.get(f"{nested_kind}_params") or {}
+        try:
+            check_parameters(nested_kind, nested_name, nested_params, framework=framework)
+        except PluginParameterError as error:
+            raise error.nested_under(f"{nested_kind}_params") from None
     return info
 
 

@@ -30,6 +30,8 @@ the two starts differ by 13 % in L2).  Both constants are parameters
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from torch import Tensor
 
@@ -84,7 +86,13 @@ class DenseReLUFitting:
 
     name = "dense"
 
-    def __init__(self, eps: float = 1e-4, variant: str = "paper", offset: float = 0.1, smoothing: float = 0.05):
+    def __init__(
+        self,
+        eps: Annotated[float, "coarse weight of the non-positive Gaussians (Eq. 6)"] = 1e-4,
+        variant: Annotated[Literal["paper", "smoothed"], "paper: Eq. 6-7; smoothed: the authors' published pipeline"] = "paper",
+        offset: Annotated[float, "smoothed only: added to relu(a) for the coarse weights"] = 0.1,
+        smoothing: Annotated[float, "smoothed only: added to both sides of the correction ratio"] = 0.05,
+    ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if eps <= 0:
