@@ -104,3 +104,28 @@ def test_max_samples(tmp_path, tiny_images):
     images, labels = tiny_images
     write_mnist(tmp_path, images, labels)
     assert len(plugins.create("dataset", "mnist", data_root=str(tmp_path), max_samples=2).load("train")) == 2
+
+
+def _corrupt_gzip(data: bytes) -> bytes:
+    packed = gzip.compress(data)
+    return packed[:12] + bytes(b ^ 0xFF for b in packed[12:30]) + packed[30:]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_corrupt_gzip, r"corrupt gzip file \(Error -3"),
+    (lambda data: gzip.compress(data)[:-20], "corrupt gzip file .*ended before"),
+    (lambda data: b"\x00\x00\x08", "bad magic number"),
+    (lambda data: b"<html>404 Not Found</html>", "bad magic number"),
+    (lambda data: data[:9], "truncated IDX header"),
+    (lambda data: data + b"\x00" * 7, "holds .* data bytes but its header"),
+    (lambda data: data[:4] + struct.pack(">3i", -5, 28, 28) + data[16:], "truncated or corrupt"),
+])
+def test_damaged_idx_file_error_names_the_file_and_says_to_download_it_again(tmp_path, tiny_images, damage, message):
+    images, labels = tiny_images
+    write_mnist(tmp_path / "MNIST", images, labels)
+    bad = tmp_path / "MNIST" / "train-images-idx3-ubyte"
+    bad.unlink()
+    bad = bad.with_name(bad.name + ".gz")
+    bad.write_bytes(damage(idx_bytes(images)))
+    with pytest.raises(DataError, match=rf"train-images-idx3-ubyte\.gz: .*{message}.*download train-images-idx3-ubyte\.gz again"):
+        plugins.create("dataset", "mnist", data_root=str(tmp_path)).load("train")

@@ -139,3 +139,69 @@ def test_sampled_clouds_are_cached_and_invalidated_by_file_changes(tmp_path, mon
     (folder / "bed" / "train" / "bed_0001.off").write_text(TETRA)  # a changed file
     changed = make().load("train")
     assert not torch.equal(changed.points[0], first.points[0])
+
+
+def test_nan_vertex_error_names_the_mesh_file(tmp_path):
+    folder = make_princeton(tmp_path)
+    (folder / "bed" / "train" / "bed_0002.off").write_text(TETRA.replace("1 0 0", "nan 0 0", 1))
+    with pytest.raises(DataError, match=r"bed[/\\]train[/\\]bed_0002\.off: vertex 1 .*NaN or infinite"):
+        plugins.create("dataset", "modelnet10", data_root=str(tmp_path), n_points=16).load("train")
+
+
+def test_zero_area_mesh_error_names_the_file_in_the_zip(tmp_path):
+    with zipfile.ZipFile(tmp_path / "ModelNet10.zip", "w") as archive:
+        archive.writestr("ModelNet10/chair/test/chair_0001.off", TETRA)
+        archive.writestr("ModelNet10/chair/test/chair_0002.off", TETRA.replace("1 0 0", "0 0 0").replace("0 1 0", "0 0 0")
+                         .replace("0 0 1", "0 0 0"))
+    with pytest.raises(DataError, match=r"ModelNet10\.zip:ModelNet10/chair/test/chair_0002\.off: mesh has zero surface area"):
+        plugins.create("dataset", "modelnet10", data_root=str(tmp_path), n_points=16).load("test")
+
+
+def test_empty_class_folder_is_an_error_naming_the_folder(tmp_path):
+    folder = make_princeton(tmp_path)
+    for split in ("train", "test"):
+        (folder / "lamp" / split).mkdir(parents=True)
+    dataset = plugins.create("dataset", "modelnet10", data_root=str(tmp_path), n_points=16)
+    with pytest.raises(DataError, match=r"ModelNet10[/\\]lamp: class folder has no meshes .*remove the folder"):
+        dataset.check()  # before any cell runs
+    with pytest.raises(DataError, match=r"ModelNet10[/\\]lamp: class folder has no meshes"):
+        dataset.load("train")
+
+
+def test_a_class_with_meshes_in_one_split_only_is_still_a_class(tmp_path):
+    folder = make_princeton(tmp_path)
+    (folder / "lamp" / "train").mkdir(parents=True)
+    (folder / "lamp" / "train" / "lamp_0001.off").write_text(TETRA)
+    test = plugins.create("dataset", "modelnet10", data_root=str(tmp_path), n_points=16).load("test")
+    assert test.class_names == ["bed", "chair", "lamp"] and test.labels.tolist() == [0, 1]
+
+
+def test_removing_an_empty_class_folder_invalidates_the_point_cache(tmp_path):
+    # A folder without files changes the classes, so it is part of the cache key.
+    folder = make_princeton(tmp_path / "data")
+    make = lambda: plugins.create("dataset", "modelnet10", data_root=str(tmp_path / "data"), n_points=16)
+    make().load("train")
+    (folder / "lamp" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="class folder has no meshes"):
+        make().load("train")
+
+
+def test_resampled_cloud_with_nan_row_names_the_file_and_row(tmp_path):
+    folder = tmp_path / "modelnet40_normal_resampled"
+    (folder / "airplane").mkdir(parents=True)
+    (folder / "modelnet40_train.txt").write_text("airplane_0001\n")
+    rows = np.ones((10, 6))
+    rows[3, 1] = np.nan
+    np.savetxt(folder / "airplane" / "airplane_0001.txt", rows, delimiter=",", fmt="%.6f")
+    with pytest.raises(DataError, match=r"airplane_0001\.txt: row 4 has a NaN"):
+        plugins.create("dataset", "modelnet40", data_root=str(tmp_path), n_points=10).load("train")
+
+
+def test_resampled_list_with_a_class_missing_from_shape_names_is_an_error(tmp_path):
+    folder = tmp_path / "modelnet40_normal_resampled"
+    (folder / "sofa").mkdir(parents=True)
+    (folder / "modelnet40_train.txt").write_text("sofa_0001\n")
+    (folder / "modelnet40_shape_names.txt").write_text("airplane\nbathtub\n")
+    np.savetxt(folder / "sofa" / "sofa_0001.txt", np.ones((10, 6)), delimiter=",")
+    with pytest.raises(DataError, match=r"modelnet40_train\.txt lists class 'sofa' which .*shape_names\.txt does not name"):
+        plugins.create("dataset", "modelnet40", data_root=str(tmp_path), n_points=10).load("train")

@@ -48,3 +48,11 @@ def test_truncated_file_names_the_file(tmp_path):
 def test_corrupt_files_raise_clear_errors(text, message):
     with pytest.raises(DataError, match=message):
         parse_off(text, "bad.off")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e39"])  # 1e39 overflows float32
+def test_non_finite_vertex_names_the_file_and_the_vertex(tmp_path, bad):
+    path = tmp_path / "desk_0007.off"
+    path.write_text(f"OFF\n3 1 0\n0 0 0\n1 {bad} 0\n0 1 0\n3 0 1 2\n")
+    with pytest.raises(DataError, match=r"desk_0007\.off: vertex 1 .* NaN or infinite coordinate.*re-extract"):
+        read_off(path)

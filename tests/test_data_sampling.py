@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from gmbench.data.sampling import normalize_to_unit_sphere, sample_surface, triangle_areas
@@ -51,3 +52,10 @@ def test_unit_sphere_normalisation():
     normalised = normalize_to_unit_sphere(points)
     torch.testing.assert_close(normalised.mean(1), torch.zeros(2, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(normalised.norm(dim=-1).amax(-1), torch.ones(2))
+
+
+def test_non_finite_vertices_are_a_clear_value_error_not_a_multinomial_failure():
+    vertices = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, float("nan"), 0]])
+    faces = torch.tensor([[0, 1, 2]])
+    with pytest.raises(ValueError, match="NaN or infinite vertex coordinates"):
+        sample_surface(vertices, faces, 10, torch.Generator().manual_seed(0))

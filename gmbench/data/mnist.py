@@ -16,6 +16,8 @@ with input fitting ``kmeans`` ``reg_covar: 0.1``.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,24 +35,30 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """An IDX array (LeCun's format: 2 zero bytes, type code, rank, big-endian int32 sizes, data)."""
+    """An IDX array (LeCun's format: 2 zero bytes, type code, rank, big-endian int32 sizes, data).
+
+    Gzipped data (``.gz`` as downloaded) is decompressed first.  A corrupt or
+    truncated file raises a :class:`DataError` naming ``source``.
+    """
+    again = f"download {Path(source).name} again (or replace it with a good copy)"
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise DataError(f"{source}: corrupt gzip file ({error}); download it again") from None
+        except (OSError, EOFError, zlib.error) as error:  # zlib.error: "Error -3 while decompressing"
+            raise DataError(f"{source}: corrupt gzip file ({error}); {again}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] not in IDX_TYPES:
-        raise DataError(f"{source}: not an IDX file (bad magic number); expected MNIST-format idx data")
+        raise DataError(f"{source}: not an IDX file (bad magic number {data[:4].hex() or 'none'}); "
+                        f"expected MNIST-format idx data: {again}")
     rank = data[3]
     header = 4 + 4 * rank
     if len(data) < header:
-        raise DataError(f"{source}: truncated IDX header")
+        raise DataError(f"{source}: truncated IDX header ({len(data)} bytes, rank {rank} needs {header}); {again}")
     shape = tuple(int(v) for v in np.frombuffer(data[4:header], dtype=">i4"))
     dtype = np.dtype(IDX_TYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header cannot overflow
+    if len(data) - header != expected or min(shape, default=0) < 0:
         raise DataError(f"{source}: IDX file holds {len(data) - header} data bytes but its header {shape} needs "
-                        f"{expected}; the file is truncated or corrupt, download it again")
+                        f"{expected}; the file is truncated or corrupt: {again}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 

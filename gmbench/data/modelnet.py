@@ -98,8 +98,12 @@ class ModelNet:
         return f"modelnet{self.classes}"
 
     def check(self) -> None:
-        """Fail fast with a :class:`DataError` when no data root is set or it is not a folder."""
-        paths.data_root(self.data_root, self.dataset_name, _expected(self.classes))
+        """Fail fast with a :class:`DataError` when no data root is set or it is not a folder,
+        or a class folder of the Princeton layout holds no meshes."""
+        root = paths.data_root(self.data_root, self.dataset_name, _expected(self.classes))
+        folder = self._mesh_folder(root)
+        if self.source != "resampled" and folder is not None:
+            _check_no_empty_classes(folder, _class_folders(folder))
 
     def load(self, split: str) -> PointSetSplit:
         """``PointSetSplit`` with points ``[S, n_points, 3]``, no weights, labels by sorted class name."""
@@ -131,8 +135,11 @@ class ModelNet:
                       root / f"ModelNet{self.classes}.zip"]
         present = [c for c in candidates if c.exists()] or [root]
         for location in present:
-            files = [location] if location.is_file() else sorted(p for p in location.rglob("*") if p.is_file())
-            for path in files:
+            entries = [location] if location.is_file() else sorted(location.rglob("*"))
+            for path in entries:
+                if path.is_dir():  # an added or removed (empty) class folder changes the classes
+                    digest.update(f"{path.relative_to(root)}/;".encode())
+                    continue
                 stat = path.stat()
                 digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
         return default_cache_dir() / "points" / f"{self.dataset_name}-{split}-{digest.hexdigest()[:16]}.pt"
@@ -177,6 +184,10 @@ class ModelNet:
             if other_listing.is_file():
                 found |= {_class_of(line.strip()) for line in other_listing.read_text().splitlines() if line.strip()}
         classes = self._class_names(folder, found)
+        unknown = sorted({c for c, _ in entries} - set(classes))
+        if unknown:
+            raise DataError(f"{listing} lists class '{unknown[0]}' which {folder / f'modelnet{self.classes}_shape_names.txt'} "
+                            "does not name; add it there or fix the list")
         clouds = []
         for cls, name in entries:
             path = folder / cls / f"{name}.txt"
@@ -186,6 +197,10 @@ class ModelNet:
                 raise DataError(f"cannot read {path}: {error}; expected rows 'x,y,z,nx,ny,nz'") from None
             if rows.shape[0] < self.n_points or rows.shape[1] < 3:
                 raise DataError(f"{path} has {rows.shape[0]} rows of {rows.shape[1]} values; need {self.n_points} rows 'x,y,z,...'")
+            if not np.isfinite(rows[:, :3]).all():
+                row = int(np.argmin(np.isfinite(rows[:, :3]).all(-1))) + 1
+                raise DataError(f"{path}: row {row} has a NaN or infinite coordinate; the file is corrupt: "
+                                "re-extract it from the data set archive or remove it from the lists")
             clouds.append(torch.from_numpy(rows[:, :3].copy()))
         labels = torch.tensor([classes.index(c) for c, _ in entries], dtype=torch.long)
         return torch.stack(clouds), labels, [n for _, n in entries], classes
@@ -196,19 +211,25 @@ class ModelNet:
             return [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
         return sorted(found)
 
+    def _mesh_folder(self, root: Path) -> Path | None:
+        """The Princeton ``ModelNet<N>/`` folder (or the data root itself in that layout)."""
+        folder = paths.first_existing([root / f"ModelNet{self.classes}"])
+        if folder is None and any((root / c / s).is_dir() for c in _subfolders(root) for s in SPLITS):
+            folder = root
+        return folder
+
     def _load_meshes(self, root: Path, split: str):
         folder_name = f"ModelNet{self.classes}"
-        folder = paths.first_existing([root / folder_name])
-        if folder is None and any((root / c / split).is_dir() for c in _subfolders(root)):
-            folder = root
+        folder = self._mesh_folder(root)
         archive = root / f"{folder_name}.zip"
         if folder is not None:
             files = sorted((p.parent.parent.name, p.stem, p) for p in folder.glob(f"*/{split}/*.off"))
             entries = _limit_per_class([(c, n) for c, n, _ in files], self.samples_per_class)
             lookup = {n: p for _, n, p in files}
-            read = lambda name: read_off(lookup[name])
+            read = lambda name: (*read_off(lookup[name]), str(lookup[name]))
             where = folder
-            all_classes = {p.name for p in folder.iterdir() if (p / "train").is_dir() or (p / "test").is_dir()}
+            all_classes = _class_folders(folder)
+            _check_no_empty_classes(folder, all_classes)
         elif archive.is_file():
             try:
                 handle = zipfile.ZipFile(archive)
@@ -224,10 +245,10 @@ class ModelNet:
                     members[Path(parts[-1]).stem] = (parts[-3], member)
             entries = _limit_per_class(sorted((c, n) for n, (c, _) in members.items()), self.samples_per_class)
             entries.sort(key=lambda e: e[1])
-            read = lambda name: parse_off(
+            read = lambda name: (*parse_off(
                 io.TextIOWrapper(handle.open(members[name][1]), encoding="ascii", errors="replace").read(),
                 f"{archive}:{members[name][1]}",
-            )
+            ), f"{archive}:{members[name][1]}")
             where = archive
         else:
             raise DataError(f"no ModelNet{self.classes} files under {root}; expected {_expected(self.classes)}")
@@ -238,14 +259,28 @@ class ModelNet:
         classes = sorted(all_classes)
         clouds = []
         for cls, name in entries:
-            vertices, faces = read(name)
+            vertices, faces, source = read(name)
             generator = torch.Generator().manual_seed(sample_seed(self.seed, name))
             try:
                 clouds.append(sample_surface(vertices, faces, self.n_points, generator))
             except ValueError as error:
-                raise DataError(f"{where}: mesh {name}: {error}; the file is corrupt") from None
+                raise DataError(f"{source}: {error}; the file is corrupt: re-extract it from the data set archive "
+                                "or remove it") from None
         labels = torch.tensor([classes.index(c) for c, _ in entries], dtype=torch.long)
         return torch.stack(clouds).float(), labels, [n for _, n in entries], classes
+
+
+def _class_folders(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if any((p / split).is_dir() for split in SPLITS)}
+
+
+def _check_no_empty_classes(folder: Path, classes: set[str]) -> None:
+    """A class folder without meshes would become a label no sample has (and shift the
+    labels of every class after it)."""
+    for cls in sorted(classes):
+        if not any(any((folder / cls / split).glob("*.off")) for split in SPLITS):
+            raise DataError(f"{folder / cls}: class folder has no meshes (*.off) in train/ or test/; "
+                            "restore its files or remove the folder")
 
 
 def _subfolders(root: Path) -> list[str]:

@@ -4,7 +4,8 @@ Handled: ``#`` comments, blank lines, the header keyword glued to the counts
 (``OFF8 6 0`` — many ModelNet files have ``OFF`` and the counts on one line
 without a space), counts on the header line (``OFF 8 6 0``), polygons with more
 than three corners (fan-triangulated), per-face colours after the indices,
-extra per-vertex values after x y z.  Truncated or malformed files raise a
+extra per-vertex values after x y z.  Truncated or malformed files, and
+vertices with NaN or infinite coordinates (or beyond float32's range), raise a
 :class:`DataError` naming the file and what is wrong.
 """
 
@@ -52,6 +53,7 @@ def parse_off(text: str, source: str = "<string>") -> tuple[Tensor, Tensor]:
             f"found {len(body)} data lines; re-extract the data set archive"
         )
     vertices = _parse_vertices(body[:n_vertices], source)
+    _check_finite(vertices, body[:n_vertices], source)
     faces = _parse_faces(body[n_vertices : n_vertices + n_faces], n_vertices, source)
     return torch.from_numpy(vertices), torch.from_numpy(faces)
 
@@ -60,10 +62,24 @@ def _parse_vertices(lines: list[str], source: str) -> np.ndarray:
     try:
         tokens = " ".join(lines).split()
         if len(tokens) == 3 * len(lines):
-            return np.asarray(tokens, dtype=np.float64).reshape(-1, 3).astype(np.float32)
-        return np.asarray([line.split()[:3] for line in lines], dtype=np.float64).astype(np.float32)
+            values = np.asarray(tokens, dtype=np.float64).reshape(-1, 3)
+        else:
+            values = np.asarray([line.split()[:3] for line in lines], dtype=np.float64)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported by _check_finite
+            return values.astype(np.float32)
     except ValueError:
         raise DataError(f"{source}: malformed vertex line in OFF file (expected 'x y z')") from None
+
+
+def _check_finite(vertices: np.ndarray, lines: list[str], source: str) -> None:
+    """NaN/inf coordinates (or ones beyond float32) would poison the area-weighted sampling."""
+    finite = np.isfinite(vertices).all(-1)
+    if not finite.all():
+        index = int(np.argmin(finite))
+        raise DataError(
+            f"{source}: vertex {index} ({lines[index][:60]!r}) has a NaN or infinite coordinate; "
+            "the file is corrupt: re-extract it from the data set archive or remove it"
+        )
 
 
 def _parse_faces(lines: list[str], n_vertices: int, source: str) -> np.ndarray:

@@ -23,12 +23,16 @@ def sample_surface(vertices: Tensor, faces: Tensor, n_points: int, generator: to
     """``n_points`` points on the surface of meshes with a shared topology.
 
     Shapes: ``vertices [S, V, 3]`` (or ``[V, 3]``), ``faces [F, 3]`` int64 ->
-    ``[S, n_points, 3]`` (or ``[n_points, 3]``).
+    ``[S, n_points, 3]`` (or ``[n_points, 3]``).  Raises :class:`ValueError` for a mesh
+    with NaN/inf coordinates or zero surface area (callers name the file).
     """
     single = vertices.dim() == 2
     if single:
         vertices = vertices.unsqueeze(0)
     areas = triangle_areas(vertices.double(), faces)  # double: tiny and huge triangles in one mesh
+    # torch.multinomial would only say "invalid multinomial distribution".
+    if not bool(torch.isfinite(areas).all()):
+        raise ValueError("mesh has NaN or infinite vertex coordinates")
     if bool((areas.sum(-1) <= 0).any()):
         raise ValueError("mesh has zero surface area")
     chosen = torch.multinomial(areas, n_points, replacement=True, generator=generator)  # [S, n]
