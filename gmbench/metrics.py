@@ -1,4 +1,5 @@
-r"""Fitting-error metrics (paper Appendix F, Tables 10-11) and the exact L2 distance.
+r"""Fitting-error metrics (paper Appendix F, Tables 10-11), the exact L2 distance, and the
+paper's reporting convention for accuracies (TensorBoard smoothing).
 
 Sampled RMSE (the paper's measure): positions are drawn from the Gaussians of
 a *sampling mixture* (by default the input of the fitting): pick a Gaussian
@@ -16,11 +17,22 @@ Exact L2 distance (beyond the paper): for mixtures ``f = sum_i a_i g_i`` and
 because the integral of the product of two normalised Gaussians is a Gaussian
 in the difference of their means; hence
 ``||f - h||_2^2 = <f, f> - 2 <f, h> + <h, h>`` without any sampling.
+
+Smoothed accuracy (the paper's Appendix F: "test accuracy as shown in
+TensorBoard with the smoothing set to 0.9"): TensorBoard's debiased
+exponential moving average over the epochs ``t = 1, 2, ...`` of a curve ``v_t``,
+
+.. math:: s_t = w\, s_{t-1} + (1 - w)\, v_t, \quad s_0 = 0, \qquad
+          \hat v_t = \frac{s_t}{1 - w^t},
+
+with ``w = 0.9`` (the division removes the bias towards the start value 0;
+a constant curve is returned unchanged, as TensorBoard does).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -139,3 +151,35 @@ def fitting_errors(
         "reduction": rmse(reduced_values, dense_values),
         "reduction_l2": float(l2_distance(reduced, dense).mean()),
     }
+
+
+TENSORBOARD_SMOOTHING = 0.9  # the paper's Appendix F setting
+
+
+def tensorboard_smoothed(values: Sequence[float], weight: float = TENSORBOARD_SMOOTHING) -> list[float]:
+    """TensorBoard's smoothed curve of ``values`` (debiased EMA, see the module docstring).
+
+    Like TensorBoard, a non-finite value is passed through unsmoothed (and does not
+    enter the average), and a constant curve is returned as it is.
+    """
+    if not 0 <= weight < 1:
+        raise ValueError(f"the smoothing weight must be in [0, 1), got {weight!r}")
+    values = [float(v) for v in values]
+    if values and all(v == values[0] for v in values):
+        return values
+    smoothed, last, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        last = last * weight + (1 - weight) * value
+        count += 1
+        smoothed.append(last / (1 - weight**count))
+    return smoothed
+
+
+def accuracy_summary(accuracies: Sequence[float]) -> dict[str, float]:
+    """``smoothed_test_accuracy``: the paper's number (last point of the smoothed curve) for the
+    per-epoch test accuracies of one training run (``nan`` without epochs)."""
+    smoothed = tensorboard_smoothed(accuracies)
+    return {"smoothed_test_accuracy": smoothed[-1] if smoothed else float("nan")}

@@ -190,6 +190,7 @@ def check_data(cells, options: RunOptions) -> None:
 
 def _train_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> dict:
     from gmbench import plugins
+    from gmbench.metrics import accuracy_summary
     from gmbench.suite import substitute_placeholders
     from gmbench.training import TrainConfig, train
 
@@ -248,6 +249,10 @@ def _train_task(config: dict, cell_dir: Path, options: RunOptions, on_epoch) -> 
         train_time_s=result.train_time_s, samples_per_s=result.samples_per_s,
         peak_memory_mb=result.peak_memory_mb, params=result.params, epochs=result.epochs_completed,
     )
+    # The paper's accuracies are TensorBoard-smoothed (Appendix F); Table 8 also counts kernels.
+    metrics.update(accuracy_summary([record["test_accuracy"] for record in result.history]))
+    if callable(getattr(model, "kernel_count", None)):
+        metrics["kernels"] = model.kernel_count()
     if config["diagnostics"]:
         metrics.update(_diagnostics(model, test_x[: config["diagnostics_samples"]], cell_dir, config))
     return metrics
