@@ -275,3 +275,35 @@ def test_gmcn_resumes_bit_identically_including_pooling_statistics(tmp_path):
     for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert not torch.equal(straight_model.blocks[0].pooling.running_trace, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("layout, kernels, kernel_parameters", TABLE_8)
+def test_paper_head_gives_table_8_parameter_counts(layout, kernels, kernel_parameters):
+    model = GMCN(num_classes=10, dims=3, layout=layout, kernel_gaussians=5, head="paper")
+    paper_params = {650: 651, 5720: 5721, 19240: 19241, 62920: 62921, 216840: 216841}[kernel_parameters]
+    assert sum(p.numel() for p in model.parameters()) == paper_params
+
+
+@pytest.mark.parametrize("layout, paper_params", [
+    ("1/128->8/64->16/32->32/16->64/8->40", 341641),  # Table 13
+    ("1/128->8/64->16/32->32/16->64/8->128/4->40", 1040521),  # Table 14
+])
+def test_paper_head_gives_modelnet40_parameter_counts(layout, paper_params):
+    model = GMCN(num_classes=40, dims=3, layout=layout, kernel_gaussians=5, head="paper")
+    assert sum(p.numel() for p in model.parameters()) == paper_params
+
+
+def test_paper_head_is_batch_norm_without_affine_times_one_scale():
+    torch.manual_seed(0)
+    model = GMCN(num_classes=3, dims=2, layout="1/6->3", kernel_gaussians=2, reduction="mem", head="paper")
+    with torch.no_grad():
+        model.head_scale.fill_(2.5)
+    x = random_mixtures(5, 1, 6, 2)
+    features = model.features(x)
+    normalised = (features - features.mean(0)) / torch.sqrt(features.var(0, unbiased=False) + model.head.eps)
+    torch.testing.assert_close(model(x), torch.log_softmax(2.5 * normalised, dim=-1))
+
+
+def test_unknown_head_is_rejected():
+    with pytest.raises(ValueError, match="head"):
+        GMCN(num_classes=10, dims=3, layout="1/8->10", head="linear")

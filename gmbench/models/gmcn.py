@@ -12,8 +12,16 @@ is
 3. :class:`~gmbench.models.pooling.ScaleNormalization` (Section 4.3).
 
 The last block fits the ReLU but does not reduce (as in the paper); its
-``num_classes`` channels are integrated to scalars, batch-normalised
-(``BatchNorm1d`` over the class scores) and turned into log-probabilities.
+``num_classes`` channels are integrated to scalars, batch-normalised and
+turned into log-probabilities.  The batch norm (``head``):
+
+* ``"batchnorm"`` (default): ``BatchNorm1d`` over the class scores with its
+  affine scale and shift per class, ``2 x num_classes`` parameters;
+* ``"paper"``: the class scores normalised by their batch statistics without a
+  per-class affine map, then multiplied by one learnable scale shared by all
+  classes.  Its one parameter is what the paper's counts add to the kernels'
+  (Table 8: 651 = 10 kernels x 65 + 1; Tables 13-14 alike); a shared shift
+  would be the other way to get +1 but cancels in the softmax.
 
 Regularisation: :meth:`GMCN.regularization_loss` is Eq. 8 summed over all
 kernel Gaussians, times ``weight_decay`` (0.1) times the current learning rate
@@ -33,6 +41,9 @@ from gmbench.layout import Layout, LayerSpec, parse_layout
 from gmbench.models.conv import GaussianConvolution
 from gmbench.models.pooling import ScaleNormalization
 from gmbench.plugins import hookimpl
+
+
+HEADS = ("batchnorm", "paper")
 
 
 @dataclass
@@ -106,7 +117,9 @@ class GMCN(nn.Module):
     names with their ``*_params``; ``weight_decay`` scales Eq. 8 (times the learning
     rate); ``pooling_momentum`` of the running trace average and
     ``pooling_uses_running_average`` (the authors' choice: running average in training
-    too); ``covariance_epsilon`` of Eq. 9; ``head_momentum`` of the head's batch norm.
+    too); ``covariance_epsilon`` of Eq. 9; ``head`` "batchnorm" (per-class affine batch
+    norm) or "paper" (batch norm without affine map times one learnable scale: the
+    paper's parameter counts); ``head_momentum`` of the head's batch norm.
     """
 
     name = "gmcn"
@@ -126,6 +139,7 @@ class GMCN(nn.Module):
         pooling_uses_running_average: bool = False,
         covariance_epsilon: float = 1e-4,
         head_momentum: float = 0.1,
+        head: str = "batchnorm",
     ):
         super().__init__()
         if dims not in gm.DIMS:
@@ -134,6 +148,8 @@ class GMCN(nn.Module):
             raise ValueError(f"kernel_gaussians must be at least 1, got {kernel_gaussians}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.layout: Layout = parse_layout(layout)
         if self.layout.num_classes != num_classes:
             raise ValueError(
@@ -159,7 +175,9 @@ class GMCN(nn.Module):
         # Conventional batch norm per class score.  Its running statistics lag while the
         # kernels change quickly (high learning rates); they settle once the plateau
         # scheduler has lowered the rate, as in the paper's 60-epoch runs.
-        self.head = nn.BatchNorm1d(num_classes, momentum=head_momentum)
+        self.head = nn.BatchNorm1d(num_classes, momentum=head_momentum, affine=head == "batchnorm")
+        # The paper's head: one learnable scale of all class scores (its +1 parameter).
+        self.head_scale = nn.Parameter(torch.ones(())) if head == "paper" else None
 
     @property
     def input_gaussians(self) -> int:
@@ -184,7 +202,10 @@ class GMCN(nn.Module):
         return gm.integrate(x)
 
     def forward(self, m: Tensor) -> Tensor:
-        return torch.log_softmax(self.head(self.features(m)), dim=-1)
+        scores = self.head(self.features(m))
+        if self.head_scale is not None:
+            scores = scores * self.head_scale
+        return torch.log_softmax(scores, dim=-1)
 
     def trace(self, m: Tensor) -> list[BlockTrace]:
         """Run the network on ``m`` and return every block's intermediate mixtures."""
