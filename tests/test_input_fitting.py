@@ -264,3 +264,66 @@ def test_auto_reg_covar_is_the_sampling_cell_variance():
     fitted = plugins.create("input_fitting", "kmeans", normalize=False).fit_parameters(points, 30, weights)
     # One Gaussian per pixel: covariance = the cell variance.
     torch.testing.assert_close(fitted.cov, torch.eye(2).expand(1, 30, 2, 2) * 9 / 12, rtol=1e-4, atol=1e-4)
+
+
+def _no_fitting(*args, **kwargs):
+    raise AssertionError("the size should have been refused before any fitting work")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("n_components", [51, 10**6, 10**11])
+def test_more_gaussians_than_points_is_refused_before_fitting(method, n_components, monkeypatch):
+    from gmbench.input_fitting.base import InfeasibleFit
+
+    fitter = plugins.create("input_fitting", method, **{**METHODS[method], "levels": None} if method == "eckart" else METHODS[method])
+    monkeypatch.setattr(type(fitter), "fit_standardized", _no_fitting)  # k-means++ of 10**6 seeds took minutes
+    with pytest.raises(InfeasibleFit, match=rf"n_gaussians \(n_components\) = {n_components} is more than the 50 "
+                                            r"points per sample.*use n_gaussians <= 50"):
+        fitter.fit(torch.randn(2, 50, 3), n_components)
+
+
+def test_a_fit_that_needs_more_memory_than_the_machine_has_is_refused(monkeypatch):
+    from gmbench.input_fitting.base import InfeasibleFit
+
+    # [P, N] float64 responsibilities for P = N = 10**6: 8 TB, on any machine more than it has.
+    fitter = plugins.create("input_fitting", "random_em", dtype="float64")
+    monkeypatch.setattr(type(fitter), "fit_standardized", _no_fitting)
+    with pytest.raises(InfeasibleFit, match=r"'random_em' of n_gaussians \(n_components\) = 1000000 to 1000000 "
+                                            r"points per sample needs at least 745\d.\d GiB for one sample, more than the .* GiB of cpu memory"):
+        fitter.fit(torch.randn(1, 10**6, 2), 10**6)
+
+
+def test_memory_bound_counts_the_full_responsibilities_only_for_methods_that_hold_them(monkeypatch):
+    from gmbench.input_fitting import base
+
+    # P=400, N=200, D=3 float32: k-means tiles its distances (~78 kB), k-means+EM holds the
+    # [P, N] responsibilities (+320 kB).  With 200 kB of "memory" only k-means fits.
+    monkeypatch.setattr(base, "device_memory_bytes", lambda device: 200_000)
+    points = torch.randn(4, 400, 3, generator=torch.Generator().manual_seed(0))
+    kmeans = plugins.create("input_fitting", "kmeans", iterations=2)
+    assert kmeans.fit(points[:1], 200).shape == (1, 1, 200, 13)
+    with pytest.raises(base.InfeasibleFit, match=r"'kmeans_em' .* needs at least 3\d\d.\d KiB for one sample, more than the 195.3 KiB"):
+        plugins.create("input_fitting", "kmeans_em").fit(points[:1], 200)
+    with pytest.raises(base.InfeasibleFit, match="'kmeans' of 4 samples at once .* fit at most 2 samples per call"):
+        kmeans.fit(points, 200)
+
+
+def test_eckart_hierarchy_that_does_not_fit_in_n_components_is_refused():
+    from gmbench.input_fitting.base import InfeasibleFit
+
+    points = torch.randn(1, 200, 3)
+    with pytest.raises(InfeasibleFit, match=r"n_gaussians \(n_components\) = 4 is less than per_node = 5"):
+        plugins.create("input_fitting", "eckart").fit(points, 4)
+    with pytest.raises(InfeasibleFit, match=r"per_node \*\* levels = 5\*\*4 = 625 Gaussians exceed .* = 128"):
+        plugins.create("input_fitting", "eckart", levels=4).fit(points, 128)
+
+
+@pytest.mark.parametrize("gaussians", ["1000000", "100000000000"])
+def test_gmbench_fit_with_more_gaussians_than_points_is_one_line_exit_2(gaussians, tmp_path, capsys):
+    from gmbench.cli import main
+
+    code = main(["fit", "digits", "-n", gaussians, "--cache-dir", str(tmp_path), "--split", "test", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"n_gaussians (n_components) = {gaussians} is more than the" in err and "use n_gaussians <=" in err
+    assert not list(tmp_path.iterdir())  # nothing cached

@@ -24,14 +24,15 @@ procedure as for pooling"), precisely:
 from __future__ import annotations
 
 import abc
-
 import math
+import os
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
-from gmbench.errors import DataError
+from gmbench.errors import DataError, GmbenchError
 from gmbench.input_fitting.em import (
     MixtureParameters,
     normalize_point_weights,
@@ -99,6 +100,40 @@ def check_points(points: Tensor, weights: Tensor | None, n_components: int) -> N
         raise DataError("a point set has no point with positive weight; remove empty samples from the data set")
 
 
+class InfeasibleFit(GmbenchError):
+    """More Gaussians than the points per sample or the memory can support (raised before fitting)."""
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (CPU: physical RAM; CUDA: the GPU's), ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def _size(n_bytes: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= factor:
+            return f"{n_bytes / factor:.1f} {unit}"
+    return f"{n_bytes} bytes"
+
+
+# The parameters shared by every input-fitting plugin, described once.
+RegCovar = Annotated[
+    float | Literal["auto"],
+    "added to every covariance diagonal (data units), or auto: per sample d^2 / 12 for mean nearest-neighbour spacing d",
+]
+Normalize = Annotated[bool, "apply the paper's input normalisation (weights, positions and covariances)"]
+FitSeed = Annotated[int, "seed of the random initialisation"]
+FitDtype = Annotated[Literal["float32", "float64"], "compute precision of the fit"]
+FitDevice = Annotated[str | None, "where the fit runs, e.g. cuda (null: the points' device)"]
+
+
 class InputFitting(abc.ABC):
     """Base class of the input-fitting plugins (not itself a plugin).
 
@@ -113,8 +148,8 @@ class InputFitting(abc.ABC):
 
     name = ""
 
-    def __init__(self, reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
-                 dtype: str = "float32", device: str | None = None):
+    def __init__(self, reg_covar: RegCovar = "auto", normalize: Normalize = True, seed: FitSeed = 0,
+                 dtype: FitDtype = "float32", device: FitDevice = None):
         if reg_covar != "auto" and not (isinstance(reg_covar, (int, float)) and reg_covar > 0):
             raise ValueError(f"reg_covar must be a positive number or 'auto', got {reg_covar!r}")
         if dtype not in ("float32", "float64"):
@@ -131,10 +166,44 @@ class InputFitting(abc.ABC):
         """The method itself: fit ``n_components`` Gaussians to standardised points ``x [B, P, D]``
         with normalised weights ``w [B, P]``; ``reg_covar [B]`` is in standardised units."""
 
+    def min_memory_elements(self, n_points: int, n_components: int, dims: int) -> int:
+        """A lower bound on the tensor elements one sample's fit holds at once: the points
+        with their moment features and a few copies of the parameters.  Methods that hold
+        a full ``[P, N]`` responsibility tensor add it (the feasibility check)."""
+        return n_points * (dims * dims + dims + 2) + 2 * n_components * (1 + dims + dims * dims)
+
+    def check_feasible(self, batch: int, n_points: int, n_components: int, dims: int, device: torch.device) -> None:
+        """Raise :class:`InfeasibleFit` before any work when ``n_components`` Gaussians cannot be
+        fitted: more of them than the ``n_points`` points per sample, or more memory than
+        ``device`` has (k-means++ alone would otherwise run ``N`` seeding steps, minutes for
+        ``N = 10**6``, before failing)."""
+        if n_components > n_points:
+            raise InfeasibleFit(
+                f"n_gaussians (n_components) = {n_components} is more than the {n_points} points per sample; "
+                f"a mixture cannot have more Gaussians than points: use n_gaussians <= {n_points} "
+                "or more points per sample (the data set's n_points)"
+            )
+        have = device_memory_bytes(device)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        one = self.min_memory_elements(n_points, n_components, dims) * itemsize
+        if have is None or batch * one <= have:
+            return
+        if one > have:
+            raise InfeasibleFit(
+                f"input fitting '{self.name}' of n_gaussians (n_components) = {n_components} to {n_points} points "
+                f"per sample needs at least {_size(one)} for one sample, more than the {_size(have)} of {device.type} "
+                "memory: use fewer Gaussians or fewer points per sample (the data set's n_points)"
+            )
+        raise InfeasibleFit(
+            f"input fitting '{self.name}' of {batch} samples at once needs at least {_size(batch * one)}, more than "
+            f"the {_size(have)} of {device.type} memory: fit at most {have // one} samples per call"
+        )
+
     def fit_parameters(self, points: Tensor, n_components: int, weights: Tensor | None = None) -> MixtureParameters:
         """The fitted probability mixture in the points' units (no input normalisation)."""
         check_points(points, weights, n_components)
         device = torch.device(self.device) if self.device else points.device
+        self.check_feasible(points.shape[0], points.shape[1], int(n_components), points.shape[-1], device)
         points = points.to(device=device, dtype=self.dtype)
         w = normalize_point_weights(points, None if weights is None else weights.to(device))
         x, centre, scale = standardize(points, w)

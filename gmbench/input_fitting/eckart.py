@@ -30,10 +30,11 @@ remaining slots are zero-weight padding.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 
-from gmbench.input_fitting.base import InputFitting
+from gmbench.input_fitting.base import FitDevice, FitDtype, FitSeed, InfeasibleFit, InputFitting, Normalize, RegCovar
 from gmbench.input_fitting.em import MixtureParameters, e_step, run_em
 from gmbench.input_fitting.kmeans import hard_m_step, kmeans_plus_plus, random_points
 from gmbench.plugins import hookimpl
@@ -58,9 +59,20 @@ class EckartFitting(InputFitting):
 
     name = "eckart"
 
-    def __init__(self, per_node: int = 5, levels: int | None = None, threshold: float = 0.1,
-                 iterations: int = 30, tolerance: float = 1e-3, init: str = "kmeans++", reg_covar: float | str = "auto",
-                 normalize: bool = True, seed: int = 0, dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        per_node: Annotated[int, "Gaussians per tree node (at least 2)"] = 5,
+        levels: Annotated[int | None, "tree levels (null: as many as fit in n_components; the rest is padding)"] = None,
+        threshold: Annotated[float, "soft-partition threshold on the responsibilities, in [0, 1)"] = 0.1,
+        iterations: Annotated[int, "EM steps per level, at most"] = 30,
+        tolerance: Annotated[float, "convergence tolerance of each level's EM"] = 1e-3,
+        init: Annotated[Literal["kmeans++", "points"], "seeding of each node's children"] = "kmeans++",
+        reg_covar: RegCovar = "auto",
+        normalize: Normalize = True,
+        seed: FitSeed = 0,
+        dtype: FitDtype = "float32",
+        device: FitDevice = None,
+    ):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         if per_node < 2:
             raise ValueError(f"per_node must be at least 2, got {per_node}")
@@ -84,10 +96,24 @@ class EckartFitting(InputFitting):
             return kmeans_plus_plus(x, w, n, generator)
         return random_points(x, w, n, generator)
 
+    def check_feasible(self, batch, n_points, n_components, dims, device):
+        if n_components < self.per_node:
+            raise InfeasibleFit(f"eckart: n_gaussians (n_components) = {n_components} is less than per_node = "
+                                f"{self.per_node}; use n_gaussians >= {self.per_node} or a smaller per_node")
+        if self.levels is not None and self.per_node**self.levels > n_components:
+            raise InfeasibleFit(f"eckart: per_node ** levels = {self.per_node}**{self.levels} = "
+                                f"{self.per_node ** self.levels} Gaussians exceed n_gaussians (n_components) = "
+                                f"{n_components}; use fewer levels (or levels: null) or more Gaussians")
+        super().check_feasible(batch, n_points, n_components, dims, device)
+
+    def min_memory_elements(self, n_points, n_components, dims):
+        # The first level's E step: [P, per_node] responsibilities.
+        return super().min_memory_elements(n_points, n_components, dims) + n_points * self.per_node
+
     def fit_standardized(self, x, w, n_components, reg_covar, generator):
         j = self.per_node
         levels = self.levels if self.levels is not None else hierarchy_levels(n_components, j)
-        if j**levels > n_components:
+        if j**levels > n_components:  # check_feasible says this to users; fit_standardized may be called directly
             raise ValueError(f"per_node ** levels = {j ** levels} exceeds n_components = {n_components}")
         b, p, d = x.shape
         reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device).reshape(-1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 
-from gmbench.input_fitting.base import InputFitting
+from gmbench.input_fitting.base import FitDevice, FitDtype, FitSeed, InputFitting, Normalize, RegCovar
 from gmbench.input_fitting.em import m_step, run_em
 from gmbench.input_fitting.kmeans import SEEDINGS, hard_m_step, lloyd, random_points, seed_centres
 from gmbench.plugins import hookimpl
@@ -29,9 +31,18 @@ class KMeansEMFitting(InputFitting):
 
     name = "kmeans_em"
 
-    def __init__(self, iterations: int = 100, tolerance: float = 1e-3, init: str = "kmeans++",
-                 kmeans_iterations: int = 20, reg_covar: float | str = "auto", normalize: bool = True,
-                 seed: int = 0, dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        iterations: Annotated[int, "at most this many EM steps"] = 100,
+        tolerance: Annotated[float, "a sample stops when its mean log-likelihood changes less (0: always all steps)"] = 1e-3,
+        init: Annotated[Literal["fps", "kmeans++"], "centre seeding of the k-means initialisation"] = "kmeans++",
+        kmeans_iterations: Annotated[int, "Lloyd iterations of the initialisation"] = 20,
+        reg_covar: RegCovar = "auto",
+        normalize: Normalize = True,
+        seed: FitSeed = 0,
+        dtype: FitDtype = "float32",
+        device: FitDevice = None,
+    ):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         _check_em(iterations, tolerance)
         if init not in SEEDINGS:
@@ -40,6 +51,10 @@ class KMeansEMFitting(InputFitting):
         self.tolerance = float(tolerance)
         self.init = init
         self.kmeans_iterations = int(kmeans_iterations)
+
+    def min_memory_elements(self, n_points, n_components, dims):
+        # The final log-likelihood's E step holds the full [P, N] responsibilities.
+        return super().min_memory_elements(n_points, n_components, dims) + n_points * n_components
 
     def fit_standardized(self, x, w, n_components, reg_covar, generator):
         centres = lloyd(x, w, seed_centres(x, w, n_components, self.init, generator), self.kmeans_iterations)
@@ -61,9 +76,17 @@ class RandomEMFitting(InputFitting):
 
     name = "random_em"
 
-    def __init__(self, iterations: int = 100, tolerance: float = 1e-3, init: str = "points",
-                 reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
-                 dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        iterations: Annotated[int, "at most this many EM steps"] = 100,
+        tolerance: Annotated[float, "a sample stops when its mean log-likelihood changes less (0: always all steps)"] = 1e-3,
+        init: Annotated[Literal["points", "responsibilities"], "points: N weighted random points as means; responsibilities: scikit-learn's random"] = "points",
+        reg_covar: RegCovar = "auto",
+        normalize: Normalize = True,
+        seed: FitSeed = 0,
+        dtype: FitDtype = "float32",
+        device: FitDevice = None,
+    ):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         _check_em(iterations, tolerance)
         if init not in ("points", "responsibilities"):
@@ -71,6 +94,11 @@ class RandomEMFitting(InputFitting):
         self.iterations = int(iterations)
         self.tolerance = float(tolerance)
         self.init = init
+
+    def min_memory_elements(self, n_points, n_components, dims):
+        # [P, N] responsibilities (twice for the random ones of init="responsibilities").
+        full = (2 if self.init == "responsibilities" else 1) * n_points * n_components
+        return super().min_memory_elements(n_points, n_components, dims) + full
 
     def fit_standardized(self, x, w, n_components, reg_covar, generator):
         if self.init == "points":

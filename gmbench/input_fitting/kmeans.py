@@ -8,11 +8,12 @@ Lloyd iterations, never over the B samples.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
-from gmbench.input_fitting.base import InputFitting
+from gmbench.input_fitting.base import FitDevice, FitDtype, FitSeed, InputFitting, Normalize, RegCovar
 from gmbench.input_fitting.em import MixtureParameters, empty_safe, run_em
 from gmbench.plugins import hookimpl
 
@@ -182,9 +183,19 @@ class KMeansFitting(InputFitting):
 
     name = "kmeans"
 
-    def __init__(self, init: str = "kmeans++", iterations: int = 20, tolerance: float = 1e-4,
-                 covariance: str = "full", em_steps: int = 0, reg_covar: float | str = "auto", normalize: bool = True, seed: int = 0,
-                 dtype: str = "float32", device: str | None = None):
+    def __init__(
+        self,
+        init: Annotated[Literal["kmeans++", "fps"], "centre seeding: k-means++ or farthest point sampling"] = "kmeans++",
+        iterations: Annotated[int, "at most this many weighted Lloyd iterations (0: seeding only)"] = 20,
+        tolerance: Annotated[float, "stop when the centres move less than this (scikit-learn's rule)"] = 1e-4,
+        covariance: Annotated[Literal["full", "isotropic"], "isotropic: every covariance becomes tr(C)/D * I"] = "full",
+        em_steps: Annotated[int, "soft EM steps after the hard-assignment M step"] = 0,
+        reg_covar: RegCovar = "auto",
+        normalize: Normalize = True,
+        seed: FitSeed = 0,
+        dtype: FitDtype = "float32",
+        device: FitDevice = None,
+    ):
         super().__init__(reg_covar=reg_covar, normalize=normalize, seed=seed, dtype=dtype, device=device)
         if init not in SEEDINGS:
             raise ValueError(f"init must be one of {', '.join(SEEDINGS)}, got {init!r}")
@@ -199,6 +210,16 @@ class KMeansFitting(InputFitting):
         self.tolerance = float(tolerance)
         self.covariance = covariance
         self.em_steps = int(em_steps)
+
+    def min_memory_elements(self, n_points, n_components, dims):
+        # k-means++ candidate distances [T, P] (twice), one [16, N] assignment tile, and the
+        # full [P, N] responsibilities of the E steps when em_steps > 0.
+        extra = min(n_points, 16) * n_components
+        if self.init == "kmeans++":
+            extra += 2 * (2 + int(math.log(n_components))) * n_points
+        if self.em_steps:
+            extra += n_points * n_components
+        return super().min_memory_elements(n_points, n_components, dims) + extra
 
     def fit_standardized(self, x, w, n_components, reg_covar, generator):
         centres = seed_centres(x, w, n_components, self.init, generator)
