@@ -29,6 +29,7 @@ for ill-conditioned covariances far from the centre.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -146,10 +147,10 @@ class TorchBackend:
 
     def __init__(
         self,
-        tile_elements: int = 1 << 22,
-        compute_dtype: str | None = None,
-        cpu_kernel: str = "auto",
-        cutoff: float | None = None,
+        tile_elements: Annotated[int, "elements of one [mixtures, points, Gaussians] tile of the GEMM form"] = 1 << 22,
+        compute_dtype: Annotated[Literal["float32", "float64"] | None, "evaluate in this dtype (null: the input's)"] = None,
+        cpu_kernel: Annotated[Literal["auto", "cpp", "gemm"], "auto: the C++ kernel on CPU where it builds; cpp: require it; gemm: never"] = "auto",
+        cutoff: Annotated[float | None, "relative tolerance of the spatial cut-off, in (0, 1) (null: off)"] = None,
     ):
         if tile_elements < 1:
             raise ValueError("tile_elements must be positive")

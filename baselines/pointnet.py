@@ -25,11 +25,14 @@ Shapes: ``x [B, P, D + in_features]`` -> log-probabilities ``[B, num_classes]``.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
 from gmbench.baselines.inputs import check_classifier_arguments, normalize_to_unit_ball
+from gmbench.parameters import Dims, NumClasses
 from gmbench.plugins import hookimpl
 
 
@@ -107,14 +110,14 @@ class PointNet(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
-        dims: int,
-        in_features: int = 0,
-        dropout: float = 0.3,
-        regularization_weight: float = 0.001,
-        normalize: bool = True,
-        bn_momentum: float = 0.5,
-        bn_decay_samples: int = 200_000,
+        num_classes: NumClasses,
+        dims: Dims,
+        in_features: Annotated[int, "per-point features after the coordinates (set by the runner from 'input')"] = 0,
+        dropout: Annotated[float, "dropout after FC 512 and FC 256 (the authors' keep probability 0.7)"] = 0.3,
+        regularization_weight: Annotated[float, "weight of the feature-transform orthogonality loss"] = 0.001,
+        normalize: Annotated[bool, "centre each input set and scale it into the unit ball"] = True,
+        bn_momentum: Annotated[float, "initial batch-norm momentum of the authors' schedule"] = 0.5,
+        bn_decay_samples: Annotated[int, "the momentum halves every this many training samples (at least 0.01)"] = 200_000,
     ):
         super().__init__()
         check_classifier_arguments(num_classes, dims, in_features)

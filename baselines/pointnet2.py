@@ -33,6 +33,8 @@ Shapes: ``x [B, P, D + in_features]`` -> log-probabilities ``[B, num_classes]``.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
@@ -40,6 +42,7 @@ from gmbench.baselines import sampling
 from gmbench.baselines.batchnorm import BatchNormMomentumSchedule
 from gmbench.baselines.inputs import check_classifier_arguments
 from gmbench.baselines.pointnet import fully_connected, prepare_input
+from gmbench.parameters import Dims, NumClasses
 from gmbench.plugins import hookimpl
 
 
@@ -109,16 +112,16 @@ class PointNet2(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
-        dims: int,
-        in_features: int = 0,
-        ratios: tuple[float, float] = (0.5, 0.25),
-        radii: tuple[float, float] = (0.2, 0.4),
-        max_neighbors: tuple[int, int] = (32, 64),
-        dropout: float = 0.5,
-        normalize: bool = True,
-        bn_momentum: float = 0.5,
-        bn_decay_samples: int = 200_000,
+        num_classes: NumClasses,
+        dims: Dims,
+        in_features: Annotated[int, "per-point features after the coordinates (set by the runner from 'input')"] = 0,
+        ratios: Annotated[tuple[float, float], "fraction of points kept by each set abstraction"] = (0.5, 0.25),
+        radii: Annotated[tuple[float, float], "ball-query radius of each set abstraction"] = (0.2, 0.4),
+        max_neighbors: Annotated[tuple[int, int], "neighbours per ball query of each set abstraction"] = (32, 64),
+        dropout: Annotated[float, "dropout in the classification head"] = 0.5,
+        normalize: Annotated[bool, "centre each input set and scale it into the unit ball"] = True,
+        bn_momentum: Annotated[float, "initial batch-norm momentum of the authors' schedule"] = 0.5,
+        bn_decay_samples: Annotated[int, "the momentum halves every this many training samples (at least 0.01)"] = 200_000,
     ):
         super().__init__()
         check_classifier_arguments(num_classes, dims, in_features)

@@ -29,7 +29,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from gmbench.errors import PluginError
 
@@ -304,3 +304,11 @@ def value_text(value: Any) -> str:
 
 
 _E_NOTATION = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+# The parameters the framework passes itself (``gmbench.plugins.FRAMEWORK_PARAMETERS``), with
+# one description for every plugin that takes them.
+NumClasses = Annotated[int, "number of classes (set by the runner from the data set)"]
+Dims = Annotated[int, "spatial dimension D, 2 or 3 (set by the runner from the data set)"]
+DataRoot = Annotated[str | None, "folder with the data files (null: --data-root, else $GMBENCH_DATA)"]
+Seed = Annotated[int, "seed of the random draws: the same seed gives the same samples"]

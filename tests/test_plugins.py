@@ -189,8 +189,8 @@ def test_entry_point_shows_up_in_gmbench_plugins_json(tmp_path):
     assert entry["origin"] == "gmbench-test-cli 0.4.2"
     assert entry["class"] == "gmbench_test_cli_plugin.KeepHeaviestReduction"
     assert entry["parameters"] == [
-        {"name": "scale", "required": False, "default": 1.0, "type": "float"},
-        {"name": "keep_sign", "required": False, "default": True, "type": "bool"},
+        {"name": "scale", "required": False, "default": 1.0, "type": "float", "choices": None, "description": ""},
+        {"name": "keep_sign", "required": False, "default": True, "type": "bool", "choices": None, "description": ""},
     ]
 
 
@@ -206,4 +206,47 @@ def test_gmbench_plugins_text_lists_kind_name_origin_and_parameters(fresh_plugin
     index = next(i for i, line in enumerate(lines) if line.split()[:1] == ["keep_heaviest_text"])
     assert "Keep the Gaussians with the largest |weight|" in lines[index]
     assert lines[index + 1].strip() == "from module gmbench_test_text_plugin (--load)"
-    assert lines[index + 2].strip() == "parameters: scale: float = 1.0, keep_sign: bool = True"
+    assert [line.strip() for line in lines[index + 2:index + 5]] == ["parameters:", "scale: float = 1.0", "keep_sign: bool = True"]
+
+
+def test_gmbench_plugins_prints_each_parameter_with_its_description(capsys):
+    from gmbench import cli
+
+    assert cli.main(["plugins", "--kind", "transfer_fitting"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    variant = next(line for line in lines if line.startswith("variant:"))
+    description = next(p.description for p in plugins.get("transfer_fitting", "dense").parameters if p.name == "variant")
+    assert variant.startswith("variant: 'paper' | 'smoothed' = 'paper'") and variant.endswith(description)
+
+
+def test_gmbench_plugins_json_gives_choices_and_descriptions(capsys):
+    from gmbench import cli
+
+    assert cli.main(["plugins", "--json", "--kind", "transfer_fitting"]) == 0
+    dense = next(entry for entry in json.loads(capsys.readouterr().out) if entry["name"] == "dense")
+    variant = next(p for p in dense["parameters"] if p["name"] == "variant")
+    assert variant["choices"] == ["paper", "smoothed"] and variant["type"] == "'paper' | 'smoothed'"
+    assert variant["description"]
+
+
+def test_every_built_in_plugin_parameter_is_annotated_with_a_checkable_type():
+    from typing import Any
+
+    unchecked = [
+        f"{info.kind} {info.name}: {p.name}"
+        for info in plugins.describe_all()
+        if info.origin.endswith("(built-in)")
+        for p in info.parameters
+        if p.type is Any
+    ]
+    assert unchecked == []
+
+
+def test_every_built_in_default_fits_its_own_annotation():
+    wrong = [
+        f"{info.kind} {info.name}: {p.describe()}"
+        for info in plugins.describe_all()
+        for p in info.parameters
+        if not p.required and not p.accepts(p.default)
+    ]
+    assert wrong == []

@@ -10,7 +10,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "plugins",
         help="list registered plugins",
-        description="List every registered plugin: kind, name, parameters, origin package and version.",
+        description=(
+            "List every registered plugin: kind, name, origin package and version, and its parameters "
+            "(name: type = default, then a one-line description)."
+        ),
     )
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     parser.add_argument("--kind", help="only this plugin kind")
@@ -41,6 +44,8 @@ def run(args) -> int:
                         "required": p.required,
                         "default": None if p.required else _jsonable(p.default),
                         "type": p.annotation,
+                        "choices": None if p.choices is None else [_jsonable(c) for c in p.choices],
+                        "description": p.description,
                     }
                     for p in info.parameters
                 ],
@@ -58,9 +63,15 @@ def run(args) -> int:
         for info in infos:
             print(f"  {info.name:<16} {info.summary}")
             print(f"  {'':<16} from {info.origin}")
-            params = ", ".join(p.describe() for p in info.parameters)
-            if params:
-                print(f"  {'':<16} parameters: {params}")
+            parameters = info.parameters
+            if not parameters:
+                continue
+            print(f"  {'':<16} parameters:")
+            width = min(40, max(len(p.describe()) for p in parameters))
+            for p in parameters:
+                text = p.describe()
+                line = f"{text:<{width}}  {p.description}" if p.description else text
+                print(f"  {'':<16}   {line.rstrip()}")
     return 0
 
 

@@ -9,11 +9,14 @@ independent of ``seed``; ``seed`` only drives the jittered samples
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from gmbench.data.images import jittered_pixel_samples, pixel_point_sets
 from gmbench.data.records import PointSetSplit
 from gmbench.errors import DataError
+from gmbench.parameters import DataRoot, Seed
 from gmbench.plugins import hookimpl
 
 SPLIT_RANDOM_STATE = 0
@@ -24,8 +27,14 @@ class Digits:
 
     name = "digits"
 
-    def __init__(self, data_root: str | None = None, seed: int = 0, n_points: int | None = None,
-                 test_fraction: float = 0.25, samples_per_class: int | None = None):
+    def __init__(
+        self,
+        data_root: DataRoot = None,
+        seed: Seed = 0,
+        n_points: Annotated[int | None, "jittered samples per image (null: one point per pixel)"] = None,
+        test_fraction: Annotated[float, "fraction of the images in the stratified test split, in (0, 1)"] = 0.25,
+        samples_per_class: Annotated[int | None, "keep the first this many samples of each class (null: all)"] = None,
+    ):
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if n_points is not None and n_points < 1:

@@ -19,6 +19,7 @@ import gzip
 import math
 import zlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from gmbench.data import paths
 from gmbench.data.images import jittered_pixel_samples, pixel_point_sets
 from gmbench.data.records import PointSetSplit
 from gmbench.errors import DataError
+from gmbench.parameters import DataRoot, Seed
 from gmbench.plugins import hookimpl
 
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -76,8 +78,13 @@ class IDXImages:
     class_names: list[str] = []
     url = ""
 
-    def __init__(self, data_root: str | None = None, seed: int = 0, n_points: int | None = None,
-                 max_samples: int | None = None):
+    def __init__(
+        self,
+        data_root: DataRoot = None,
+        seed: Seed = 0,
+        n_points: Annotated[int | None, "jittered samples per image (null: one point per pixel)"] = None,
+        max_samples: Annotated[int | None, "use the first this many images of a split (null: all)"] = None,
+    ):
         if n_points is not None and n_points < 1:
             raise ValueError(f"n_points must be positive or None, got {n_points}")
         if max_samples is not None and max_samples < 1:

@@ -26,6 +26,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from gmbench.data.records import PointSetSplit
 from gmbench.data.sampling import normalize_to_unit_sphere, sample_surface
 from gmbench.errors import DataError
 from gmbench.io import load_torch, save_torch
+from gmbench.parameters import DataRoot, Seed
 from gmbench.plugins import hookimpl
 
 SOURCES = ("auto", "resampled", "meshes")
@@ -76,9 +78,16 @@ class ModelNet:
 
     classes = 10
 
-    def __init__(self, data_root: str | None = None, seed: int = 0, n_points: int = 1024,
-                 samples_per_class: int | None = None, source: str = "auto", normalize: bool = True,
-                 cache_points: bool = True):
+    def __init__(
+        self,
+        data_root: DataRoot = None,
+        seed: Seed = 0,
+        n_points: Annotated[int, "points per cloud (the first rows of a resampled cloud, else surface samples)"] = 1024,
+        samples_per_class: Annotated[int | None, "keep the first this many samples of each class (null: all)"] = None,
+        source: Annotated[Literal["auto", "resampled", "meshes"], "which files: PointNet++'s resampled clouds, the OFF meshes, or the first found"] = "auto",
+        normalize: Annotated[bool, "centre every cloud and scale it into the unit sphere"] = True,
+        cache_points: Annotated[bool, "keep sampled clouds in <cache dir>/points/"] = True,
+    ):
         if n_points < 1:
             raise ValueError(f"n_points must be positive, got {n_points}")
         if samples_per_class is not None and samples_per_class < 1:

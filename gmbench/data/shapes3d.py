@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch import Tensor
 from gmbench.data.records import PointSetSplit
 from gmbench.data.sampling import normalize_to_unit_sphere, sample_surface
 from gmbench.errors import DataError
+from gmbench.parameters import DataRoot, Seed
 from gmbench.plugins import hookimpl
 
 CLASSES = ["box", "sphere", "ellipsoid", "cylinder", "cone", "torus", "capsule", "pyramid", "prism", "l_shape"]
@@ -149,9 +151,16 @@ class Shapes3D:
 
     name = "shapes3d"
 
-    def __init__(self, data_root: str | None = None, seed: int = 0, n_points: int = 1024,
-                 samples_per_class: int = 64, test_samples_per_class: int = 32, noise: float = 0.01,
-                 rotation: str = "so3"):
+    def __init__(
+        self,
+        data_root: DataRoot = None,
+        seed: Seed = 0,
+        n_points: Annotated[int, "points sampled per shape"] = 1024,
+        samples_per_class: Annotated[int, "training shapes per class"] = 64,
+        test_samples_per_class: Annotated[int, "test shapes per class"] = 32,
+        noise: Annotated[float, "standard deviation of the Gaussian jitter of every point"] = 0.01,
+        rotation: Annotated[Literal["so3", "z", "none"], "random rotation of each shape: any, about z, or none"] = "so3",
+    ):
         if n_points < 1 or samples_per_class < 1 or test_samples_per_class < 1:
             raise ValueError("n_points, samples_per_class and test_samples_per_class must be positive")
         if noise < 0:

@@ -29,6 +29,7 @@ mixtures are processed in chunks of at most ``chunk_elements`` entries of ``A``.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -109,11 +110,11 @@ class LeastSquaresReLUFitting:
 
     def __init__(
         self,
-        samples: str = "centres",
-        random_factor: float = 1.0,
-        solver: str = "lstsq",
-        seed: int = 0,
-        chunk_elements: int = 1 << 25,
+        samples: Annotated[Literal["centres", "random", "centres+random"], "the sample set D of Appendix B"] = "centres",
+        random_factor: Annotated[float, "random samples per Gaussian: M = ceil(random_factor * N)"] = 1.0,
+        solver: Annotated[Literal["lstsq", "pinv"], "how A y = relu(gm(D)) is solved"] = "lstsq",
+        seed: Annotated[int, "seed of the random samples"] = 0,
+        chunk_elements: Annotated[int, "bound on the entries of A held at once"] = 1 << 25,
     ):
         if samples not in SAMPLE_SETS:
             raise ValueError(f"samples must be one of {', '.join(SAMPLE_SETS)}, got {samples!r}")

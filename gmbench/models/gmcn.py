@@ -31,6 +31,7 @@ kernel Gaussians, times ``weight_decay`` (0.1) times the current learning rate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,7 @@ from gmbench.errors import GmbenchError
 from gmbench.layout import Layout, LayerSpec, parse_layout
 from gmbench.models.conv import GaussianConvolution
 from gmbench.models.pooling import ScaleNormalization
+from gmbench.parameters import Dims, NumClasses
 from gmbench.plugins import hookimpl
 
 
@@ -126,20 +128,23 @@ class GMCN(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
-        dims: int,
-        layout: str = "1/128->8/64->16/32->32/16->64/8->10",
-        kernel_gaussians: int = 5,
-        transfer_fitting: str = "dense",
-        transfer_fitting_params: dict | None = None,
-        reduction: str = "treehem",
-        reduction_params: dict | None = None,
-        weight_decay: float = 0.1,
-        pooling_momentum: float = 0.1,
-        pooling_uses_running_average: bool = False,
-        covariance_epsilon: float = 1e-4,
-        head_momentum: float = 0.1,
-        head: str = "batchnorm",
+        num_classes: NumClasses,
+        dims: Dims,
+        layout: Annotated[str, "layers in the paper's notation, e.g. 1/128->8/64->10 (last number: num_classes)"] = "1/128->8/64->16/32->32/16->64/8->10",
+        kernel_gaussians: Annotated[int, "Gaussians per convolution kernel (N_k)"] = 5,
+        transfer_fitting: Annotated[str, "transfer_fitting plugin of every layer"] = "dense",
+        transfer_fitting_params: Annotated[dict | None, "parameters of the transfer_fitting plugin"] = None,
+        reduction: Annotated[str, "reduction plugin of every pooling layer"] = "treehem",
+        reduction_params: Annotated[dict | None, "parameters of the reduction plugin"] = None,
+        weight_decay: Annotated[float, "scale of the Eq. 8 regulariser (times the learning rate)"] = 0.1,
+        pooling_momentum: Annotated[float, "momentum of the running average of the covariance trace"] = 0.1,
+        pooling_uses_running_average: Annotated[bool, "also scale by the running average in training (the authors' choice)"] = False,
+        covariance_epsilon: Annotated[float, "epsilon of Eq. 9 added to the kernel covariances"] = 1e-4,
+        head_momentum: Annotated[float, "momentum of the head's batch norm"] = 0.1,
+        head: Annotated[
+            Literal["batchnorm", "paper"],
+            "batchnorm: per-class affine batch norm; paper: batch norm without affine map times one learnable scale",
+        ] = "batchnorm",
     ):
         super().__init__()
         if dims not in gm.DIMS:
