@@ -342,3 +342,28 @@ def test_world_writable_kernel_folder_falls_back_to_gemm_with_one_warning(plante
 def test_cpu_kernel_source_is_shipped_next_to_the_module():
     assert cpu_kernel.SOURCE_FILE.is_file() and cpu_kernel.SOURCE_FILE.parent == Path(cpu_kernel.__file__).parent
     assert 'extern "C" void ekmv_forward_##SUFFIX' in cpu_kernel.SOURCE_FILE.read_text()
+
+
+def test_concurrent_processes_compile_once_and_both_load(isolated, answer_source):
+    # DDP ranks or Ray workers start together: the folder lock makes one compile and the others wait.
+    log_file = isolated / "compiles.log"
+    slow_compiler = isolated / "slow-g++"
+    slow_compiler.write_text(f"#!/bin/sh\necho run >> {log_file}\nsleep 1\nexec {native.find_compiler()} \"$@\"\n")
+    slow_compiler.chmod(0o755)
+    code = (
+        "import ctypes, sys\n"
+        "from gmbench.backends import native\n"
+        "lib = native.build_library(sys.argv[1], {'gmbench_test_answer': ([], ctypes.c_int)}, ['-O0', '-shared', '-fPIC'])\n"
+        "print(lib.gmbench_test_answer())\n"
+    )
+    env = dict(os.environ, CXX=str(slow_compiler))
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(answer_source)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], results
+    assert [out.strip() for out, _ in results] == ["42", "42"]
+    assert not any(err.strip() for _, err in results), results
+    assert log_file.read_text().splitlines() == ["run"]
