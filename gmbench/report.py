@@ -12,6 +12,7 @@ declared in the suite's ``report: tables:`` list (or a default one is used)::
       extra: [params]                   # per-row columns (mean over the row's cells)
       paper: table1                     # key of gmbench/paper_results.yaml: adds paper columns
       source: results                   # or: diagnostics (per-layer RMSE of the cells)
+      epochs: [5, 50]                   # optional: smoothed test accuracy at these epochs (gmbench.report_paper)
 
 Accuracies are shown in percent.  The paper's numbers live in
 ``gmbench/paper_results.yaml`` with the table they come from.
@@ -29,14 +30,16 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from gmbench import io
+from gmbench import io, report_paper
 from gmbench.errors import GmbenchError
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
-PERCENT_METRICS = ("test_accuracy", "best_test_accuracy")
+PERCENT_METRICS = ("test_accuracy", "best_test_accuracy", "smoothed_test_accuracy")
 METRIC_TITLES = {
     "test_accuracy": "test accuracy (%)",
     "best_test_accuracy": "best test accuracy (%)",
+    "smoothed_test_accuracy": "test accuracy, smoothed 0.9 (%)",
+    "kernels": "#kernels",
     "train_time_s": "training time (s)",
     "peak_memory_mb": "peak memory (MiB)",
     "samples_per_s": "samples/s",
@@ -69,14 +72,18 @@ def default_tables(frame: pd.DataFrame, task: str) -> list[dict]:
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if metric in PERCENT_METRICS else 1.0
+    return 100.0 if _is_percent(metric) else 1.0
+
+
+def _is_percent(metric: str) -> bool:
+    return metric in PERCENT_METRICS or metric.startswith("smoothed_test_accuracy_epoch_")
 
 
 def _format(mean: float, std: float, count: int, metric: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
-    digits = 1 if metric in PERCENT_METRICS or abs(mean) >= 100 else 3 if abs(mean) < 10 else 2
-    if metric in ("params", "total_gaussians"):
+    digits = 1 if _is_percent(metric) or abs(mean) >= 100 else 3 if abs(mean) < 10 else 2
+    if metric in ("params", "total_gaussians", "kernels"):
         return f"{mean:,.0f}"
     text = f"{mean:.{digits}f}"
     if count > 1 and std == std:
@@ -106,11 +113,13 @@ def _same(a, b) -> bool:
 
 
 def _format_paper(value, metric: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return _format(float(value), float("nan"), 1, metric)
+    return report_paper.format_paper_number(value)  # as printed in the paper, all its digits
+
+
+def _column_title(name: str) -> str:
+    if name.startswith("smoothed_test_accuracy_epoch_"):
+        return f"epoch {name.rsplit('_', 1)[1]}, smoothed (%)"
+    return METRIC_TITLES.get(name, name)
 
 
 def _paper_value(records: list[dict], key: dict):
@@ -170,14 +179,18 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
                 subset = ok
                 for key_name, item in zip(rows, row_key):
                     subset = subset[subset[key_name] == item]
-                numbers = pd.to_numeric(subset[name], errors="coerce").dropna()
+                numbers = pd.to_numeric(subset[name], errors="coerce").dropna() * _scale(name)
                 if not len(numbers):
                     text = "n/a"
                 elif name == "params" and numbers.nunique() > 1:  # e.g. a 2D and a 3D data set in one row
                     text = f"{_format(float(numbers.min()), float('nan'), 1, name)}-{_format(float(numbers.max()), float('nan'), 1, name)}"
                 else:
                     text = _format(float(numbers.mean()), float("nan"), 1, name)
-                line[METRIC_TITLES.get(name, name)] = text
+                line[_column_title(name)] = text
+            if any(f"paper_{name}" in record for record in records):  # the paper's number beside ours
+                line[f"{_column_title(name)} paper"] = report_paper.row_paper_value(records, dict(zip(rows, row_key)), f"paper_{name}")
+        for field in report_paper.unmeasured_paper_fields(records, extra):  # printed by the paper, not measured here
+            line[f"paper: {field[len('paper_'):]}"] = report_paper.row_paper_value(records, dict(zip(rows, row_key)), field)
         display_rows.append(line)
     return pd.DataFrame(display_rows), tidy
 
@@ -242,7 +255,7 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
 # --------------------------------------------------------------------------- compare
 
 
-COMPARE_METRICS = ("test_accuracy", "best_test_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "time_ms", "rmse", "memory_mb")
+COMPARE_METRICS = ("test_accuracy", "best_test_accuracy", "smoothed_test_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "time_ms", "rmse", "memory_mb")
 
 
 def compare_runs(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
@@ -333,15 +346,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
         if spec.get("source") == "diagnostics":
             display, tidy = build_diagnostics_table(run_dir, frame, spec, paper)
         else:
-            display, tidy = build_table(frame, spec, paper)
+            display, tidy = build_table(*report_paper.with_epoch_columns(run_dir, frame, spec), paper)
         title = spec.get("title", name)
         if paper and paper.get("source"):
             title += f" (paper: {paper['source']})"
-        io.write_text(out_dir / "tables" / f"{name}.md", f"## {title}\n\n" + to_markdown(display))
+        note = report_paper.paper_note(paper)
+        io.write_text(out_dir / "tables" / f"{name}.md", f"## {title}\n\n" + (note + "\n" if note else "") + to_markdown(display))
         with io.atomic_path(out_dir / "tables" / f"{name}.csv") as tmp:
             tidy.to_csv(tmp, index=False)
         io.write_text(out_dir / "tables" / f"{name}.tex", to_latex(display, title))
-        lines += [f"## {title}", "", to_markdown(display), f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
+        lines += [f"## {title}", "", *([note] if note else []), to_markdown(display), f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
     sections["tables"], lines = "\n".join(lines), []
 
     figures = report_figures.draw_all(run_dir, frame, out_dir / "figures", _read_jsonl)

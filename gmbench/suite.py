@@ -102,7 +102,7 @@ REQUIRED_FIELDS = {
     "transfer_fitting_timing": ("transfer_fitting",),
 }
 INPUTS = ("gm", "points")
-REPORT_TABLE_KEYS = ("name", "title", "rows", "columns", "value", "extra", "where", "paper", "source")
+REPORT_TABLE_KEYS = ("name", "title", "rows", "columns", "value", "extra", "where", "paper", "source", "epochs")
 POSITIVE_FIELDS = (
     "n_gaussians", "n_points", "train_samples", "test_samples", "diagnostics_samples", "diagnostics_points",
     "batch", "kernel_gaussians", "n_mixtures", "repeats", "rmse_samples",
@@ -397,6 +397,9 @@ class _Validator:
                 raise self.fail(_line_of(table, "paper", line), f"unknown paper table '{table['paper']}'; known: {', '.join(paper)}")
             if table.get("source") not in (None, "results", "diagnostics"):
                 raise self.fail(_line_of(table, "source", line), "report table 'source' must be results or diagnostics")
+            epochs = table.get("epochs", [])
+            if not isinstance(epochs, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs):
+                raise self.fail(_line_of(table, "epochs", line), f"report table 'epochs' must be a list of epoch numbers >= 1, got {_short(epochs)}")
 
     # ----------------------------------------------------------------- fields
 

@@ -1,0 +1,131 @@
+"""The paper's numbers beside the measured ones in report tables (every number it prints).
+
+A paper record (``gmbench/paper_results.yaml``) holds the table's main number as
+``value`` and every other number the paper prints for that row as a field
+``paper_<results column>``: ``paper_params`` beside the measured ``params``,
+``paper_train_time_s`` beside ``train_time_s``, ``paper_smoothed_test_accuracy_epoch_50``
+beside the smoothed test accuracy at epoch 50.  :func:`paper_columns` lays
+them out: a measured column listed in the table's ``extra:`` gets its paper
+column right after it; a paper field no extra measures gets a column of its
+own, so nothing the paper prints is left out.
+
+Epoch columns (a table's ``epochs: [5, 50]``) are the TensorBoard-smoothed test
+accuracy (:func:`gmbench.metrics.tensorboard_smoothed`, the paper's Appendix F
+convention) at those epochs, computed from each cell's ``epochs.jsonl``.
+
+A paper table may carry a ``note:`` (a known inconsistency of the paper, a unit
+conversion), printed under the table's title.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+EPOCH_COLUMN = "smoothed_test_accuracy_epoch_{}"
+PAPER_PREFIX = "paper_"
+
+
+def epoch_column(epoch: int) -> str:
+    """The results column of the smoothed test accuracy at ``epoch`` (1-based)."""
+    return EPOCH_COLUMN.format(int(epoch))
+
+
+def smoothed_accuracy_at(history: list[float], epochs: list[int]) -> dict[str, float]:
+    """``{epoch_column(e): smoothed accuracy after epoch e}``; ``nan`` where the run is shorter."""
+    from gmbench.metrics import tensorboard_smoothed
+
+    smoothed = tensorboard_smoothed(history)
+    return {epoch_column(e): smoothed[e - 1] if 1 <= e <= len(smoothed) else math.nan for e in epochs}
+
+
+def with_epoch_columns(run_dir: Path, frame: pd.DataFrame, spec: dict) -> tuple[pd.DataFrame, dict]:
+    """Add the epoch columns a table's ``epochs:`` asks for (from the cells' ``epochs.jsonl``)
+    to ``frame`` and put them first among the table's extras."""
+    epochs = [int(e) for e in spec.get("epochs") or []]
+    if not epochs:
+        return frame, spec
+    from gmbench.runner import cell_dir
+    from gmbench.training import EPOCHS_FILE
+
+    frame = frame.copy()
+    rows = []
+    for cell_id in frame["cell_id"]:
+        path = cell_dir(run_dir, str(cell_id)) / EPOCHS_FILE
+        history = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        history.append(float(json.loads(line)["test_accuracy"]))
+                    except (ValueError, KeyError, TypeError):
+                        break  # a torn last line of a crashed cell: keep the epochs before it
+        rows.append(smoothed_accuracy_at(history, epochs))
+    for epoch in epochs:
+        frame[epoch_column(epoch)] = [row[epoch_column(epoch)] for row in rows]
+    extras = [epoch_column(e) for e in epochs] + [name for name in spec.get("extra", []) if name not in map(epoch_column, epochs)]
+    return frame, {**spec, "extra": extras}
+
+
+def format_paper_number(value) -> str:
+    """A paper number as the paper prints it (all its digits; thousands separated)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    text = repr(float(value))
+    if "e" in text or "inf" in text or "nan" in text:
+        return text
+    decimals = 0 if text.endswith(".0") else len(text.split(".")[1])
+    return f"{float(value):,.{decimals}f}"
+
+
+def _key_matches(record: dict, row_key: dict) -> bool:
+    """The record's identifying fields that the row key has are equal (others are ignored:
+    a per-row column such as #params is shared by a row's n_gaussians columns)."""
+    from gmbench.report import _same
+
+    for field, value in record.items():
+        if field in ("value", "notes") or field.startswith(PAPER_PREFIX):
+            continue
+        if field in row_key and not _same(row_key[field], value):
+            return False
+    return True
+
+
+def row_paper_value(records: list[dict], row_key: dict, field: str) -> str:
+    """The paper's ``field`` for a table row: its value in the matching records
+    (several different values are joined with " / ")."""
+    values = []
+    for record in records:
+        if field in record and _key_matches(record, row_key):
+            text = format_paper_number(record[field])
+            if text not in values:
+                values.append(text)
+    return " / ".join(values)
+
+
+def paper_fields(records: list[dict]) -> list[str]:
+    """The ``paper_*`` fields of a paper table's records, in first-seen order."""
+    fields: list[str] = []
+    for record in records:
+        for field in record:
+            if field.startswith(PAPER_PREFIX) and field not in fields:
+                fields.append(field)
+    return fields
+
+
+def unmeasured_paper_fields(records: list[dict], extras: list[str]) -> list[str]:
+    """Paper fields that no extra column measures; they get columns of their own."""
+    return [field for field in paper_fields(records) if field[len(PAPER_PREFIX):] not in extras]
+
+
+def paper_note(paper: dict | None) -> str:
+    """The paper table's ``note`` as a Markdown quote (empty without one)."""
+    note = (paper or {}).get("note")
+    return f"> **Note on the paper's numbers:** {' '.join(str(note).split())}\n" if note else ""
