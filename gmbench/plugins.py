@@ -128,6 +128,8 @@ class PluginInfo:
 
     @property
     def accepts_any_parameter(self) -> bool:
+        if self.cls.__init__ is object.__init__:  # shown as (*args, **kwargs), takes nothing
+            return False
         signature = inspect.signature(self.cls.__init__)
         return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 

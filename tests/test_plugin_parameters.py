@@ -142,3 +142,9 @@ def test_descriptions_and_choices_come_from_annotated():
     assert mode.expected() == "one of 'a', 'b' or null"
     assert (legacy.annotation, legacy.description, legacy.accepts(object())) == ("", "", True)
     assert missing_type.annotation == "NoSuchName" and missing_type.accepts("unchecked")
+
+
+def test_a_plugin_without_init_accepts_no_parameter():
+    # weight_relu has no __init__: object.__init__'s (*args, **kwargs) must not read as "anything goes".
+    error = rejected("transfer_fitting", "weight_relu", {"eps": 0.1})
+    assert str(error) == "transfer_fitting plugin 'weight_relu' has no parameter 'eps'; accepted: (no parameters)"
