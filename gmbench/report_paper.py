@@ -72,8 +72,8 @@ def with_epoch_columns(run_dir: Path, frame: pd.DataFrame, spec: dict) -> tuple[
 
 def format_paper_number(value) -> str:
     """A paper number as the paper prints it (all its digits; thousands separated)."""
-    if value is None:
-        return ""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""  # no paper number for this cell (pandas holds a missing one as nan)
     if isinstance(value, str) or isinstance(value, bool):
         return str(value)
     if isinstance(value, int):

@@ -89,4 +89,4 @@ def test_paper_numbers_keep_the_digits_the_paper_prints():
     assert format_paper_number(10200) == "10,200"
     assert format_paper_number(3.8) == "3.8"
     assert format_paper_number("n/a (OOM)") == "n/a (OOM)"
-    assert format_paper_number(None) == ""
+    assert format_paper_number(None) == "" and format_paper_number(float("nan")) == ""
