@@ -18,7 +18,9 @@ A run directory receives
   samples_per_s, peak_memory_mb), so a crash loses at most the epoch in flight;
 * ``checkpoint.pt``: model, optimiser, scheduler, every RNG state and the
   history, written atomically after each epoch.  ``train`` resumes from it when
-  present; on CPU the resumed run is bit-identical to an uninterrupted one.
+  present; on CPU the resumed run is bit-identical to an uninterrupted one.  A
+  checkpoint that does not fit the cell is moved to ``checkpoint.pt.rejected``
+  with one warning and the cell trains from scratch (:mod:`gmbench.checkpoint`).
 
 Inputs are tensors indexed on dim 0: GMCN mixtures ``[S, 1, N, K]``, baseline
 point sets ``[S, P, D + F]``; labels ``[S]`` int64.
@@ -43,14 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmbench import io
-from gmbench.errors import DataError, GmbenchError
+from gmbench.checkpoint import CHECKPOINT_FILE, resume, rng_state
+from gmbench.errors import GmbenchError
 
 EPOCHS_FILE = "epochs.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
-
-# Fields that must match between a checkpoint and the config resuming it:
-# changing any of them would make the resumed run a different experiment.
-_RESUME_FIELDS = ("batch_size", "lr", "seed", "lr_factor", "lr_patience", "lr_cooldown", "grad_clip")
 
 
 class TrainingDiverged(GmbenchError):
@@ -181,62 +179,6 @@ def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, d
     return correct / max(total, 1)
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    numpy_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-        # NumPy's state as plain tensors/ints so that the checkpoint loads with weights_only.
-        "numpy": {
-            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-            "pos": int(numpy_state[2]),
-            "has_gauss": int(numpy_state[3]),
-            "cached_gaussian": float(numpy_state[4]),
-        },
-        "python": list(random.getstate()[1]) + [random.getstate()[0]],
-        "python_gauss": random.getstate()[2],
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    python = state["python"]
-    random.setstate((python[-1], tuple(python[:-1]), state["python_gauss"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _load_checkpoint(path: Path, config: TrainConfig) -> dict:
-    try:
-        checkpoint = io.load_torch(path)
-    except Exception as error:  # any unpickling/zip failure means a corrupt or foreign file
-        raise DataError(
-            f"cannot read checkpoint {path}: {error.__class__.__name__}; delete it to start the run over"
-        ) from None
-    saved = checkpoint.get("config", {})
-    for field in _RESUME_FIELDS:
-        if saved.get(field) != getattr(config, field):
-            raise GmbenchError(
-                f"checkpoint {path} was written with {field}={saved.get(field)!r} but the run now has "
-                f"{field}={getattr(config, field)!r}; restore the original value or delete the checkpoint"
-            )
-    return checkpoint
-
-
 def train(
     model: nn.Module,
     train_x: Tensor,
@@ -287,13 +229,15 @@ def train(
     history: list[dict] = []
 
     checkpoint_path = run_dir / CHECKPOINT_FILE if run_dir is not None else None
+    resumed = None
     if checkpoint_path is not None and checkpoint_path.exists():
-        checkpoint = _load_checkpoint(checkpoint_path, config)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"], generator, device)
-        history = list(checkpoint["history"])
+        # None: the file did not fit this cell, was set aside with a warning, and the run starts fresh.
+        resumed = resume(checkpoint_path, config, model, optimizer, scheduler, generator, device, distributed.is_writer)
+        if resumed is None:  # a rejected file may have set some generators before it failed
+            seed_everything(config.seed)
+            generator.manual_seed(config.seed)
+    if resumed is not None:
+        history = resumed
         # The log may hold a line the checkpoint does not (a crash between the two
         # writes) or lack one; the checkpoint is the truth.
         if distributed.is_writer:
@@ -367,7 +311,7 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(generator, device),
+                    "rng": rng_state(generator, device),
                     "history": history,
                     "config": dataclasses.asdict(config),
                 },

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from gmbench.errors import DataError, GmbenchError
+from gmbench.errors import GmbenchError
 from gmbench.training import (
     CHECKPOINT_FILE,
     EPOCHS_FILE,
@@ -180,16 +180,13 @@ def test_trailing_single_sample_batch_is_merged_for_batch_norm():
     assert result.epochs_completed == 1
 
 
-def test_corrupt_checkpoint_is_a_data_error(tmp_path):
-    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="checkpoint"):
-        train(fresh_model(), *blobs(5), TrainConfig(epochs=1, progress=False), run_dir=tmp_path)
-
-
-def test_resuming_with_a_different_batch_size_is_refused(tmp_path):
+def test_resuming_with_a_different_batch_size_sets_the_checkpoint_aside(tmp_path, caplog):
+    # Damaged and foreign checkpoints: tests/test_checkpoint.py.
     train(fresh_model(), *blobs(5), TrainConfig(epochs=1, batch_size=5, progress=False), run_dir=tmp_path)
-    with pytest.raises(GmbenchError, match="batch_size"):
-        train(fresh_model(), *blobs(5), TrainConfig(epochs=2, batch_size=6, progress=False), run_dir=tmp_path)
+    result = train(fresh_model(), *blobs(5), TrainConfig(epochs=2, batch_size=6, progress=False), run_dir=tmp_path)
+    assert result.epochs_completed == 2
+    assert "written with batch_size=5, the cell has batch_size=6" in caplog.text
+    assert (tmp_path / (CHECKPOINT_FILE + ".rejected")).is_file()
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("lr_factor", 1.5), ("grad_clip", 0.0)])
