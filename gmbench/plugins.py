@@ -42,6 +42,8 @@ BUILTIN_PLUGINS = (
     "gmbench.data.shapes3d",
     "gmbench.data.modelnet",
     "gmbench.data.mnist",
+    "gmbench.data.mnist5k",
+    "gmbench.data.mnist5k_3d",
     "gmbench.baselines.pointnet",
     "gmbench.baselines.pointnet2",
     "gmbench.models.gmcn",

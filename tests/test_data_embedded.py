@@ -11,7 +11,8 @@ from gmbench.errors import DataError, PluginError
 
 
 def test_all_contract_datasets_are_registered():
-    assert {"digits", "shapes3d", "modelnet10", "modelnet40", "mnist", "fashion_mnist"} <= set(plugins.available("dataset"))
+    assert {"digits", "shapes3d", "modelnet10", "modelnet40", "mnist", "fashion_mnist", "mnist5k",
+            "mnist5k_3d"} <= set(plugins.available("dataset"))
     for name in plugins.available("dataset"):
         accepted = {p.name: p for p in plugins.get("dataset", name).parameters}
         assert accepted["data_root"].default is None and accepted["seed"].default == 0
@@ -94,6 +95,21 @@ def test_shapes3d_is_learnable_from_global_shape_features():
     classifier = KNeighborsClassifier(1).fit(_d2_features(train.points, generator), train.labels.numpy())
     accuracy = (classifier.predict(_d2_features(test.points, generator)) == test.labels.numpy()).mean()
     assert accuracy > 0.5  # chance is 0.1; docs/data.md reports the full-size numbers
+
+
+def test_shapes3d_classes_chooses_the_shapes_and_their_labels():
+    everything = plugins.create("dataset", "shapes3d", samples_per_class=2, test_samples_per_class=1, n_points=64)
+    chosen = plugins.create("dataset", "shapes3d", samples_per_class=2, test_samples_per_class=1, n_points=64,
+                            classes=["torus", "box"])
+    split = chosen.load("train")
+    assert split.class_names == ["torus", "box"] and split.labels.tolist() == [0, 0, 1, 1]
+    full = everything.load("train")
+    # A class's shapes do not depend on which other classes are generated.
+    assert torch.equal(split.points[:2], full.points[full.labels == CLASSES.index("torus")])
+    with pytest.raises(PluginError, match="classes"):
+        plugins.create("dataset", "shapes3d", classes=["box", "box"])
+    with pytest.raises(PluginError, match="classes"):
+        plugins.create("dataset", "shapes3d", classes=["blob"])
 
 
 def test_dataset_parameter_and_split_errors():

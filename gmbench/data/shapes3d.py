@@ -31,6 +31,7 @@ from gmbench.parameters import DataRoot, Seed
 from gmbench.plugins import hookimpl
 
 CLASSES = ["box", "sphere", "ellipsoid", "cylinder", "cone", "torus", "capsule", "pyramid", "prism", "l_shape"]
+ShapeName = Literal[tuple(CLASSES)]
 
 
 def lathe(profile: Tensor, segments: int, closed_profile: bool = False, offset: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -160,7 +161,10 @@ class Shapes3D:
         test_samples_per_class: Annotated[int, "test shapes per class"] = 32,
         noise: Annotated[float, "standard deviation of the Gaussian jitter of every point"] = 0.01,
         rotation: Annotated[Literal["so3", "z", "none"], "random rotation of each shape: any, about z, or none"] = "so3",
+        classes: Annotated[list[ShapeName] | None, "the shapes to generate, in label order (null: all ten)"] = None,
     ):
+        if classes is not None and (not classes or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes must name distinct shapes among {', '.join(CLASSES)}, got {classes!r}")
         if n_points < 1 or samples_per_class < 1 or test_samples_per_class < 1:
             raise ValueError("n_points, samples_per_class and test_samples_per_class must be positive")
         if noise < 0:
@@ -174,6 +178,7 @@ class Shapes3D:
         self.test_samples_per_class = int(test_samples_per_class)
         self.noise = float(noise)
         self.rotation = rotation
+        self.classes = list(CLASSES if classes is None else classes)
 
     def load(self, split: str) -> PointSetSplit:
         """``PointSetSplit`` with points ``[10 * per_class, n_points, 3]`` in the unit sphere, no weights."""
@@ -181,7 +186,7 @@ class Shapes3D:
             raise DataError(f"unknown split '{split}' for shapes3d; use train or test")
         count = self.samples_per_class if split == "train" else self.test_samples_per_class
         clouds, labels, names = [], [], []
-        for label, shape in enumerate(CLASSES):
+        for label, shape in enumerate(self.classes):
             stream = zlib.crc32(f"{split}/{shape}".encode())
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
             vertices, faces = shape_meshes(shape, count, generator)
@@ -192,7 +197,7 @@ class Shapes3D:
             clouds.append(points)
             labels += [label] * count
             names += [f"shapes3d/{split}/{shape}_{i:04d}" for i in range(count)]
-        return PointSetSplit(points=torch.cat(clouds).float(), labels=torch.tensor(labels), class_names=list(CLASSES),
+        return PointSetSplit(points=torch.cat(clouds).float(), labels=torch.tensor(labels), class_names=list(self.classes),
                              names=names, dataset="shapes3d", split=split)
 
 
