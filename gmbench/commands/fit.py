@@ -35,7 +35,9 @@ def register(subparsers) -> None:
 
 
 def parse_assignments(items: list[str], option: str) -> dict:
-    import yaml
+    """``KEY=VALUE`` items as a mapping; each value read as a suite would read it (plain YAML
+    data, YAML 1.2 floats such as ``1e-3``; see :mod:`gmbench.suite.yaml_lines`)."""
+    from gmbench.suite import load_value
 
     result = {}
     for item in items:
@@ -43,18 +45,33 @@ def parse_assignments(items: list[str], option: str) -> dict:
         if not sep or not key.strip():
             raise GmbenchError(f"{option} '{item}' must look like KEY=VALUE")
         try:
-            result[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise GmbenchError(f"{option} '{item}': the value is not valid YAML") from None
+            result[key.strip()] = load_value(value, f"{option} {key.strip()}")
+        except GmbenchError as error:
+            # The location is the option, not a line: "--param x:1: ..." -> "--param x: ..."
+            raise GmbenchError(str(error).replace(f"{option} {key.strip()}:1:", f"{option} {key.strip()}:", 1)) from None
     return result
+
+
+def check_assignments(kind: str, name: str, params: dict, option: str) -> None:
+    """The plugin's parameter check (names, types, choices) with the option in front."""
+    from gmbench import plugins
+
+    try:
+        plugins.check_parameters(kind, name, params)
+    except GmbenchError as error:
+        path = getattr(error, "path", None) or ()
+        given = f" {path[0]}" if path and path[0] in params else ""
+        raise GmbenchError(f"{option}{given}: {error}") from None
 
 
 def run(args) -> int:
     from gmbench import plugins
     from gmbench.cache import cache_path, fit_cached
 
-    if args.gaussians < 1:
-        raise GmbenchError(f"--gaussians must be at least 1, got {args.gaussians}")
+    from gmbench.suite import MAX_GAUSSIANS
+
+    if not 1 <= args.gaussians <= MAX_GAUSSIANS:
+        raise GmbenchError(f"--gaussians must be between 1 and {MAX_GAUSSIANS:,} (see docs/suites.md, 'Ranges'), got {args.gaussians:,}")
     params = parse_assignments(args.param, "--param")
     if args.device:
         if args.device.startswith("cuda"):
@@ -66,8 +83,11 @@ def run(args) -> int:
     dataset_params = parse_assignments(args.dataset_param, "--dataset-param")
     if args.data_root:
         dataset_params["data_root"] = args.data_root
+    # Fail on a bad name or parameter before loading any data.
+    check_assignments("dataset", args.dataset, dataset_params, "--dataset-param")
+    check_assignments("input_fitting", args.method, params, "--param")
     dataset = plugins.create("dataset", args.dataset, **dataset_params)
-    plugins.create("input_fitting", args.method, **params)  # fail on bad parameters before loading data
+    plugins.create("input_fitting", args.method, **params)
     splits = ("train", "test") if args.split == "both" else (args.split,)
     first = None
     for name in splits:
