@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("suite", help="suite YAML file, e.g. suites/quickstart.yaml")
     parser.add_argument("--out", help="run folder (default: runs/<suite name>[-smoke])")
-    parser.add_argument("--data-root", help="folder with the data sets (default: the suite's data_root or $GMBENCH_DATA)")
+    parser.add_argument("--data-root", help="folder with the data sets (default: the cells' dataset_params.data_root, else $GMBENCH_DATA)")
     parser.add_argument("--cache-dir", help="fitted-mixture cache (default: $GMBENCH_CACHE or ~/.cache/gmbench)")
     parser.add_argument("--backend", help="compute backend plugin (default: the suite's backend, else torch)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default cpu)")
