@@ -24,6 +24,7 @@ COMMANDS = (
     "report",
     "fit",
     "figure",
+    "data",
 )
 
 

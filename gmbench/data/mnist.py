@@ -96,7 +96,8 @@ class IDXImages:
 
     def _expected(self) -> str:
         names = ", ".join(FILES["train"] + FILES["test"])
-        return f"{self.folders[0]}/ (or {self.folders[0]}/raw/) with {names} (.gz or not) from {self.url}"
+        return (f"{self.folders[0]}/ (or {self.folders[0]}/raw/) with {names} (.gz or not) from {self.url} "
+                f"('gmbench data fetch {self.name} --root DIR' downloads them)")
 
     def _find(self, root: Path, stem: str) -> Path:
         folders = [root / f for f in self.folders] + [root / f / "raw" for f in self.folders] + [root]

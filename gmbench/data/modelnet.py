@@ -48,7 +48,8 @@ def _expected(classes: int) -> str:
     return (
         f"ModelNet{classes}/<class>/{{train,test}}/*.off or ModelNet{classes}.zip "
         f"(https://modelnet.cs.princeton.edu) or modelnet40_normal_resampled/ with modelnet{classes}_train.txt "
-        "(PointNet++: https://shapenet.cs.stanford.edu/media/modelnet40_normal_resampled.zip)"
+        "(PointNet++: https://shapenet.cs.stanford.edu/media/modelnet40_normal_resampled.zip); "
+        f"'gmbench data fetch modelnet{classes} --root DIR' downloads the meshes"
     )
 
 
