@@ -100,8 +100,12 @@ def _check_model(saved: Any, model: nn.Module) -> None:
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing or unexpected:
-        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(map(str, unexpected[:3]))}" if unexpected else ""]
-        raise CheckpointMismatch(f"it holds another model's parameters ({'; '.join(p for p in parts if p)})")
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(map(str, unexpected[:3]))}")
+        raise CheckpointMismatch(f"it holds another model's parameters ({'; '.join(parts)})")
     for key, tensor in expected.items():
         if not isinstance(saved[key], Tensor):
             raise CheckpointMismatch(f"parameter '{key}' is a {type(saved[key]).__name__} there, not a tensor")
