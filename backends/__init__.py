@@ -1,60 +1,98 @@
 """Compute backends, imported as ``gmbench.backends``.
 
 A backend is a plugin of kind ``backend`` (see :mod:`gmbench.hookspecs`).  The
-active one is process-wide; choose it with ``gmbench.backends.use(name)``,
-which works as a plain call and as a context manager::
+active one is held in a :class:`contextvars.ContextVar`: every mixture
+operation of :mod:`gmbench.mixture` asks :func:`active` for it, and
+:class:`use` sets it for the current context only::
 
-    gmbench.backends.use("torch")              # from now on
-    with gmbench.backends.use("fused"):        # inside the block only
+    with gmbench.backends.use("fused", cutoff=1e-5):   # inside the block only
         ...
+    gmbench.backends.check("fused")        # can it run here? raises, switches nothing
+    gmbench.backends.set_active("torch", compute_dtype="float64")   # a script or notebook
+
+Outside any ``use`` block the ``torch`` backend with its defaults is active.
+A context variable is per thread and per ``asyncio`` task, so concurrent cells
+in one process do not see each other's choice (a new thread starts with the
+default).  The runner chooses the backend of every cell, with the suite's
+``backend_params``, through :func:`gmbench.cell_environment.cell_environment`.
 """
 
 from __future__ import annotations
 
-import threading
+import contextvars
+import functools
 from typing import Any
 
-_state = threading.local()
-_global: dict[str, Any] = {"backend": None}
+_active: contextvars.ContextVar[Any] = contextvars.ContextVar("gmbench_backend", default=None)
+
+
+@functools.lru_cache(maxsize=1)
+def _default():
+    """The ``torch`` backend with its defaults, built once: a constant, never a choice."""
+    from gmbench import plugins
+
+    return plugins.create("backend", "torch")
 
 
 def active():
-    """The backend instance in use (the ``torch`` backend unless chosen otherwise)."""
-    backend = getattr(_state, "backend", None) or _global["backend"]
-    if backend is None:
-        from gmbench import plugins
+    """The backend instance in use in this context (``torch`` unless chosen otherwise)."""
+    backend = _active.get()
+    return _default() if backend is None else backend
 
-        backend = plugins.create("backend", "torch")
-        _global["backend"] = backend
-    return backend
+
+def check(name: str, **params: Any):
+    """Raise a :class:`gmbench.GmbenchError` unless backend ``name`` with ``params`` can run here.
+
+    Checks the name, the parameters (as suites are checked) and the backend's
+    ``unavailable_reason()``; builds nothing and changes no state.  Returns the
+    plugin's :class:`gmbench.plugins.PluginInfo`.
+    """
+    from gmbench import plugins
+    from gmbench.errors import PluginError
+
+    info = plugins.check_parameters("backend", name, params, framework=True)
+    reason = info.cls.unavailable_reason() if hasattr(info.cls, "unavailable_reason") else None
+    if reason:
+        raise PluginError(f"backend '{name}' cannot run here: {reason}")
+    return info
+
+
+def create(name: str, **params: Any):
+    """A new instance of backend ``name`` after :func:`check`; it is not made active."""
+    from gmbench import plugins
+
+    check(name, **params)
+    return plugins.create("backend", name, **params)
 
 
 class use:
-    """Select the active backend by plugin name (and its parameters).
+    """Context manager: backend ``name`` (with ``params``) is active inside the block.
 
-    As a plain call the choice stays; as a context manager it is undone on exit.
-    A backend that cannot run here (``available()`` false) raises a
-    :class:`gmbench.GmbenchError` saying why.
+    The backend is checked and built when ``use(...)`` is called, so a backend
+    that cannot run here, or a bad parameter, raises a one-line
+    :class:`gmbench.GmbenchError` before the block starts.  Entering sets it in
+    the current context only and leaving restores the previous one; calling
+    ``use(...)`` without ``with`` changes nothing (see :func:`set_active`).
     """
 
     def __init__(self, name: str, **params: Any):
-        from gmbench import plugins
-        from gmbench.errors import PluginError
-
-        info = plugins.get("backend", name)
-        reason = info.cls.unavailable_reason() if hasattr(info.cls, "unavailable_reason") else None
-        if reason:
-            raise PluginError(f"backend '{name}' cannot run here: {reason}")
-        self.backend = plugins.create("backend", name, **params)
-        self._previous_local = getattr(_state, "backend", None)
-        self._previous_global = _global["backend"]
-        _global["backend"] = self.backend
+        self.backend = create(name, **params)
+        self._tokens: list[contextvars.Token] = []
 
     def __enter__(self):
-        _state.backend = self.backend
+        self._tokens.append(_active.set(self.backend))
         return self.backend
 
     def __exit__(self, *exc_info):
-        _state.backend = self._previous_local
-        _global["backend"] = self._previous_global
+        _active.reset(self._tokens.pop())
         return False
+
+
+def set_active(name: str, **params: Any):
+    """Make backend ``name`` active in the current context from now on; return it.
+
+    For scripts and notebooks; library code and tests use ``with use(...)``.
+    """
+    backend = create(name, **params)
+    _active.set(backend)
+    return backend

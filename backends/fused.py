@@ -21,7 +21,7 @@ for tests.  Otherwise selecting the backend fails with a one-line message (see
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from torch import Tensor
@@ -169,7 +169,7 @@ class FusedBackend(TorchBackend):
     def __init__(
         self,
         cutoff: Annotated[float | None, "relative tolerance of the spatial cut-off, in (0, 1) (null: off)"] = None,
-        num_warps: Annotated[Literal[1, 2, 4, 8, 16], "warps per 64 x 64 tile program (see docs/backends.md)"] = 4,
+        num_warps: Annotated[int, "warps per 64 x 64 tile program, a power of two from 1 to 16 (see docs/backends.md)"] = 4,
     ):
         if num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two from 1 to 16, got {num_warps!r}")

@@ -300,14 +300,11 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, cell_config:
 
 
 def _train_without_writing(cell_config: dict, cell_dir: Path, options) -> None:
-    """What ``run_cell`` does on rank 0, minus its writes (the trainer skips its own on ranks > 0)."""
-    import contextlib
-
-    from gmbench import backends, plugins
+    """What ``run_cell`` does on rank 0, minus its writes (the trainer skips its own on ranks > 0):
+    the task in the same :func:`~gmbench.cell_environment.cell_environment` as rank 0's."""
+    from gmbench.cell_environment import cell_environment
     from gmbench.runner import TASKS
 
-    plugins.load_modules(list(options.plugins), source="suite plugins:")
-    backend = backends.use(options.backend) if options.backend else contextlib.nullcontext()
-    with backend:
+    with cell_environment(options, seed=cell_config.get("seed")):
         # Diagnostics run after training on the trained model and only write a file: rank 0's job.
         TASKS[cell_config["task"]](dict(cell_config, diagnostics=False), cell_dir, options, None)

@@ -89,15 +89,10 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
     started = time.perf_counter()
     metrics: dict[str, Any] = {"cell_id": cell_dir.name}
     try:
-        from gmbench import backends, plugins
+        from gmbench.cell_environment import cell_environment
 
-        plugins.load_modules(list(options.plugins), source="suite plugins:")
-        backend = (
-            backends.use(options.backend or "torch", **(options.backend_params or {}))
-            if options.backend or options.backend_params
-            else contextlib.nullcontext()
-        )
-        with backend:
+        # The same set-up as every data-parallel rank (gmbench.distributed).
+        with cell_environment(options, seed=cell_config.get("seed")):
             task = TASKS[cell_config["task"]]
             metrics.update(task(cell_config, cell_dir, options, on_epoch))
         metrics["status"] = "ok"

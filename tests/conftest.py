@@ -3,11 +3,13 @@ import os
 import pytest
 import torch
 
-# Tests must not depend on third-party plugins installed in the developer's venv
-# unless a test installs them itself.
+# Tests see only gmbench's built-in plugins, not the third-party ones installed in the
+# developer's environment: entry points are ignored (gmbench.plugins reads this when it
+# builds its manager).  The tests of entry-point discovery unset it themselves.
+os.environ["GMBENCH_DISABLE_ENTRYPOINTS"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Triton decides at its first import whether kernels compile for CUDA or run in its CPU
-# interpreter; without CUDA the fused-backend tests need the interpreter (issue 8).
+# interpreter; without CUDA the fused-backend tests need the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -16,16 +18,3 @@ if not torch.cuda.is_available():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture(autouse=True)
-def _restore_active_backend():
-    """A test that calls ``backends.use(...)`` as a plain call must not change the backend of
-    the tests after it."""
-    from gmbench import backends
-
-    saved_global = backends._global["backend"]
-    saved_local = getattr(backends._state, "backend", None)
-    yield
-    backends._global["backend"] = saved_global
-    backends._state.backend = saved_local

@@ -109,5 +109,38 @@ def test_a_failing_cell_on_ranks_is_recorded_failed_without_hanging(cells, tmp_p
     assert json.loads((tmp_path / "cell" / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
+def test_every_rank_trains_with_the_cells_backend_parameters(tmp_path):
+    # Ranks above 0 once chose the backend without the suite's backend_params.
+    (tmp_path / "records").mkdir()
+    suite = parse_suite(
+        f"""
+name: ddp-backend
+plugins: [runner_plugins, backend_probe_plugins]
+backend: torch
+backend_params: {{cutoff: 1.0e-5, tile_elements: 4096, cpu_kernel: gemm}}
+cell:
+  dataset: test_blobs
+  dataset_params: {{n_train: 8, n_test: 4}}
+  model: test_backend_probe
+  model_params: {{record_dir: "{tmp_path / 'records'}"}}
+  input: points
+  n_points: 8
+  training: {{epochs: 1, batch_size: 4}}
+""",
+        "ddp-backend.yaml",
+    )
+    options = RunOptions(
+        plugins=tuple(suite.plugins), backend=suite.backend, backend_params=suite.backend_params, nproc_per_node=2
+    )
+    metrics = run_cell_on_ranks(suite.cells[0].config, tmp_path / "cell", options, nproc=2)
+    assert metrics["status"] == "ok", metrics.get("error")
+    records = [json.loads((tmp_path / "records" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1]
+    assert records[0]["backend"] == "torch"
+    settings = records[0]["settings"]
+    assert (settings["cutoff"], settings["tile_elements"], settings["cpu_kernel"]) == ("1e-05", "4096", "'gemm'")
+
+
 def _epochs(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(folder) / "epochs.jsonl").read_text().splitlines()]

@@ -98,10 +98,10 @@ def run(args) -> int:
     elif args.device != "cpu":
         raise GmbenchError(f"--device must be cpu, cuda or cuda:N, got '{args.device}'")
     suite = load_suite(args.suite, smoke=args.smoke)
-    if args.backend:
-        from gmbench import backends
+    from gmbench import backends
 
-        backends.use(args.backend)  # fails early with the reason if it cannot run here
+    # Fails early, with the reason, if the cells' backend cannot run here; switches nothing.
+    backends.check(args.backend or suite.backend or "torch", **(suite.backend_params or {}))
     out = Path(args.out) if args.out else default_run_dir(suite.name, args.smoke)
     print(f"suite {suite.name}: {len(suite.cells)} cells -> {out}")
     if args.dry_run:
