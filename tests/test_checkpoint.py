@@ -158,6 +158,7 @@ cell:
 """
 
 
+@pytest.mark.slow
 def test_gmbench_run_with_a_bad_checkpoint_warns_once_and_the_cell_finishes_ok(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     suite = tmp_path / "ckpt.yaml"
