@@ -1,4 +1,4 @@
-r"""Backends on real GMCN activations: naive dense vs GEMM form vs C++ kernel vs cut-off (issue 8).
+r"""Backends on real GMCN activations: naive dense vs GEMM form vs C++ kernel vs cut-off.
 
 Run:  python -m pytest benchmarks/bench_backends.py -q -s
 

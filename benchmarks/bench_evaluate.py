@@ -1,4 +1,4 @@
-r"""``evaluate_at_centroids``: the torch backend against a naive dense reference (issue 2 targets).
+r"""``evaluate_at_centroids``: the torch backend against a naive dense reference, with speed and memory targets.
 
 Run:  python -m pytest benchmarks/bench_evaluate.py -q
 
@@ -19,7 +19,7 @@ and the fastest round's wall time), ``cpu_s_mean``
 events; inputs excluded).  The torch cases add ``speedup_vs_naive`` and
 ``memory_ratio_vs_naive`` from the naive case of the same run (speed-up from
 the fastest rounds), and the session prints a summary table.
-``test_targets_at_2560`` checks the issue's targets for the default backend: at
+``test_targets_at_2560`` checks the targets for the default backend: at
 N = 2560 at least 4x the naive throughput and at least 10x lower peak memory
 (the ``torch_gemm`` fallback's ratios are printed, not asserted).
 
@@ -154,7 +154,7 @@ def test_paper_scale_8x8_mixtures_n2560(benchmark, implementation, mode):
 
 
 def test_targets_at_2560():
-    """Issue 2: at N = 2560, >= 4x the naive throughput and >= 10x lower peak memory."""
+    """Targets: at N = 2560, >= 4x the naive throughput and >= 10x lower peak memory."""
     for mode in MODES:
         case, naive_case = RESULTS.get(("torch", 2560, mode)), RESULTS.get(("naive", 2560, mode))
         if not case or "speedup_vs_naive" not in case:

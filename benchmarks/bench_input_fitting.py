@@ -1,4 +1,4 @@
-"""Input fitting throughput and quality vs scikit-learn's ``GaussianMixture`` (issue 4).
+"""Input fitting throughput and quality vs scikit-learn's ``GaussianMixture``.
 
 Run:  python -m pytest benchmarks/bench_input_fitting.py -q -s
 
@@ -26,7 +26,7 @@ Throughput is given for wall time (pytest-benchmark) and for process CPU time
 (``time.process_time``; both sides run single-threaded with
 ``OMP_NUM_THREADS=1``), because on a shared machine the wall time mostly
 measures the other tenants.
-Target (issue 4): speed-up >= 10 at equal or better log-likelihood.
+Target: speed-up >= 10 at equal or better log-likelihood.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Everything issue 8 asks to measure on a CUDA GPU, as one prepared script.
+r"""Every GPU path of gmbench measured on a CUDA GPU, as one prepared script.
 
 On a machine with a CUDA GPU and PyTorch, Triton, pluggy, pandas, PyYAML and
 scikit-learn already installed (no network needed), from the repository root:

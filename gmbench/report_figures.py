@@ -154,7 +154,7 @@ def transfer_fitting_timing(frame: pd.DataFrame, folder: Path) -> bool:
 
 
 def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
-    """Fitted input mixtures of the first test samples (issue 4's figure), one per data set and
+    """Fitted input mixtures of the first test samples, one per data set and
     fitting method of the mixture-input cells; skipped when the data cannot be loaded here."""
     import json
     import logging

@@ -18,7 +18,7 @@ from gmbench import io
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 
-# The columns every results file has, in this order (the list); task-specific
+# The columns every results file has, in this order; task-specific
 # metrics (time_ms, rmse, memory_mb, ...) follow them.
 COLUMNS = [
     "suite", "cell_id", "task", "label", "dataset", "model", "input", "transfer_fitting", "reduction",

@@ -76,7 +76,7 @@ def test_failing_cells_are_recorded_and_the_others_still_run(finished_run):
     assert sorted(summary.failed) == sorted([cells["broken"].id, cells["nan"].id])
 
 
-def test_results_have_one_row_per_cell_with_the_issue_columns(finished_run):
+def test_results_have_one_row_per_cell_with_the_standard_columns(finished_run):
     suite, run_dir, _ = finished_run
     frame = pd.read_csv(run_dir / RESULTS_CSV)
     assert list(frame.columns[: len(COLUMNS)]) == COLUMNS

@@ -169,7 +169,7 @@ def test_every_shipped_suite_validates(path):
     assert {c.config.get("label") for c in smoke.cells} == {c.config.get("label") for c in suite.cells}
 
 
-def test_shipped_suites_include_every_ablation_of_the_issue():
+def test_shipped_suites_include_every_ablation_of_the_paper():
     names = {p.stem for p in SUITES}
     assert {
         "quickstart", "modelnet10", "modelnet10-reduction", "modelnet10-input-fitting", "modelnet10-depth",
