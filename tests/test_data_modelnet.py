@@ -205,3 +205,15 @@ def test_resampled_list_with_a_class_missing_from_shape_names_is_an_error(tmp_pa
     np.savetxt(folder / "sofa" / "sofa_0001.txt", np.ones((10, 6)), delimiter=",")
     with pytest.raises(DataError, match=r"modelnet40_train\.txt lists class 'sofa' which .*shape_names\.txt does not name"):
         plugins.create("dataset", "modelnet40", data_root=str(tmp_path), n_points=10).load("train")
+
+
+def test_damaged_zip_member_names_the_archive_and_member(tmp_path):
+    with zipfile.ZipFile(tmp_path / "ModelNet10.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("ModelNet10/chair/test/chair_0001.off", CUBE * 20)
+    data = bytearray((tmp_path / "ModelNet10.zip").read_bytes())
+    start = data.index(b"chair_0001.off") + len("chair_0001.off")
+    data[start + 10 : start + 30] = bytes(b ^ 0xFF for b in data[start + 10 : start + 30])  # inside the deflate stream
+    (tmp_path / "ModelNet10.zip").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"ModelNet10\.zip:ModelNet10/chair/test/chair_0001\.off: damaged archive member "
+                                        r".*download ModelNet10\.zip again"):
+        plugins.create("dataset", "modelnet10", data_root=str(tmp_path), n_points=16).load("test")

@@ -255,10 +255,8 @@ class ModelNet:
                     members[Path(parts[-1]).stem] = (parts[-3], member)
             entries = _limit_per_class(sorted((c, n) for n, (c, _) in members.items()), self.samples_per_class)
             entries.sort(key=lambda e: e[1])
-            read = lambda name: (*parse_off(
-                io.TextIOWrapper(handle.open(members[name][1]), encoding="ascii", errors="replace").read(),
-                f"{archive}:{members[name][1]}",
-            ), f"{archive}:{members[name][1]}")
+            read = lambda name: (*parse_off(_read_member(handle, archive, members[name][1]),
+                                            f"{archive}:{members[name][1]}"), f"{archive}:{members[name][1]}")
             where = archive
         else:
             raise DataError(f"no ModelNet{self.classes} files under {root}; expected {_expected(self.classes)}")
@@ -278,6 +276,14 @@ class ModelNet:
                                 "or remove it") from None
         labels = torch.tensor([classes.index(c) for c, _ in entries], dtype=torch.long)
         return torch.stack(clouds).float(), labels, [n for _, n in entries], classes
+
+
+def _read_member(handle: zipfile.ZipFile, archive: Path, member: str) -> str:
+    try:
+        with handle.open(member) as stream:
+            return io.TextIOWrapper(stream, encoding="ascii", errors="replace").read()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:  # e.g. "Bad CRC-32"
+        raise DataError(f"{archive}:{member}: damaged archive member ({error}); download {archive.name} again") from None
 
 
 def _class_folders(folder: Path) -> set[str]:
