@@ -25,6 +25,7 @@ COMMANDS = (
     "fit",
     "figure",
     "data",
+    "suites",
 )
 
 

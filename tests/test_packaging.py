@@ -54,7 +54,8 @@ def package_folder(package, package_dir):
 
 def test_listed_packages_exist():
     setuptools = pyproject()["tool"]["setuptools"]
-    assert setuptools["package-dir"] == {"gmbench.backends": "backends", "gmbench.baselines": "baselines"}
+    assert setuptools["package-dir"] == {"gmbench.backends": "backends", "gmbench.baselines": "baselines",
+                                         "gmbench.shipped_suites": "suites"}
     for package in setuptools["packages"]:
         folder = package_folder(package, setuptools["package-dir"])
         assert folder.is_dir(), f"pyproject lists {package} but {folder} does not exist"
@@ -83,7 +84,7 @@ def test_wheel_ships_every_module_under_its_import_name(tmp_path):
         if (REPO / name).exists():
             shutil.copy(REPO / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for root in SOURCE_ROOTS:
+    for root in [*SOURCE_ROOTS, "suites"]:  # suites/: package data (gmbench.shipped_suites)
         if (REPO / root).is_dir():
             shutil.copytree(REPO / root, source / root, ignore=ignore)
     result = subprocess.run(

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
             "Exit code 0: all cells ok; 1: some cell failed; 2: a user error (bad suite, bad option)."
         ),
     )
-    parser.add_argument("suite", help="suite YAML file, e.g. suites/quickstart.yaml")
+    parser.add_argument("suite", help="suite YAML file (e.g. my-suite.yaml) or the name of a packaged suite (e.g. quickstart; see gmbench suites)")
     parser.add_argument("--out", help="run folder (default: runs/<suite name>[-smoke])")
     parser.add_argument("--data-root", help="folder with the data sets (default: the cells' dataset_params.data_root, else $GMBENCH_DATA)")
     parser.add_argument("--cache-dir", help="fitted-mixture cache (default: $GMBENCH_CACHE or ~/.cache/gmbench)")
@@ -97,7 +97,9 @@ def run(args) -> int:
             raise GmbenchError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     elif args.device != "cpu":
         raise GmbenchError(f"--device must be cpu, cuda or cuda:N, got '{args.device}'")
-    suite = load_suite(args.suite, smoke=args.smoke)
+    from gmbench.commands.suites import resolve_suite
+
+    suite = load_suite(resolve_suite(args.suite), smoke=args.smoke)  # an existing file wins over a packaged name
     from gmbench import backends
 
     # Fails early, with the reason, if the cells' backend cannot run here; switches nothing.
