@@ -1,5 +1,6 @@
 """Plugin contracts: hooks, their protocols, the built-ins satisfying them, tracing, documentation."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -127,3 +128,13 @@ def test_every_hook_and_protocol_is_documented_in_docs_plugins_md():
         assert hookspecs.PROTOCOLS[kind].__name__ in text, kind
     for convention in ("in_features", "<kind>_params", "regularization_loss(learning_rate=", "data_root", "seed"):
         assert convention in text, convention
+
+
+def test_the_example_third_party_plugin_satisfies_its_protocol():
+    # Loaded from its file under another name: the example must not look installed to
+    # tests/test_third_party_plugin.py, which installs it for real.
+    source = Path(__file__).resolve().parents[1] / "examples" / "gmbench-runnalls" / "src" / "gmbench_runnalls" / "plugin.py"
+    spec = importlib.util.spec_from_file_location("runnalls_example_plugin", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert plugin_contracts.problems("reduction", module.RunnallsReduction) == []
