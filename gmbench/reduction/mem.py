@@ -12,6 +12,8 @@ Shapes: ``reduce(m [..., N_o, K], N_p) -> [..., N_p, K]``.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
@@ -39,10 +41,10 @@ class ModifiedEMReduction:
 
     def __init__(
         self,
-        virtual_points: float = 20.0,
-        kl_threshold: float | None = 1.0,
-        weight_threshold: float = 1e-7,
-        normalize_scale: bool = True,
+        virtual_points: Annotated[float, "Preiner's virtual sample count (the authors' code used 20)"] = 20.0,
+        kl_threshold: Annotated[float | None, "KL gate of the E step; the closest pair always passes (null: off, as the authors' MHEM)"] = 1.0,
+        weight_threshold: Annotated[float, "Gaussians with a smaller |weight| are ignored"] = 1e-7,
+        normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
     ):
         if virtual_points <= 0:
             raise ValueError(f"virtual_points must be positive, got {virtual_points!r}")

@@ -49,6 +49,7 @@ Shapes: ``reduce(m [..., N, K], n_components) -> [..., n_components, K]``.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
@@ -79,13 +80,13 @@ class TreeHEMReduction:
 
     def __init__(
         self,
-        T: int = 2,
-        virtual_points: float = 4.0,
-        kl_threshold: float | None = 0.5,
-        weight_threshold: float = 1e-7,
-        morton_bits: int = 10,
-        normalize_scale: bool = True,
-        recompute: bool = True,
+        T: Annotated[int, "Gaussians per tree node, a power of two >= 2 (the paper uses 2 and 4)"] = 2,
+        virtual_points: Annotated[float, "Preiner's virtual sample count per node fit"] = 4.0,
+        kl_threshold: Annotated[float | None, "KL-divergence gate of the E step (null: off)"] = 0.5,
+        weight_threshold: Annotated[float, "Gaussians with a smaller |weight| are dropped"] = 1e-7,
+        morton_bits: Annotated[int, "bits per axis of the Morton code"] = 10,
+        normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
+        recompute: Annotated[bool, "recompute the node fits in backward instead of keeping them (less memory, about one more forward pass)"] = True,
     ):
         if not isinstance(T, int) or T < 2 or T & (T - 1):
             raise ValueError(f"T must be a power of two >= 2, got {T!r}")
