@@ -159,3 +159,23 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + SUITE.encode())
     assert load_suite(path).name == "t"
+
+
+def test_console_run_of_a_tagged_suite_prints_one_line_and_nothing_else(tmp_path):
+    # The whole console path (interpreter start, plugin loading, logging): still one line.
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "executed"
+    suite = write(tmp_path, SUITE + f'matrix:\n  seed: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gmbench", "run", str(suite), "--dry-run", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"gmbench run: error: {suite}:8: YAML tag '!!python/object/apply:os.system' is not allowed: only plain data "
+        "(mappings, lists, strings, numbers, true/false, null); remove the tag"
+    ]
+    assert not marker.exists() and not (tmp_path / "out").exists()
