@@ -383,3 +383,14 @@ def test_gmbench_run_on_missing_data_says_which_fetch_command_gets_it(tmp_path, 
     code = main(["run", str(suite), "--out", str(tmp_path / "run"), "--no-progress"])  # no data root set
     assert code == 2
     assert "gmbench data fetch modelnet10 --root" in one_line_error(capsys)
+
+
+def test_a_second_fetch_into_the_same_root_is_refused_while_one_runs(tmp_path, server, monkeypatch):
+    payload, _ = tiny_mnist()
+    publish(monkeypatch, server, "mnist", payload)
+    root = tmp_path / "data"
+    root.mkdir()
+    with fetching._lock(root / fetching.LOCK):  # another fetch holds the root
+        with pytest.raises(DataError, match="another 'gmbench data fetch' is downloading into"):
+            fetching.fetch("mnist", root, progress=False)
+    assert fetching.fetch("mnist", root, progress=False).status == "fetched"

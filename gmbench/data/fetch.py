@@ -211,8 +211,8 @@ def _unpack(source: DataSource, files: dict[str, Path], target: Path) -> None:
             problem = _mesh_count_problem(source, unpacked)
             if problem:
                 archive.unlink(missing_ok=True)
-                raise DownloadError(f"{archive.name} from {source.name}'s server {problem}; the download was "
-                                    f"removed: run the command again or try another --mirror")
+                raise DownloadError(f"downloaded {archive.name} {problem}, so it is not the published data set; "
+                                    "it was removed: run the command again or try another --mirror")
         else:
             for name, path in files.items():
                 shutil.copyfile(path, staging / name)
