@@ -23,14 +23,15 @@ import contextvars
 import functools
 from typing import Any
 
+from gmbench import plugins
+from gmbench.errors import PluginError
+
 _active: contextvars.ContextVar[Any] = contextvars.ContextVar("gmbench_backend", default=None)
 
 
 @functools.lru_cache(maxsize=1)
 def _default():
     """The ``torch`` backend with its defaults, built once: a constant, never a choice."""
-    from gmbench import plugins
-
     return plugins.create("backend", "torch")
 
 
@@ -47,9 +48,6 @@ def check(name: str, **params: Any):
     ``unavailable_reason()``; builds nothing and changes no state.  Returns the
     plugin's :class:`gmbench.plugins.PluginInfo`.
     """
-    from gmbench import plugins
-    from gmbench.errors import PluginError
-
     info = plugins.check_parameters("backend", name, params, framework=True)
     reason = info.cls.unavailable_reason() if hasattr(info.cls, "unavailable_reason") else None
     if reason:
@@ -59,8 +57,6 @@ def check(name: str, **params: Any):
 
 def create(name: str, **params: Any):
     """A new instance of backend ``name`` after :func:`check`; it is not made active."""
-    from gmbench import plugins
-
     check(name, **params)
     return plugins.create("backend", name, **params)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from gmbench import backends, plugins
 from gmbench.errors import GmbenchError
 
 
@@ -30,8 +31,6 @@ def cell_environment(options, seed: int | None = None) -> Iterator[None]:
     calling process is unchanged afterwards.  Raises :class:`GmbenchError` for a
     backend or device that cannot be used.
     """
-    from gmbench import backends, plugins
-
     plugins.load_modules(list(options.plugins), source="suite plugins:")
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
