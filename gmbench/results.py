@@ -23,7 +23,7 @@ RESULTS_PARQUET = "results.parquet"
 COLUMNS = [
     "suite", "cell_id", "task", "label", "dataset", "model", "input", "transfer_fitting", "reduction",
     "input_fitting", "n_gaussians", "n_points", "layout", "seed", "epochs", "test_accuracy",
-    "best_test_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "params", "status", "error",
+    "best_test_accuracy", "smoothed_test_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "params", "status", "error",
 ]
 # Configuration fields copied from the cell (metrics override them where the cell resolved more).
 _CONFIG_COLUMNS = ("task", "label", "dataset", "model", "input", "input_fitting", "n_gaussians", "n_points", "seed", "transfer_fitting", "layout", "batch", "kernel_gaussians", "integrated", "dims", "n_mixtures")
