@@ -56,3 +56,29 @@ def test_accuracy_summary_is_the_last_smoothed_point():
 def test_bad_weight_is_rejected():
     with pytest.raises(ValueError):
         tensorboard_smoothed([0.1], weight=1.0)
+
+
+def test_a_training_cell_records_the_smoothed_accuracy_of_its_epoch_log(tmp_path):
+    import json
+    import textwrap
+
+    import pandas as pd
+
+    from gmbench.results import RESULTS_CSV
+    from gmbench.runner import RunOptions, cell_dir, run_suite
+    from gmbench.suite import parse_suite
+
+    suite = parse_suite(textwrap.dedent("""\
+        name: smoothed
+        plugins: [runner_plugins]
+        cell: {dataset: test_blobs, model: test_meanpool, input: points, n_gaussians: 8, training: {epochs: 4, batch_size: 10}}
+        matrix: {seed: [0]}
+        """), "smoothed.yaml")
+    run_suite(suite, tmp_path / "run", RunOptions(), progress=False)
+    folder = cell_dir(tmp_path / "run", suite.cells[0].id)
+    history = [json.loads(line)["test_accuracy"] for line in (folder / "epochs.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert len(history) == 4
+    assert metrics["smoothed_test_accuracy"] == pytest.approx(debiased_ema(history, 0.9)[-1], abs=1e-12)
+    row = pd.read_csv(tmp_path / "run" / RESULTS_CSV).iloc[0]
+    assert row["smoothed_test_accuracy"] == pytest.approx(metrics["smoothed_test_accuracy"])
