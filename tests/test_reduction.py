@@ -12,8 +12,12 @@ from gmbench.reduction import em
 from gmbench.reduction.morton import morton_codes
 from gmbench.reduction.node_fit import single_linkage_labels
 
-METHODS = [("treehem", {"T": 2}), ("treehem", {"T": 4}), ("mem", {})]
-IDS = ["treehem-T2", "treehem-T4", "mem"]
+# The default implementation (the native kernel where it builds) and the PyTorch reference.
+METHODS = [
+    ("treehem", {"T": 2}), ("treehem", {"T": 4}), ("mem", {}),
+    ("treehem", {"T": 2, "implementation": "torch"}), ("mem", {"implementation": "torch"}),
+]
+IDS = ["treehem-T2", "treehem-T4", "mem", "treehem-T2-torch", "mem-torch"]
 
 
 def random_mixture(batch, channels, n, dims, seed=0, dtype=torch.float64, signed=False, spread=3.0):
@@ -174,7 +178,7 @@ def test_treehem_recompute_gives_the_same_values_and_gradients():
     results = []
     for recompute in (True, False):
         x = m.clone().requires_grad_(True)
-        out = reducer("treehem", {"T": 2, "recompute": recompute}).reduce(x, 7)
+        out = reducer("treehem", {"T": 2, "recompute": recompute, "implementation": "torch"}).reduce(x, 7)
         (out * torch.linspace(0.5, 1.5, out.shape[-1], dtype=out.dtype)).sum().backward()
         results.append((out.detach(), x.grad))
     torch.testing.assert_close(results[0][0], results[1][0])

@@ -12,7 +12,7 @@ Shapes: ``reduce(m [..., N_o, K], N_p) -> [..., N_p, K]``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch import Tensor
 from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.em import em_step
+from gmbench.reduction.implementation import check_implementation, native_kernel
 from gmbench.reduction.node_fit import take
 from gmbench.reduction.scaling import reduce_batched
 
@@ -34,7 +35,10 @@ class ModifiedEMReduction:
     threshold of 2.0 in their config is unused): ``kl_threshold: null`` turns it off
     and reproduces their MHEM on positive mixtures (``tests/test_reduction.py``);
     ``weight_threshold`` Gaussians with smaller ``|w|`` are ignored;
-    ``normalize_scale`` pre-scale each mixture to mean covariance trace D.
+    ``normalize_scale`` pre-scale each mixture to mean covariance trace D;
+    ``implementation`` of the E and M step: ``auto`` (the fused C++ kernel on
+    CPU where it builds, else PyTorch), ``native`` or ``torch`` (see
+    :mod:`gmbench.reduction.implementation`).
     """
 
     name = "mem"
@@ -45,6 +49,9 @@ class ModifiedEMReduction:
         kl_threshold: Annotated[float | None, "KL gate of the E step; the closest pair always passes (null: off, as the authors' MHEM)"] = 1.0,
         weight_threshold: Annotated[float, "Gaussians with a smaller |weight| are ignored"] = 1e-7,
         normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
+        implementation: Annotated[
+            Literal["auto", "native", "torch"], "E and M step: auto (the C++ kernel on CPU where it builds, else PyTorch), native or torch"
+        ] = "auto",
     ):
         if virtual_points <= 0:
             raise ValueError(f"virtual_points must be positive, got {virtual_points!r}")
@@ -56,6 +63,7 @@ class ModifiedEMReduction:
         self.kl_threshold = kl_threshold
         self.weight_threshold = float(weight_threshold)
         self.normalize_scale = normalize_scale
+        self.implementation = check_implementation(implementation)
 
     def __repr__(self) -> str:
         return f"ModifiedEMReduction(virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
@@ -69,7 +77,8 @@ class ModifiedEMReduction:
             magnitude = torch.where(valid, gm.weights(flat).abs(), torch.full_like(gm.weights(flat), -1.0))
             largest = torch.argsort(-magnitude, dim=-1, stable=True)[:, :n_components]
         init = take(flat, largest)
-        fitted, fitted_valid = em_step(
+        kernel = native_kernel(self.implementation, flat)
+        fitted, fitted_valid = (kernel.em_step if kernel is not None else em_step)(
             flat, valid, init, valid.gather(1, largest), self.virtual_points, self.kl_threshold
         )
         return gm.with_weights(fitted, torch.where(fitted_valid, gm.weights(fitted), torch.zeros_like(gm.weights(fitted))))

@@ -35,9 +35,28 @@ def morton_codes(positions: Tensor, valid: Tensor | None = None, bits: int = 10)
     extent = (upper - lower).clamp_min(torch.finfo(x.dtype).tiny)
     levels = (1 << bits) - 1
     q = ((x - lower) / extent * levels).round().clamp(0, levels).to(torch.int64)
+    table = _spread_table(d, q.device)
     code = torch.zeros(q.shape[:-1], dtype=torch.int64, device=q.device)
-    for bit in range(bits):
-        for axis in range(d):
-            # Axis 0 takes the most significant bit of each group.
-            code |= ((q[..., axis] >> bit) & 1) << (bit * d + (d - 1 - axis))
+    for axis in range(d):
+        # Axis 0 takes the most significant bit of each group of d bits.
+        for chunk in range(0, bits, _CHUNK_BITS):
+            # Only the low `bits` bits count (float rounding can push q one past `levels`).
+            spread = table[(q[..., axis] >> chunk) & ((1 << min(_CHUNK_BITS, bits - chunk)) - 1)]
+            code |= spread << (chunk * d + d - 1 - axis)
     return code
+
+
+_CHUNK_BITS = 10
+_TABLES: dict[tuple[int, str], Tensor] = {}
+
+
+def _spread_table(d: int, device: torch.device) -> Tensor:
+    """``[1024]`` int64: bit ``b`` of the index moved to bit ``b * d`` (a lookup instead of a loop over bits)."""
+    key = (d, str(device))
+    if key not in _TABLES:
+        values = torch.arange(1 << _CHUNK_BITS, dtype=torch.int64)
+        table = torch.zeros_like(values)
+        for bit in range(_CHUNK_BITS):
+            table |= ((values >> bit) & 1) << (bit * d)
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]

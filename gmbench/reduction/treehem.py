@@ -49,7 +49,7 @@ Shapes: ``reduce(m [..., N, K], n_components) -> [..., n_components, K]``.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ from torch import Tensor
 from gmbench import mixture as gm
 from gmbench.plugins import hookimpl
 from gmbench.reduction.morton import morton_codes
+from gmbench.reduction.implementation import check_implementation, native_kernel
 from gmbench.reduction.node_fit import compact, fit_nodes, take
 from gmbench.reduction.scaling import reduce_batched
 
@@ -73,7 +74,11 @@ class TreeHEMReduction:
     ``normalize_scale`` pre-scale each mixture to mean covariance trace D;
     ``recompute`` recompute the per-node EM steps in backward instead of
     keeping their intermediates (several times less training memory, about
-    one more forward pass of time; not in the authors' code).
+    one more forward pass of time; not in the authors' code; the native
+    kernel always recomputes);
+    ``implementation`` of the node fits: ``auto`` (the fused C++ kernel on
+    CPU where it builds, else PyTorch), ``native`` or ``torch`` (see
+    :mod:`gmbench.reduction.implementation`).
     """
 
     name = "treehem"
@@ -87,6 +92,9 @@ class TreeHEMReduction:
         morton_bits: Annotated[int, "bits per axis of the Morton code"] = 10,
         normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
         recompute: Annotated[bool, "recompute the node fits in backward instead of keeping them (less memory, about one more forward pass)"] = True,
+        implementation: Annotated[
+            Literal["auto", "native", "torch"], "node fits: auto (the C++ kernel on CPU where it builds, else PyTorch), native or torch"
+        ] = "auto",
     ):
         if not isinstance(T, int) or T < 2 or T & (T - 1):
             raise ValueError(f"T must be a power of two >= 2, got {T!r}")
@@ -105,6 +113,7 @@ class TreeHEMReduction:
         self.morton_bits = morton_bits
         self.normalize_scale = normalize_scale
         self.recompute = recompute
+        self.implementation = check_implementation(implementation)
 
     def __repr__(self) -> str:
         return f"TreeHEMReduction(T={self.T}, virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
@@ -167,6 +176,12 @@ class TreeHEMReduction:
     # -- top-down ----------------------------------------------------------
     def _reduce_flat(self, m: Tensor, n_out: int) -> Tensor:
         T = self.T
+        kernel = native_kernel(self.implementation, m)
+        if kernel is not None:  # the tree, the cut and the partial fit in one native call
+            leaves, leaves_valid, _ = self._sorted_leaves(m)
+            n_valid = int(leaves_valid.flatten(1).sum(-1).max())
+            out, _ = kernel.treehem(leaves, leaves_valid, n_valid, n_out, self.virtual_points, self.kl_threshold)
+            return out
         nodes, valid = self._build_tree(m)
         g, n_nodes, _, k = nodes.shape
         n_internal = (n_nodes - 1) // 2

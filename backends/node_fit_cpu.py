@@ -1,0 +1,244 @@
+r"""The reduction methods' node fits (E and M steps) as one native CPU kernel call.
+
+:func:`em_step` computes :func:`gmbench.reduction.em.em_step` and
+:func:`fit_nodes` computes :func:`gmbench.reduction.node_fit.fit_nodes`
+(single-linkage initial Gaussians, then one E and one M step; optionally with
+TreeHEM's pass-through of nodes that hold at most ``n_out`` Gaussians), with
+the same values and gradients up to float rounding.  The PyTorch functions
+stay the reference; ``tests/test_node_fit_cpu.py`` compares the two.
+
+Why it is faster: the problems are tiny (a TreeHEM node fits at most ``2T``
+Gaussians to ``T``), so the PyTorch form is about a hundred tensor operations
+per tree level, each costing more in dispatch than in arithmetic.  The kernel
+(``node_fit_kernel.cpp``, package data, built by
+:mod:`gmbench.backends.native`) runs one problem per loop iteration on
+``torch.get_num_threads()`` threads.  Backward recomputes each problem's
+forward from the inputs (nothing but the inputs is kept for backward, like
+TreeHEM's ``recompute``) and applies the chain rule written out in C++.
+
+Available on CPU for float32 and float64, 2D and 3D; not twice
+differentiable.  ``GMBENCH_DISABLE_NODE_FIT_KERNEL=1`` disables it (the
+reductions then take their PyTorch path).
+
+Shapes: targets ``[M, S, K]`` with mask ``[M, S]``; fitting ``[M, Q, K]``
+with mask ``[M, Q]``; results ``([M, Q, K], valid [M, Q])``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from gmbench import mixture as gm
+from gmbench.backends.native import NativeLibrary
+
+SOURCE = Path(__file__).with_name("node_fit_kernel.cpp")
+# No -ffast-math: the E step's gates compare values (KL threshold, argmin,
+# sign) and must decide as the PyTorch reference does, NaN included;
+# -fopenmp-simd lets the marked loops over fitting Gaussians reassociate their
+# sums into vector lanes without linking an OpenMP runtime.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c++17", "-pthread", "-shared", "-fPIC"]
+SUFFIXES = ("f32_2", "f32_3", "f64_2", "f64_3")
+
+_i64, _ptr, _int, _double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+_SETTINGS = [_double, _int, _double]
+_SYMBOLS = {}
+for _suffix in SUFFIXES:
+    _SYMBOLS[f"em_step_forward_{_suffix}"] = ([_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"em_step_backward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"fit_nodes_forward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"fit_nodes_backward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"treehem_forward_{_suffix}"] = (
+        [_i64, _i64, _i64, _i64, _i64, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"treehem_backward_{_suffix}"] = (
+        [_i64, _i64, _i64, _i64, _i64, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+
+LIBRARY = NativeLibrary(
+    SOURCE, _SYMBOLS, FLAGS, description="C++ node-fit kernel", fallback="the PyTorch node fits",
+    disable_env="GMBENCH_DISABLE_NODE_FIT_KERNEL",
+)
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here (``None`` if it can)."""
+    return LIBRARY.unavailable_reason()
+
+
+def supports(m: Tensor) -> bool:
+    """Whether the kernel handles this mixture tensor (CPU, float32/float64, 2D/3D) and is built."""
+    return (
+        m.device.type == "cpu" and m.dtype in (torch.float32, torch.float64) and m.shape[-1] in (7, 13)
+        and LIBRARY.load() is not None
+    )
+
+
+def _suffix(m: Tensor) -> str:
+    return f"{'f32' if m.dtype == torch.float32 else 'f64'}_{gm.n_dims(m)}"
+
+
+def _settings(virtual_points: float, kl_threshold: float | None) -> tuple[float, int, float]:
+    return float(virtual_points), int(kl_threshold is not None), float(kl_threshold or 0.0)
+
+
+def _mask(valid: Tensor) -> Tensor:
+    return valid.to(torch.uint8).contiguous()
+
+
+class _EMStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, target, target_valid, fitting, fitting_valid, settings):
+        library = LIBRARY.load()
+        target, fitting = target.contiguous(), fitting.contiguous()
+        tv, fv = _mask(target_valid), _mask(fitting_valid)
+        m, s, k = target.shape
+        q = fitting.shape[1]
+        out = target.new_empty(m, q, k)
+        out_valid = torch.empty(m, q, dtype=torch.uint8)
+        getattr(library, f"em_step_forward_{_suffix(target)}")(
+            m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *settings,
+            out.data_ptr(), out_valid.data_ptr(), torch.get_num_threads(),
+        )
+        ctx.save_for_backward(target, tv, fitting, fv)
+        ctx.settings = settings
+        ctx.mark_non_differentiable(out_valid)
+        return out, out_valid.bool()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_valid):
+        target, tv, fitting, fv = ctx.saved_tensors
+        m, s, _ = target.shape
+        q = fitting.shape[1]
+        grad_out = grad_out.to(target.dtype).contiguous()
+        grad_target, grad_fitting = torch.empty_like(target), torch.empty_like(fitting)
+        getattr(LIBRARY.load(), f"em_step_backward_{_suffix(target)}")(
+            m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *ctx.settings,
+            grad_out.data_ptr(), grad_target.data_ptr(), grad_fitting.data_ptr(), torch.get_num_threads(),
+        )
+        return grad_target, None, grad_fitting, None, None
+
+
+class _FitNodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, target, valid, n_out, max_out, settings, pass_through):
+        library = LIBRARY.load()
+        target = target.contiguous()
+        tv = _mask(valid)
+        n_out = n_out.to(torch.int64).contiguous()
+        m, s, k = target.shape
+        out = target.new_empty(m, max_out, k)
+        out_valid = torch.empty(m, max_out, dtype=torch.uint8)
+        getattr(library, f"fit_nodes_forward_{_suffix(target)}")(
+            m, s, max_out, target.data_ptr(), tv.data_ptr(), n_out.data_ptr(), *settings, int(pass_through),
+            out.data_ptr(), out_valid.data_ptr(), torch.get_num_threads(),
+        )
+        ctx.save_for_backward(target, tv, n_out)
+        ctx.args = (max_out, settings, int(pass_through))
+        ctx.mark_non_differentiable(out_valid)
+        return out, out_valid.bool()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_valid):
+        target, tv, n_out = ctx.saved_tensors
+        max_out, settings, pass_through = ctx.args
+        m, s, _ = target.shape
+        grad_out = grad_out.to(target.dtype).contiguous()
+        grad_target = torch.empty_like(target)
+        getattr(LIBRARY.load(), f"fit_nodes_backward_{_suffix(target)}")(
+            m, s, max_out, target.data_ptr(), tv.data_ptr(), n_out.data_ptr(), *settings, pass_through,
+            grad_out.data_ptr(), grad_target.data_ptr(), torch.get_num_threads(),
+        )
+        return grad_target, None, None, None, None, None
+
+
+class _TreeHEM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, leaves, leaves_valid, n_valid, n_out, settings):
+        library = LIBRARY.load()
+        g, n_leaves, t, k = leaves.shape
+        nodes = leaves.new_empty(g, 2 * n_leaves - 1, t, k)
+        valid = torch.empty(g, 2 * n_leaves - 1, t, dtype=torch.uint8)
+        nodes[:, n_leaves - 1 :] = leaves
+        valid[:, n_leaves - 1 :] = leaves_valid
+        chosen = torch.empty(g, n_out, dtype=torch.int32)
+        partial = torch.empty(g, 2, dtype=torch.int64)
+        out = leaves.new_empty(g, n_out, k)
+        out_valid = torch.empty(g, n_out, dtype=torch.uint8)
+        getattr(library, f"treehem_forward_{_suffix(leaves)}")(
+            g, n_leaves, t, n_valid, n_out, *settings, nodes.data_ptr(), valid.data_ptr(), chosen.data_ptr(),
+            partial.data_ptr(), out.data_ptr(), out_valid.data_ptr(), torch.get_num_threads(),
+        )
+        ctx.save_for_backward(nodes, valid, chosen, partial, out_valid)
+        ctx.args = (n_valid, n_out, settings)
+        ctx.mark_non_differentiable(out_valid)
+        return out, out_valid.bool()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_valid):
+        nodes, valid, chosen, partial, out_valid = ctx.saved_tensors
+        n_valid, n_out, settings = ctx.args
+        g, n_nodes, t, k = nodes.shape
+        n_leaves = (n_nodes + 1) // 2
+        grad_out = grad_out.to(nodes.dtype).contiguous()
+        grad_leaves = nodes.new_empty(g, n_leaves, t, k)
+        getattr(LIBRARY.load(), f"treehem_backward_{_suffix(nodes)}")(
+            g, n_leaves, t, n_valid, n_out, *settings, nodes.data_ptr(), valid.data_ptr(), chosen.data_ptr(),
+            partial.data_ptr(), out_valid.data_ptr(), grad_out.data_ptr(), grad_leaves.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return grad_leaves, None, None, None, None
+
+
+def treehem(
+    leaves: Tensor, leaves_valid: Tensor, n_valid: int, n_out: int, virtual_points: float,
+    kl_threshold: float | None,
+) -> tuple[Tensor, Tensor]:
+    """TreeHEM after the Morton sort (``TreeHEMReduction._build_tree`` and the top-down cut) in one call.
+
+    ``leaves [G, L, T, K]`` (``L >= 2`` a power of two) with mask ``[G, L, T]``;
+    ``n_valid`` the largest number of valid Gaussians of a mixture (each
+    level fits only the prefix of nodes that can hold any).  Returns
+    ``([G, n_out, K], valid [G, n_out])``, invalid rows with weight 0; the
+    node caches (about ``2 L T`` Gaussians per mixture) are kept for backward.
+    """
+    g, n_leaves, t, _ = leaves.shape
+    if n_out > (2 * n_leaves - 1) * t:
+        raise ValueError(f"a tree of {n_leaves} leaves of {t} holds fewer than {n_out} Gaussians")
+    return _TreeHEM.apply(leaves.contiguous(), leaves_valid, int(n_valid), int(n_out), _settings(virtual_points, kl_threshold))
+
+
+def em_step(
+    target: Tensor, target_valid: Tensor, fitting: Tensor, fitting_valid: Tensor,
+    virtual_points: float, kl_threshold: float | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`gmbench.reduction.em.em_step` by the kernel: ``-> ([M, Q, K], valid [M, Q])``."""
+    if target.shape[0] == 0:
+        return fitting.new_zeros(fitting.shape), fitting_valid.new_zeros(fitting_valid.shape)
+    return _EMStep.apply(target, target_valid, fitting, fitting_valid, _settings(virtual_points, kl_threshold))
+
+
+def fit_nodes(
+    target: Tensor, valid: Tensor, n_out: Tensor, max_out: int, virtual_points: float,
+    kl_threshold: float | None, pass_through: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`gmbench.reduction.node_fit.fit_nodes` by the kernel: ``[M, S, K] -> ([M, max_out, K], valid)``.
+
+    With ``pass_through`` a problem with at most ``n_out`` valid Gaussians is
+    returned as it is (valid ones first, in their order), as TreeHEM's tree
+    levels do, instead of being fitted.
+    """
+    m, s, k = target.shape
+    if max_out > s:
+        raise ValueError(f"a node fit returns at most its {s} input Gaussians, asked for {max_out}")
+    if m == 0:
+        return target.new_zeros(0, max_out, k), valid.new_zeros(0, max_out)
+    return _FitNodes.apply(target, valid, n_out, max_out, _settings(virtual_points, kl_threshold), pass_through)

@@ -1,0 +1,949 @@
+// Fused E and M steps of the reduction methods (TreeHEM's node fits, MEM), CPU.
+//
+// The same function as gmbench/reduction/em.py (em_step) and node_fit.py
+// (fit_nodes: single-linkage initial Gaussians, then em_step), one small
+// problem per loop iteration, all intermediates in per-thread scratch memory.
+// Backward recomputes the forward of its problem (nothing but the inputs is
+// kept between the passes) and applies the chain rule written out below; the
+// PyTorch code is the reference it is tested against (values, gradients,
+// gates, detached terms and the asymmetric use of covariance entries by the
+// closed-form inverse, see gmbench.mixture.symmetric_inverse_and_logdet).
+//
+// Layouts: a problem's Gaussians are rows of K = 1 + D + D*D values (weight,
+// position, row-major covariance); masks are uint8.  Loaded with ctypes (no
+// PyTorch headers); threads are plain std::threads (see cpu_kernel.cpp on why
+// not OpenMP).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+typedef int64_t i64;
+
+namespace {
+
+template <typename Body>
+void run_parallel(int threads, Body body) {
+    if (threads <= 1) { body(); return; }
+    std::vector<std::thread> pool;
+    pool.reserve(threads - 1);
+    for (int t = 1; t < threads; ++t) pool.emplace_back(body);
+    body();
+    for (auto& thread : pool) thread.join();
+}
+
+// Problems are handed out in chunks from an atomic counter: node fits are
+// tiny (a chunk amortises the atomic), MEM problems are large (chunk 1).
+template <typename Work>
+void for_each_problem(i64 count, i64 chunk, int threads, Work work) {
+    std::atomic<i64> next(0);
+    const i64 useful = (count + chunk - 1) / chunk;
+    run_parallel(threads < useful ? threads : (int)std::max<i64>(useful, 1), [&]() {
+        typename Work::Scratch scratch;
+        for (i64 begin = next.fetch_add(chunk); begin < count; begin = next.fetch_add(chunk)) {
+            const i64 end = begin + chunk < count ? begin + chunk : count;
+            for (i64 p = begin; p < end; ++p) work(p, scratch);
+        }
+    });
+}
+
+struct Settings {
+    double virtual_points;
+    int use_kl;
+    double kl_threshold;
+};
+
+template <typename T>
+inline T tiny() { return std::numeric_limits<T>::min(); }  // torch.finfo(T).tiny
+
+template <typename T>
+inline T sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0)); }
+
+template <typename T>
+inline T clamp_tiny(T x) { return x < tiny<T>() ? tiny<T>() : x; }  // NaN stays NaN, as clamp_min
+
+// Adjugate and determinant from the upper-triangle entries, exactly the
+// formulas of gmbench.mixture.symmetric_inverse_and_logdet.
+template <typename T, int D> struct Inverse;
+
+template <typename T> struct Inverse<T, 2> {
+    static T adjugate(const T* C, T* adj) {
+        const T a = C[0], b = C[1], c = C[3];
+        adj[0] = c; adj[1] = -b; adj[2] = -b; adj[3] = a;
+        return a * c - b * b;
+    }
+    // Accumulates the gradient of (adj, det) into gC (entries 00, 01, 11 only).
+    static void backward(const T* C, const T* gadj, T gdet, T* gC) {
+        const T a = C[0], b = C[1], c = C[3];
+        gC[0] += gdet * c + gadj[3];
+        gC[1] += -T(2) * b * gdet - gadj[1] - gadj[2];
+        gC[3] += gdet * a + gadj[0];
+    }
+};
+
+template <typename T> struct Inverse<T, 3> {
+    static T adjugate(const T* C, T* adj) {
+        const T a = C[0], b = C[1], c = C[2], e = C[4], f = C[5], i = C[8];
+        const T A = e * i - f * f, B = c * f - b * i, Cc = b * f - c * e;
+        const T E = a * i - c * c, F = b * c - a * f, I = a * e - b * b;
+        adj[0] = A; adj[1] = B; adj[2] = Cc;
+        adj[3] = B; adj[4] = E; adj[5] = F;
+        adj[6] = Cc; adj[7] = F; adj[8] = I;
+        return a * A + b * B + c * Cc;
+    }
+    static void backward(const T* C, const T* gadj, T gdet, T* gC) {
+        const T a = C[0], b = C[1], c = C[2], e = C[4], f = C[5], i = C[8];
+        const T A = e * i - f * f, B = c * f - b * i, Cc = b * f - c * e;
+        const T gA = gadj[0] + gdet * a, gB = gadj[1] + gadj[3] + gdet * b, gCc = gadj[2] + gadj[6] + gdet * c;
+        const T gE = gadj[4], gF = gadj[5] + gadj[7], gI = gadj[8];
+        gC[0] += gdet * A + gE * i - gF * f + gI * e;
+        gC[1] += gdet * B - gB * i + gCc * f + gF * c - T(2) * gI * b;
+        gC[2] += gdet * Cc + gB * f - gCc * e - T(2) * gE * c + gF * b;
+        gC[4] += gA * i - gCc * c + gI * a;
+        gC[5] += -T(2) * gA * f + gB * c + gCc * b - gF * a;
+        gC[8] += gA * e - gB * b + gE * a;
+    }
+};
+
+// exp(x) for x <= 0 (or NaN) that GCC vectorises: Cody-Waite range reduction,
+// the degree-7 polynomial of Cephes expf (about 1 ulp, as the reference's
+// vectorised expf), the power of two assembled in the exponent bits; exactly
+// 0 below -87.3 (where expf underflows to denormals) and NaN stays NaN.
+inline float exp_nonpositive(float x) {
+    const bool underflow = x < -87.3f;
+    const float y = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_rintf(y * 1.44269504088896341f);
+    const float r = y - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return underflow ? 0.0f : p * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename T, int D>
+T log_det_clamped(const T* C) {
+    T adj[D * D];
+    return std::log(clamp_tiny(Inverse<T, D>::adjugate(C, adj)));
+}
+
+// One E step (Eq. 15, with the sign and KL gates) and one M step (Eq. 16) of
+// S target Gaussians onto Q fitting Gaussians: em.py's em_step.
+template <typename T, int D>
+struct EMStep {
+    static constexpr int K = 1 + D + D * D, DD = D * D;
+    static constexpr int FT = DD + D;      // target features: Sigma_i + m_i m_i^T (row-major), m_i
+    static constexpr int FS = DD + D + 1;  // fitting features: P_s, -2 P_s m_s, m_s^T P_s m_s
+
+    i64 S = 0, Q = 0;
+    T centre[D];
+    T total = 0, divisor = 1;
+    std::vector<T> ft, virt, absw, ldt;           // [S][FT], [S] x 3
+    std::vector<T> fs, adj, detc, det, lds, lprior, ms, pmu;  // [FS][Q], [Q][DD], [Q] x 4, [Q][D] x 2
+    std::vector<T> r, ll;                          // [S][Q] (backward only)
+    std::vector<uint8_t> has_any;                  // [S]
+    std::vector<T> U, ws;                          // [FT][Q] sum_i r_is w_i features_i, [Q]
+    std::vector<T> logit, kl, e;                   // [Q] row temporaries
+    std::vector<uint8_t> allowed, candidate, fsign;
+    // backward
+    std::vector<T> gU, gwt, gfs, glds, glprior, gvirt, grw, glogit;
+
+    void resize(i64 s, i64 q, bool backward) {
+        S = s; Q = q;
+        ft.resize(S * FT); virt.resize(S); absw.resize(S); ldt.resize(S); has_any.resize(S);
+        fs.resize(FS * Q); adj.resize(Q * DD); detc.resize(Q); det.resize(Q); lds.resize(Q); lprior.resize(Q);
+        ms.resize(Q * D); pmu.resize(Q * D);
+        U.resize(FT * Q); ws.resize(Q);
+        logit.resize(Q); kl.resize(Q); e.resize(Q); allowed.resize(Q); candidate.resize(Q); fsign.resize(Q);
+        if (backward) {
+            r.resize(S * Q); ll.resize(S * Q);
+            gU.resize(FT * Q); gwt.resize(Q); gfs.resize(FS * Q); glds.resize(Q); glprior.resize(Q);
+            gvirt.resize(S); grw.resize(Q); glogit.resize(Q);
+        }
+    }
+
+    void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st) {
+        for (int a = 0; a < D; ++a) centre[a] = 0;
+        for (i64 i = 0; i < S; ++i)
+            for (int a = 0; a < D; ++a) centre[a] += tg[i * K + 1 + a];
+        for (int a = 0; a < D; ++a) centre[a] /= T(S);
+        total = 0;
+        for (i64 i = 0; i < S; ++i) {
+            const T* g = tg + i * K;
+            T m[D];
+            for (int a = 0; a < D; ++a) m[a] = g[1 + a] - centre[a];
+            T* f = &ft[i * FT];
+            for (int a = 0; a < D; ++a)
+                for (int b = 0; b < D; ++b) f[a * D + b] = g[1 + D + a * D + b] + m[a] * m[b];
+            for (int a = 0; a < D; ++a) f[DD + a] = m[a];
+            absw[i] = std::fabs(g[0]) * T(tv[i] ? 1 : 0);
+            total += absw[i];
+            ldt[i] = log_det_clamped<T, D>(g + 1 + D);
+        }
+        divisor = total > T(0) ? total : T(1);
+        for (i64 i = 0; i < S; ++i) virt[i] = T(st.virtual_points) * absw[i] / divisor;
+        for (i64 s = 0; s < Q; ++s) {
+            const T* g = fit + s * K;
+            T* A = &adj[s * DD];
+            det[s] = Inverse<T, D>::adjugate(g + 1 + D, A);
+            detc[s] = clamp_tiny(det[s]);
+            lds[s] = std::log(detc[s]);
+            T P[DD];
+            for (int f = 0; f < DD; ++f) P[f] = A[f] / detc[s];
+            T* m = &ms[s * D];
+            T* pm = &pmu[s * D];
+            for (int a = 0; a < D; ++a) m[a] = g[1 + a] - centre[a];
+            T k = 0;
+            for (int a = 0; a < D; ++a) {
+                T acc = 0;
+                for (int b = 0; b < D; ++b) acc += P[a * D + b] * m[b];
+                pm[a] = acc;
+            }
+            for (int a = 0; a < D; ++a) k += m[a] * pm[a];
+            for (int f = 0; f < DD; ++f) fs[f * Q + s] = P[f];
+            for (int a = 0; a < D; ++a) fs[(DD + a) * Q + s] = T(-2) * pm[a];
+            fs[(DD + D) * Q + s] = k;
+            lprior[s] = std::log(clamp_tiny(std::fabs(g[0])));
+            fsign[s] = g[0] >= T(0);
+        }
+    }
+
+    // The responsibilities of target row i (into e[]), and whether any pair is allowed.
+    // Returns the log-likelihoods in ll_row when given.
+    bool row(i64 i, const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
+             T* ll_row) {
+        const T log2pi_d = T(D * 1.8378770664093454835606594728112);  // D log(2 pi)
+        const T* f = &ft[i * FT];
+        const T w_i = tg[i * K];
+        const T vi = virt[i], ldi = ldt[i];
+        T* lg = logit.data();
+        T* kd = kl.data();
+        T* lq = e.data();  // the quadratic terms, before e holds the exponentials
+        const T* k_s = &fs[(DD + D) * Q];
+        #pragma omp simd
+        for (i64 s = 0; s < Q; ++s) lq[s] = k_s[s];
+        for (int c = 0; c < FT; ++c) {
+            const T fc = f[c];
+            const T* fsc = &fs[c * Q];
+            #pragma omp simd
+            for (i64 s = 0; s < Q; ++s) lq[s] += fc * fsc[s];
+        }
+        const T* ld = lds.data();
+        const T* lp = lprior.data();
+        #pragma omp simd
+        for (i64 s = 0; s < Q; ++s) {
+            const T q = lq[s];
+            const T l = T(-0.5) * ((q + ld[s]) + log2pi_d);
+            lg[s] = vi * l + lp[s];
+            kd[s] = T(0.5) * (((q - T(D)) - ldi) + ld[s]);
+            lq[s] = l;
+        }
+        if (ll_row) std::copy(lq, lq + Q, ll_row);
+        // Gates (no gradient).  Only valid target rows get here, so a pair is
+        // valid where its fitting Gaussian is.
+        const uint8_t* pv = fv;
+        const uint8_t sign_i = w_i >= T(0);
+        uint8_t* cd = candidate.data();
+        const uint8_t* fsg = fsign.data();
+        uint8_t any_candidate = 0;
+        #pragma omp simd reduction(| : any_candidate)
+        for (i64 s = 0; s < Q; ++s) {
+            cd[s] = pv[s] & (fsg[s] == sign_i);
+            any_candidate |= cd[s];
+        }
+        const uint8_t* cand = any_candidate ? cd : pv;  // else any valid fitting Gaussian
+        // argmin of (cand ? kl : inf): the first minimum; a NaN wins (torch.argmin).
+        const T inf = std::numeric_limits<T>::infinity();
+        T lowest = inf;
+        uint8_t kl_nan = 0;
+        #pragma omp simd reduction(min : lowest) reduction(| : kl_nan)
+        for (i64 s = 0; s < Q; ++s) {
+            const T v = cand[s] ? kd[s] : inf;
+            kl_nan |= v != v;
+            lowest = v < lowest ? v : lowest;
+        }
+        i64 best = 0;
+        for (i64 s = 0; s < Q; ++s) {
+            const T v = cand[s] ? kd[s] : inf;
+            if (kl_nan ? v != v : v == lowest) { best = s; break; }
+        }
+        uint8_t any = 0;
+        uint8_t* al = allowed.data();
+        const int use_kl = st.use_kl;
+        const T threshold = T(st.kl_threshold);
+        #pragma omp simd reduction(| : any)
+        for (i64 s = 0; s < Q; ++s) {
+            const uint8_t gate = use_kl ? uint8_t(kd[s] < threshold) : uint8_t(1);
+            al[s] = ((cand[s] & gate) | uint8_t(s == best)) & pv[s];
+            any |= al[s];
+        }
+        if (!any)
+            for (i64 s = 0; s < Q; ++s) al[s] = 1;
+        T top = -inf;
+        uint8_t top_nan = 0;
+        #pragma omp simd reduction(max : top) reduction(| : top_nan)
+        for (i64 s = 0; s < Q; ++s) {
+            const T v = al[s] ? lg[s] : -inf;
+            top_nan |= v != v;
+            top = v > top ? v : top;
+        }
+        if (top_nan) top = std::numeric_limits<T>::quiet_NaN();
+        T z = 0;
+        T* ex = e.data();
+        #pragma omp simd reduction(+ : z)
+        for (i64 s = 0; s < Q; ++s) {
+            const T v = exp_nonpositive(lg[s] - top);
+            ex[s] = al[s] ? v : T(0);
+            z += ex[s];
+        }
+        const T scale = any ? T(1) : T(0);
+        #pragma omp simd
+        for (i64 s = 0; s < Q; ++s) ex[s] = ex[s] / z * scale;
+        return any;
+    }
+
+    void forward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
+                 T* out, uint8_t* out_valid, bool keep) {
+        prepare(tg, tv, fit, st);
+        std::fill(U.begin(), U.end(), T(0));
+        std::fill(ws.begin(), ws.end(), T(0));
+        for (i64 i = 0; i < S; ++i) {
+            if (!tv[i]) {  // no allowed pair: responsibilities 0, no gradient
+                if (keep) {
+                    has_any[i] = 0;
+                    std::fill(r.begin() + i * Q, r.begin() + (i + 1) * Q, T(0));
+                }
+                continue;
+            }
+            const bool any = row(i, tg, tv, fit, fv, st, keep ? &ll[i * Q] : nullptr);
+            if (keep) {
+                has_any[i] = any;
+                std::copy(e.begin(), e.begin() + Q, r.begin() + i * Q);
+            }
+            const T w_i = tg[i * K];
+            const T* f = &ft[i * FT];
+            const T* ex = e.data();
+            T* wsp = ws.data();
+            #pragma omp simd
+            for (i64 s = 0; s < Q; ++s) wsp[s] += ex[s] * w_i;
+            for (int c = 0; c < FT; ++c) {
+                const T fc = f[c] * w_i;
+                T* u = &U[c * Q];
+                #pragma omp simd
+                for (i64 s = 0; s < Q; ++s) u[s] += ex[s] * fc;
+            }
+        }
+        if (!out) return;
+        const T threshold = tiny<T>() * T(1e6);
+        for (i64 s = 0; s < Q; ++s) {
+            const T* g = fit + s * K;
+            T* o = out + s * K;
+            const bool nonzero = std::fabs(ws[s]) > threshold;
+            out_valid[s] = nonzero && fv[s];
+            if (!nonzero) {
+                o[0] = 0;
+                for (int c = 1; c < K; ++c) o[c] = g[c];
+                continue;
+            }
+            T mean[D], cov[DD];
+            for (int a = 0; a < D; ++a) mean[a] = U[(DD + a) * Q + s] / ws[s];
+            for (int c = 0; c < DD; ++c) cov[c] = U[c * Q + s] / ws[s];
+            for (int a = 0; a < D; ++a)
+                for (int b = 0; b < D; ++b) cov[a * D + b] -= mean[a] * mean[b];
+            o[0] = ws[s];
+            for (int a = 0; a < D; ++a) o[1 + a] = mean[a] + centre[a];
+            for (int a = 0; a < D; ++a)
+                for (int b = 0; b < D; ++b) o[1 + D + a * D + b] = T(0.5) * (cov[a * D + b] + cov[b * D + a]);
+        }
+    }
+
+    // Accumulates (+=) the gradients of the target rows into gtg and of the
+    // fitting rows into gfit, for the output gradient gout [Q][K].
+    void backward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
+                  const T* gout, T* gtg, T* gfit) {
+        forward(tg, tv, fit, fv, st, nullptr, nullptr, true);
+        const T threshold = tiny<T>() * T(1e6);
+        // M step, per fitting Gaussian: out = (w_s, U_mu / w_s + c, sym(U_2 / w_s - mu mu^T)).
+        for (i64 s = 0; s < Q; ++s) {
+            const bool nonzero = std::fabs(ws[s]) > threshold;
+            if (!nonzero) {
+                for (int c = 0; c < FT; ++c) gU[c * Q + s] = 0;
+                gwt[s] = 0;
+                continue;
+            }
+            const T* go = gout + s * K;
+            T mean[D], gmom[FT], Gc[DD];
+            for (int a = 0; a < D; ++a) mean[a] = U[(DD + a) * Q + s] / ws[s];
+            for (int a = 0; a < D; ++a)
+                for (int b = 0; b < D; ++b) Gc[a * D + b] = T(0.5) * (go[1 + D + a * D + b] + go[1 + D + b * D + a]);
+            for (int c = 0; c < DD; ++c) gmom[c] = Gc[c];
+            for (int a = 0; a < D; ++a) {
+                T acc = 0;
+                for (int b = 0; b < D; ++b) acc += (Gc[a * D + b] + Gc[b * D + a]) * mean[b];
+                gmom[DD + a] = go[1 + a] - acc;
+            }
+            T gsafe = 0;
+            for (int c = 0; c < FT; ++c) {
+                gU[c * Q + s] = gmom[c] / ws[s];
+                gsafe -= gmom[c] * (U[c * Q + s] / ws[s]);
+            }
+            gwt[s] = go[0] + gsafe / ws[s];
+        }
+        std::fill(gfs.begin(), gfs.end(), T(0));
+        std::fill(glds.begin(), glds.end(), T(0));
+        std::fill(glprior.begin(), glprior.end(), T(0));
+        for (i64 i = 0; i < S; ++i) {
+            gvirt[i] = 0;
+            if (!tv[i]) continue;  // r = 0 for the whole row: nothing flows back
+            const T* g = tg + i * K;
+            const T w_i = g[0];
+            const T* f = &ft[i * FT];
+            const T* ri = &r[i * Q];
+            T gf[FT];
+            T gw = 0;
+            T* gr = grw.data();
+            #pragma omp simd
+            for (i64 s = 0; s < Q; ++s) gr[s] = gwt[s];
+            for (int c = 0; c < FT; ++c) {
+                const T fc = f[c];
+                const T* gu = &gU[c * Q];
+                T acc = 0;
+                #pragma omp simd reduction(+ : acc)
+                for (i64 s = 0; s < Q; ++s) {
+                    gr[s] += gu[s] * fc;
+                    acc += ri[s] * gu[s];
+                }
+                gf[c] = acc * w_i;
+            }
+            #pragma omp simd reduction(+ : gw)
+            for (i64 s = 0; s < Q; ++s) gw += gr[s] * ri[s];
+            gvirt[i] = 0;
+            if (has_any[i]) {
+                // Softmax backward with everything taken relative to the most
+                // responsible pair: mathematically the same (the logit
+                // gradients sum to zero), but no cancellation of terms of
+                // size |g| when the responsibilities are nearly one-hot.
+                i64 top = 0;
+                for (i64 s = 1; s < Q; ++s) if (ri[s] > ri[top]) top = s;
+                const T* l = &ll[i * Q];
+                const T g_top = gr[top] * w_i, l_top = l[top];
+                T dot = 0;
+                #pragma omp simd reduction(+ : dot)
+                for (i64 s = 0; s < Q; ++s) dot += s == top ? T(0) : ri[s] * (gr[s] * w_i - g_top);
+                T gv = 0;
+                T* gq = glogit.data();  // first the logit gradients, then those of the quadratic terms
+                const T vi = virt[i];
+                #pragma omp simd reduction(+ : gv)
+                for (i64 s = 0; s < Q; ++s) {
+                    const T gl = s == top ? -ri[s] * dot : ri[s] * ((gr[s] * w_i - g_top) - dot);
+                    gv += s == top ? T(0) : gl * (l[s] - l_top);
+                    const T gll = gl * vi;
+                    glds[s] += T(-0.5) * gll;
+                    glprior[s] += gl;
+                    gq[s] = T(-0.5) * gll;
+                }
+                for (int c = 0; c < FT; ++c) {
+                    const T fc = f[c];
+                    const T* fsc = &fs[c * Q];
+                    T* gfsc = &gfs[c * Q];
+                    T acc = 0;
+                    #pragma omp simd reduction(+ : acc)
+                    for (i64 s = 0; s < Q; ++s) {
+                        acc += gq[s] * fsc[s];
+                        gfsc[s] += gq[s] * fc;
+                    }
+                    gf[c] += acc;
+                }
+                T* gk = &gfs[(DD + D) * Q];
+                #pragma omp simd
+                for (i64 s = 0; s < Q; ++s) gk[s] += gq[s];
+                gvirt[i] = gv;
+            }
+            // Features -> parameters: f = (Sigma_i + m m^T, m), m = mu_i - centre (detached).
+            T* gt = gtg + i * K;
+            T m[D];
+            for (int a = 0; a < D; ++a) m[a] = f[DD + a];
+            for (int c = 0; c < DD; ++c) gt[1 + D + c] += gf[c];
+            for (int a = 0; a < D; ++a) {
+                T acc = gf[DD + a];
+                for (int b = 0; b < D; ++b) acc += (gf[a * D + b] + gf[b * D + a]) * m[b];
+                gt[1 + a] += acc;
+            }
+            gt[0] += gw;
+        }
+        // virtual_i = V |w_i| valid_i / divisor, divisor = total if total > 0.
+        T gtotal = 0;
+        for (i64 i = 0; i < S; ++i) gtotal -= gvirt[i] * virt[i] / divisor;
+        if (!(total > T(0))) gtotal = 0;
+        for (i64 i = 0; i < S; ++i) {
+            const T gabs = T(st.virtual_points) * gvirt[i] / divisor + gtotal;
+            gtg[i * K] += gabs * T(tv[i] ? 1 : 0) * sign(tg[i * K]);
+        }
+        // Fitting features -> parameters.
+        for (i64 s = 0; s < Q; ++s) {
+            const T* g = fit + s * K;
+            T* gg = gfit + s * K;
+            const T* A = &adj[s * DD];
+            const T* m = &ms[s * D];
+            const T* pm = &pmu[s * D];
+            T P[DD], gP[DD], gpm[D];
+            for (int c = 0; c < DD; ++c) { P[c] = fs[c * Q + s]; gP[c] = gfs[c * Q + s]; }
+            const T gk = gfs[(DD + D) * Q + s];
+            for (int a = 0; a < D; ++a) gpm[a] = T(-2) * gfs[(DD + a) * Q + s] + gk * m[a];
+            for (int a = 0; a < D; ++a) {
+                T acc = gk * pm[a];
+                for (int b = 0; b < D; ++b) acc += P[b * D + a] * gpm[b];
+                gg[1 + a] += acc;
+            }
+            for (int a = 0; a < D; ++a)
+                for (int b = 0; b < D; ++b) gP[a * D + b] += gpm[a] * m[b];
+            // P = adj / detc, log det = log(detc), detc = clamp_min(det, tiny).
+            T gadj[DD];
+            T gdetc = glds[s] / detc[s];
+            for (int c = 0; c < DD; ++c) {
+                gadj[c] = gP[c] / detc[s];
+                gdetc -= gP[c] * (A[c] / detc[s]) / detc[s];  // as torch: no underflow of detc^2
+            }
+            const T gdet = det[s] >= tiny<T>() ? gdetc : T(0);
+            Inverse<T, D>::backward(g + 1 + D, gadj, gdet, gg + 1 + D);
+            // log prior = log(clamp_min(|w_s|, tiny)).
+            const T aw = std::fabs(g[0]);
+            if (aw >= tiny<T>()) gg[0] += sign(g[0]) * (glprior[s] / aw);
+        }
+    }
+};
+
+// Initial Gaussians of a node fit (node_fit.py's initial_gaussians): single
+// linkage of the centroids into n_out clusters, the heaviest of each cluster,
+// ordered by |w|.  order[Q] indexes the target rows, init_valid[Q].
+template <typename T, int D>
+void initial_gaussians(i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 n_out, int* labels, T* magnitude,
+                       int* order, uint8_t* init_valid, T* score) {
+    constexpr int K = 1 + D + D * D;
+    i64 remaining = 0;
+    for (i64 i = 0; i < S; ++i) { labels[i] = (int)i; remaining += tv[i] ? 1 : 0; }
+    const T inf = std::numeric_limits<T>::infinity();
+    for (i64 step = 0; step + 1 < S && remaining > n_out; ++step) {
+        T best = inf;
+        i64 bi = -1, bj = -1;
+        bool nan = false;
+        for (i64 i = 0; i < S && !nan; ++i) {
+            if (!tv[i]) continue;
+            const bool si = tg[i * K] >= T(0);
+            for (i64 j = 0; j < S; ++j) {
+                if (j == i || !tv[j] || (tg[j * K] >= T(0)) != si || labels[i] == labels[j]) continue;
+                T d = 0;
+                for (int a = 0; a < D; ++a) {
+                    const T diff = tg[i * K + 1 + a] - tg[j * K + 1 + a];
+                    d += diff * diff;
+                }
+                if (std::isnan(d)) { nan = true; break; }  // torch's min returns NaN: no merge
+                if (d < best) { best = d; bi = i; bj = j; }
+            }
+        }
+        if (nan || bi < 0 || !(best < inf)) break;  // nothing may merge: the same in every later step
+        const int li = labels[bi], lj = labels[bj];
+        for (i64 k = 0; k < S; ++k)
+            if (labels[k] == lj) labels[k] = li;
+        --remaining;
+    }
+    for (i64 i = 0; i < S; ++i) magnitude[i] = tv[i] ? std::fabs(tg[i * K]) : T(-1);
+    for (i64 i = 0; i < S; ++i) {
+        bool beaten = false;
+        if (tv[i])
+            for (i64 j = 0; j < S && !beaten; ++j)
+                beaten = tv[j] && labels[j] == labels[i] &&
+                         (magnitude[j] > magnitude[i] || (magnitude[j] == magnitude[i] && j < i));
+        score[i] = tv[i] && !beaten ? magnitude[i] : T(-1);
+    }
+    // Stable sort by descending score (torch.argsort(-score, stable=True)).
+    for (i64 i = 0; i < S; ++i) order[i] = (int)i;
+    std::stable_sort(order, order + S, [&](int x, int y) { return -score[x] < -score[y]; });
+    for (i64 q = 0; q < Q; ++q) init_valid[q] = score[order[q]] >= T(0) && q < n_out;
+}
+
+// TreeHEM's node fit: fit_nodes, optionally passing a node with at most n_out
+// valid Gaussians through unchanged (valid first, stable), as _build_tree does.
+template <typename T, int D>
+struct NodeFit {
+    static constexpr int K = 1 + D + D * D;
+    EMStep<T, D> em;
+    std::vector<int> labels, order;
+    std::vector<T> magnitude, score, init, ginit;
+    std::vector<uint8_t> init_valid;
+
+    void resize(i64 S, i64 Q, bool backward) {
+        if (em.S != S || em.Q != Q || (backward && em.r.size() < size_t(S * Q))) em.resize(S, Q, backward);
+        labels.resize(S); order.resize(S); magnitude.resize(S); score.resize(S);
+        init.resize(Q * K); ginit.resize(Q * K); init_valid.resize(Q);
+    }
+
+    // Returns true when the node is passed through (order holds the rows).
+    bool select(i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 n_out, bool pass_through) {
+        i64 count = 0;
+        for (i64 i = 0; i < S; ++i) count += tv[i] ? 1 : 0;
+        if (pass_through && count <= n_out) {
+            i64 k = 0;
+            for (i64 i = 0; i < S; ++i) if (tv[i]) order[k++] = (int)i;
+            for (i64 i = 0; i < S; ++i) if (!tv[i]) order[k++] = (int)i;
+            return true;
+        }
+        initial_gaussians<T, D>(S, Q, tg, tv, n_out, labels.data(), magnitude.data(), order.data(),
+                                init_valid.data(), score.data());
+        for (i64 q = 0; q < Q; ++q) std::memcpy(&init[q * K], tg + order[q] * K, sizeof(T) * K);
+        return false;
+    }
+};
+
+template <typename T, int D>
+struct EMWork {
+    struct Scratch { EMStep<T, D> em; };
+    i64 S, Q;
+    const T* tg; const uint8_t* tv; const T* fit; const uint8_t* fv;
+    Settings st;
+    T* out; uint8_t* out_valid;
+    const T* gout; T* gtg; T* gfit;
+    void operator()(i64 p, Scratch& sc) const {
+        constexpr int K = 1 + D + D * D;
+        if (sc.em.S != S || sc.em.Q != Q || (gout && sc.em.r.empty())) sc.em.resize(S, Q, gout != nullptr);
+        const T* t = tg + p * S * K;
+        const T* f = fit + p * Q * K;
+        if (gout)
+            sc.em.backward(t, tv + p * S, f, fv + p * Q, st, gout + p * Q * K, gtg + p * S * K, gfit + p * Q * K);
+        else
+            sc.em.forward(t, tv + p * S, f, fv + p * Q, st, out + p * Q * K, out_valid + p * Q, false);
+    }
+};
+
+template <typename T, int D>
+struct NodeWork {
+    struct Scratch { NodeFit<T, D> node; };
+    i64 S, Q;
+    const T* tg; const uint8_t* tv; const i64* n_out;
+    Settings st;
+    int pass_through;
+    T* out; uint8_t* out_valid;
+    const T* gout; T* gtg;
+    void operator()(i64 p, Scratch& sc) const {
+        constexpr int K = 1 + D + D * D;
+        NodeFit<T, D>& nf = sc.node;
+        nf.resize(S, Q, gout != nullptr);
+        const T* t = tg + p * S * K;
+        const uint8_t* v = tv + p * S;
+        const bool passed = nf.select(S, Q, t, v, n_out[p], pass_through != 0);
+        if (!gout) {
+            T* o = out + p * Q * K;
+            uint8_t* ov = out_valid + p * Q;
+            if (passed) {
+                for (i64 q = 0; q < Q; ++q) {
+                    std::memcpy(o + q * K, t + nf.order[q] * K, sizeof(T) * K);
+                    ov[q] = v[nf.order[q]];
+                }
+            } else {
+                nf.em.forward(t, v, nf.init.data(), nf.init_valid.data(), st, o, ov, false);
+            }
+            return;
+        }
+        const T* go = gout + p * Q * K;
+        T* gt = gtg + p * S * K;
+        if (passed) {
+            for (i64 q = 0; q < Q; ++q)
+                for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += go[q * K + c];
+            return;
+        }
+        std::fill(nf.ginit.begin(), nf.ginit.end(), T(0));
+        nf.em.backward(t, v, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data());
+        for (i64 q = 0; q < Q; ++q)
+            for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += nf.ginit[q * K + c];
+    }
+};
+
+// TreeHEM (treehem.py's _build_tree and _reduce_flat after the Morton sort),
+// one mixture per loop iteration.
+//
+// Bottom-up: a complete binary tree in heap order (root 0, children 2j+1 and
+// 2j+2; the last L nodes are the sorted leaves, T Gaussians each).  Every
+// internal node of the active prefix of its level fits its children's 2T
+// Gaussians to T (or passes at most T through); the nodes right of that
+// prefix hold nothing (weight 0, position 0, identity covariance), as the
+// PyTorch reference pads them.
+//
+// Top-down: the greedy cut in closed form (keys made monotone, the internal
+// nodes expanded in the order of decreasing key while the Gaussian count
+// stays <= n_out), the node that would overshoot partially expanded by one
+// more node fit, and the first n_out candidates (valid ones first, in heap
+// order, then the partial fit's) gathered into the output.  chosen[g, r] is
+// the candidate index of output row r (node row j*T+t, or (2L-1)*T + p for
+// row p of the partial fit); partial[g] = (node, Gaussian count) or (-1, 0).
+template <typename T, int D>
+struct TreeHEMWork {
+    static constexpr int K = 1 + D + D * D;
+    struct Scratch {
+        NodeFit<T, D> node, partial_fit;
+        std::vector<T> grad, key, partial_out, gpartial;
+        std::vector<i64> counts, order, rank, totals;
+        std::vector<uint8_t> expanded, partial_valid, selected;
+    };
+    i64 L, Tn, n_valid, n_out;
+    Settings st;
+    T* nodes; uint8_t* valid;    // [G, 2L-1, T, K], [G, 2L-1, T]; leaves filled in by the caller
+    int32_t* chosen; i64* partial;
+    T* out; uint8_t* out_valid;  // [G, n_out, K], [G, n_out]
+    const T* gout; T* gleaves;   // backward: [G, n_out, K] -> [G, L, T, K]
+
+    // Levels top-down: first heap index and active count of each.
+    void levels(std::vector<i64>& first, std::vector<i64>& active) const {
+        first.clear(); active.clear();
+        i64 count = 1, start = 0, span = Tn * L;
+        while (count < L) {
+            first.push_back(start);
+            const i64 need = (n_valid + span - 1) / span;
+            active.push_back(std::min(count, std::max<i64>(1, need)));
+            start += count; count *= 2; span /= 2;
+        }
+    }
+
+    void build(T* nd, uint8_t* vd, NodeFit<T, D>& nf) const {
+        const i64 S = 2 * Tn, Q = Tn;
+        std::vector<i64> first, active;
+        levels(first, active);
+        for (i64 level = (i64)first.size() - 1; level >= 0; --level) {
+            const i64 count = i64(1) << level;
+            for (i64 t = 0; t < count; ++t) {
+                const i64 j = first[level] + t;
+                T* o = nd + j * Tn * K;
+                uint8_t* ov = vd + j * Tn;
+                if (t >= active[level]) {
+                    for (i64 q = 0; q < Q; ++q) {
+                        std::memset(o + q * K, 0, sizeof(T) * K);
+                        for (int a = 0; a < D; ++a) o[q * K + 1 + D + a * D + a] = T(1);
+                        ov[q] = 0;
+                    }
+                    continue;
+                }
+                const T* children = nd + (2 * j + 1) * Tn * K;
+                const uint8_t* cv = vd + (2 * j + 1) * Tn;
+                if (nf.select(S, Q, children, cv, Tn, true)) {
+                    for (i64 q = 0; q < Q; ++q) {
+                        std::memcpy(o + q * K, children + nf.order[q] * K, sizeof(T) * K);
+                        ov[q] = cv[nf.order[q]];
+                    }
+                } else {
+                    nf.em.forward(children, cv, nf.init.data(), nf.init_valid.data(), st, o, ov, false);
+                }
+            }
+        }
+    }
+
+    // gr [2L-1, T, K] holds the gradient of the node caches; propagated down to the leaves in place.
+    void build_backward(const T* nd, const uint8_t* vd, T* gr, NodeFit<T, D>& nf) const {
+        const i64 S = 2 * Tn, Q = Tn;
+        std::vector<i64> first, active;
+        levels(first, active);
+        for (i64 level = 0; level < (i64)first.size(); ++level) {
+            for (i64 t = 0; t < active[level]; ++t) {
+                const i64 j = first[level] + t;
+                const T* children = nd + (2 * j + 1) * Tn * K;
+                const uint8_t* cv = vd + (2 * j + 1) * Tn;
+                fit_backward(nf, S, Q, children, cv, Tn, true, gr + j * Tn * K, gr + (2 * j + 1) * Tn * K);
+            }
+        }
+    }
+
+    void fit_backward(NodeFit<T, D>& nf, i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 count,
+                      bool pass_through, const T* go, T* gt) const {
+        if (nf.select(S, Q, tg, tv, count, pass_through)) {
+            for (i64 q = 0; q < Q; ++q)
+                for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += go[q * K + c];
+            return;
+        }
+        std::fill(nf.ginit.begin(), nf.ginit.end(), T(0));
+        nf.em.backward(tg, tv, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data());
+        for (i64 q = 0; q < Q; ++q)
+            for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += nf.ginit[q * K + c];
+    }
+
+    // The cut: fills chosen[n_out] and partial[2] of one mixture.
+    void cut(const T* nd, const uint8_t* vd, Scratch& sc, int32_t* ch, i64* part) const {
+        const i64 n_nodes = 2 * L - 1, n_internal = L - 1;
+        sc.counts.resize(n_nodes); sc.key.resize(n_nodes);
+        for (i64 j = 0; j < n_nodes; ++j) {
+            i64 c = 0;
+            T k = 0;
+            for (i64 t = 0; t < Tn; ++t) {
+                c += vd[j * Tn + t] ? 1 : 0;
+                k += std::fabs(nd[(j * Tn + t) * K]) * T(vd[j * Tn + t] ? 1 : 0);
+            }
+            sc.counts[j] = c; sc.key[j] = k;
+        }
+        for (i64 j = 1; j < n_nodes; ++j) {  // monotone keys (parents come first in heap order)
+            const T parent = sc.key[(j - 1) / 2];
+            if (std::isnan(parent) || parent < sc.key[j]) sc.key[j] = parent;
+        }
+        sc.order.resize(n_internal);
+        for (i64 j = 0; j < n_internal; ++j) sc.order[j] = j;
+        // torch.argsort(-key, stable=True): ascending -key, NaN last.
+        std::stable_sort(sc.order.begin(), sc.order.end(), [&](i64 x, i64 y) {
+            const T a = -sc.key[x], b = -sc.key[y];
+            if (std::isnan(b)) return !std::isnan(a);
+            return a < b;
+        });
+        sc.totals.resize(n_internal + 1);
+        sc.totals[0] = sc.counts[0];
+        for (i64 k = 0; k < n_internal; ++k) {
+            const i64 j = sc.order[k];
+            sc.totals[k + 1] = sc.totals[k] + sc.counts[2 * j + 1] + sc.counts[2 * j + 2] - sc.counts[j];
+        }
+        i64 fit = 0;
+        for (i64 k = 0; k <= n_internal; ++k) fit += sc.totals[k] <= n_out ? 1 : 0;
+        const i64 n_expanded = std::max<i64>(fit - 1, 0);
+        const i64 current = sc.totals[n_expanded];
+        const bool has_partial = current != n_out && n_expanded < n_internal;
+        const i64 partial_node = sc.order[std::min(n_expanded, n_internal - 1)];
+        sc.rank.resize(n_internal);
+        for (i64 k = 0; k < n_internal; ++k) sc.rank[sc.order[k]] = k;
+        sc.expanded.assign(n_nodes, 0);
+        for (i64 j = 0; j < n_internal; ++j) sc.expanded[j] = sc.rank[j] < n_expanded;
+        part[0] = has_partial ? partial_node : -1;
+        part[1] = has_partial ? n_out - current + sc.counts[partial_node] : 0;
+        // Candidates: selected node rows (frontier, not the partial node), then the partial fit's rows.
+        i64 r = 0;
+        const i64 node_rows = n_nodes * Tn;
+        sc.selected.resize(node_rows);
+        for (i64 j = 0; j < n_nodes; ++j) {
+            const bool parent_expanded = j == 0 || sc.expanded[(j - 1) / 2];
+            const bool frontier = !sc.expanded[j] && parent_expanded && !(has_partial && j == partial_node);
+            for (i64 t = 0; t < Tn; ++t) {
+                const bool sel = frontier && vd[j * Tn + t];
+                sc.selected[j * Tn + t] = sel;
+                if (sel && r < n_out) ch[r++] = (int32_t)(j * Tn + t);
+            }
+        }
+        const i64 partial_rows = 2 * Tn;
+        if (has_partial)
+            for (i64 p = 0; p < partial_rows && r < n_out; ++p)
+                if (sc.partial_valid[p]) ch[r++] = (int32_t)(node_rows + p);
+        for (i64 x = 0; x < node_rows && r < n_out; ++x)  // fillers (weight 0), as compact() takes them
+            if (!sc.selected[x]) ch[r++] = (int32_t)x;
+    }
+
+    void operator()(i64 g, Scratch& sc) const {
+        const i64 n_nodes = 2 * L - 1, S = 2 * Tn;
+        sc.node.resize(S, Tn, gout != nullptr);
+        sc.partial_fit.resize(S, S, gout != nullptr);
+        T* nd = nodes + g * n_nodes * Tn * K;
+        uint8_t* vd = valid + g * n_nodes * Tn;
+        int32_t* ch = chosen + g * n_out;
+        i64* part = partial + 2 * g;
+        sc.partial_out.resize(S * K);
+        sc.partial_valid.assign(S, 0);
+        if (!gout) {
+            build(nd, vd, sc.node);
+            // The partial node is known only after the cut, whose candidate list needs the
+            // partial fit's validity: cut once for the node, fit, then list the candidates.
+            cut(nd, vd, sc, ch, part);
+            if (part[0] >= 0) {
+                const T* children = nd + (2 * part[0] + 1) * Tn * K;
+                const uint8_t* cv = vd + (2 * part[0] + 1) * Tn;
+                NodeFit<T, D>& pf = sc.partial_fit;
+                pf.select(S, S, children, cv, part[1], false);
+                pf.em.forward(children, cv, pf.init.data(), pf.init_valid.data(), st, sc.partial_out.data(),
+                              sc.partial_valid.data(), false);
+                cut(nd, vd, sc, ch, part);
+            }
+            T* o = out + g * n_out * K;
+            uint8_t* ov = out_valid + g * n_out;
+            for (i64 r = 0; r < n_out; ++r) {
+                const i64 x = ch[r];
+                const bool from_partial = x >= n_nodes * Tn;
+                const T* src = from_partial ? &sc.partial_out[(x - n_nodes * Tn) * K] : nd + x * K;
+                ov[r] = from_partial ? sc.partial_valid[x - n_nodes * Tn] : sc.selected[x];
+                std::memcpy(o + r * K, src, sizeof(T) * K);
+                if (!ov[r]) o[r * K] = T(0);
+            }
+            return;
+        }
+        sc.grad.assign(n_nodes * Tn * K, T(0));
+        sc.gpartial.assign(S * K, T(0));
+        const T* go = gout + g * n_out * K;
+        const uint8_t* ov = out_valid + g * n_out;
+        for (i64 r = 0; r < n_out; ++r) {
+            const i64 x = ch[r];
+            T* dst = x >= n_nodes * Tn ? &sc.gpartial[(x - n_nodes * Tn) * K] : &sc.grad[x * K];
+            if (ov[r]) dst[0] += go[r * K];  // a filler's weight is the constant 0
+            for (int c = 1; c < K; ++c) dst[c] += go[r * K + c];
+        }
+        if (part[0] >= 0) {
+            const T* children = nd + (2 * part[0] + 1) * Tn * K;
+            const uint8_t* cv = vd + (2 * part[0] + 1) * Tn;
+            fit_backward(sc.partial_fit, S, S, children, cv, part[1], false, sc.gpartial.data(),
+                         sc.grad.data() + (2 * part[0] + 1) * Tn * K);
+        }
+        build_backward(nd, vd, sc.grad.data(), sc.node);
+        std::memcpy(gleaves + g * L * Tn * K, sc.grad.data() + (L - 1) * Tn * K, sizeof(T) * L * Tn * K);
+    }
+};
+
+}  // namespace
+
+#define INSTANTIATE(T, D, SUFFIX)                                                                       \
+extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,           \
+        const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, T* out, uint8_t* ov,        \
+        int threads) {                                                                                  \
+    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, nullptr, nullptr, nullptr};        \
+    for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
+}                                                                                                       \
+extern "C" void em_step_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,          \
+        const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, const T* gout, T* gtg,      \
+        T* gfit, int threads) {                                                                         \
+    std::memset(gtg, 0, sizeof(T) * M * S * (1 + D + D * D));                                           \
+    std::memset(gfit, 0, sizeof(T) * M * Q * (1 + D + D * D));                                          \
+    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, gout, gtg, gfit};         \
+    for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
+}                                                                                                       \
+extern "C" void fit_nodes_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,         \
+        const i64* n_out, double vp, int use_kl, double kl, int pass_through, T* out, uint8_t* ov,     \
+        int threads) {                                                                                  \
+    NodeWork<T, D> w{S, Q, tg, tv, n_out, {vp, use_kl, kl}, pass_through, out, ov, nullptr, nullptr};   \
+    for_each_problem(M, 64, threads, w);                                                                \
+}                                                                                                       \
+extern "C" void fit_nodes_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,        \
+        const i64* n_out, double vp, int use_kl, double kl, int pass_through, const T* gout, T* gtg,   \
+        int threads) {                                                                                  \
+    std::memset(gtg, 0, sizeof(T) * M * S * (1 + D + D * D));                                           \
+    NodeWork<T, D> w{S, Q, tg, tv, n_out, {vp, use_kl, kl}, pass_through, nullptr, nullptr, gout, gtg}; \
+    for_each_problem(M, 64, threads, w);                                                                \
+}                                                                                                       \
+extern "C" void treehem_forward_##SUFFIX(i64 G, i64 L, i64 Tn, i64 n_valid, i64 n_out, double vp,        \
+        int use_kl, double kl, T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out,          \
+        uint8_t* out_valid, int threads) {                                                               \
+    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, nodes, valid, chosen, partial, out,     \
+                        out_valid, nullptr, nullptr};                                                    \
+    for_each_problem(G, 1, threads, w);                                                                  \
+}                                                                                                        \
+extern "C" void treehem_backward_##SUFFIX(i64 G, i64 L, i64 Tn, i64 n_valid, i64 n_out, double vp,       \
+        int use_kl, double kl, const T* nodes, const uint8_t* valid, const int32_t* chosen,              \
+        const i64* partial, const uint8_t* out_valid, const T* gout, T* gleaves, int threads) {           \
+    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, const_cast<T*>(nodes),                  \
+                        const_cast<uint8_t*>(valid), const_cast<int32_t*>(chosen),                       \
+                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout,       \
+                        gleaves};                                                                        \
+    for_each_problem(G, 1, threads, w);                                                                  \
+}
+
+INSTANTIATE(float, 2, f32_2)
+INSTANTIATE(float, 3, f32_3)
+INSTANTIATE(double, 2, f64_2)
+INSTANTIATE(double, 3, f64_3)
