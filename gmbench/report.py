@@ -83,7 +83,7 @@ def _format(mean: float, std: float, count: int, metric: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
     digits = 1 if _is_percent(metric) or abs(mean) >= 100 else 3 if abs(mean) < 10 else 2
-    if metric in ("params", "total_gaussians", "kernels"):
+    if metric in ("params", "total_gaussians", "kernels", "n_points"):
         return f"{mean:,.0f}"
     text = f"{mean:.{digits}f}"
     if count > 1 and std == std:

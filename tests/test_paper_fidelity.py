@@ -188,3 +188,10 @@ def test_table_4_and_12_conflict_is_noted_in_both():
     assert (table12["k-means+EM"], table12["rand+EM"]) == (92.81, 92.13)
     for name in ("table4", "table12"):
         assert "92.81" in PAPER[name]["note"] and "92.1" in PAPER[name]["note"]
+
+
+def test_table_1_point_counts_follow_from_the_mixture_footprint():
+    from gmbench.baselines.inputs import matching_point_count
+
+    for record in records("table1_points"):
+        assert matching_point_count(record["n_gaussians"], 3) == record["value"]
