@@ -5,7 +5,11 @@ listed in :data:`BUILTIN_PLUGINS` and registers through the hooks of
 :mod:`gmbench.hookspecs`, exactly as a third-party package registered through
 the ``gmbench`` entry-point group or a suite's ``plugins:`` list does.
 
-Set ``GMBENCH_TRACE_PLUGINS=1`` to log every hook call.
+Set ``GMBENCH_TRACE_PLUGINS=1`` to log every hook call (hooks are called through
+pluggy's hook caller, once per plugin until the set of registered plugins
+changes), ``GMBENCH_DISABLE_ENTRYPOINTS=1`` to ignore installed third-party
+plugins.  :func:`check_parameters` checks a plugin's parameters by value
+(:mod:`gmbench.parameters`).
 """
 
 from __future__ import annotations
