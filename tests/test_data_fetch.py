@@ -265,15 +265,13 @@ def test_a_mirror_replaces_the_publisher(tmp_path, server, monkeypatch, how):
     assert loaded.labels.tolist() == [0, 1, 2, 3, 4, 5] and loaded.class_names[0] == "T-shirt/top"
 
 
-def modelnet_zip(extra_off: str | None = None, stored: bool = False) -> bytes:
+def modelnet_zip(stored: bool = False) -> bytes:
     """ModelNet10.zip as Princeton lays it out: ModelNet10/<class>/{train,test}/*.off plus __MACOSX junk."""
     members = {"ModelNet10/chair/train/chair_0001.off": TETRA, "ModelNet10/chair/train/chair_0002.off": CUBE,
                "ModelNet10/chair/test/chair_0003.off": TETRA, "ModelNet10/table/train/table_0001.off": CUBE,
                "ModelNet10/table/train/table_0002.off": TETRA, "ModelNet10/table/test/table_0003.off": CUBE,
                "__MACOSX/ModelNet10/chair/train/._chair_0001.off": "\x00\x05junk",
                "ModelNet10/README.txt": "not a mesh"}
-    if extra_off:
-        members["ModelNet10/table/test/table_0004.off"] = extra_off
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as archive:
         for name, text in members.items():
@@ -313,16 +311,19 @@ def test_fetch_modelnet_unpacks_the_off_tree_pins_the_checksum_and_loads(tmp_pat
 
 
 def test_a_changed_archive_does_not_match_its_pin_and_the_old_data_stay(tmp_path, server, monkeypatch, capsys):
-    publish_modelnet(monkeypatch, server, modelnet_zip())
+    original = modelnet_zip(stored=True)
+    publish_modelnet(monkeypatch, server, original)
     root = tmp_path / "data"
     assert fetch_cli("modelnet10", "--root", str(root)) == 0
     before = sorted(p for p in (root / "ModelNet10").rglob("*.off"))
-    changed = modelnet_zip(extra_off=TETRA)
-    publish_modelnet(monkeypatch, server, changed, meshes={"train": 4, "test": 3})
+    changed = original.replace(b"0 0 1\n", b"0 0 2\n")  # same size, other meshes (the CRCs no longer match either)
+    assert len(changed) == len(original) and changed != original
+    publish_modelnet(monkeypatch, server, changed)
     capsys.readouterr()
     assert fetch_cli("modelnet10", "--root", str(root), "--force") == 2
     err = one_line_error(capsys)
-    assert "pinned in" in err and hashlib.sha256(changed).hexdigest() in err
+    assert f"has sha256 {hashlib.sha256(changed).hexdigest()}" in err
+    assert f"the pinned (in {root / 'gmbench-fetch.json'}) sha256 is {hashlib.sha256(original).hexdigest()}" in err
     assert sorted(p for p in (root / "ModelNet10").rglob("*.off")) == before
     assert not [p for p in root.iterdir() if p.name.startswith(".ModelNet10")]
 
@@ -394,3 +395,15 @@ def test_a_second_fetch_into_the_same_root_is_refused_while_one_runs(tmp_path, s
         with pytest.raises(DataError, match="another 'gmbench data fetch' is downloading into"):
             fetching.fetch("mnist", root, progress=False)
     assert fetching.fetch("mnist", root, progress=False).status == "fetched"
+
+
+def test_a_server_sending_more_than_the_recorded_size_is_cut_off_and_refused(tmp_path, server, monkeypatch, capsys):
+    payload, _ = tiny_mnist()
+    files = publish(monkeypatch, server, "mnist", payload)
+    name = files[0].name
+    server.files[f"/mnist/{name}"] = payload[name] + bytes(1 << 20)  # 1 MiB more than recorded
+    assert fetch_cli("mnist", "--root", str(tmp_path / "data")) == 2
+    err = one_line_error(capsys)
+    assert f"is larger than {len(payload[name])} bytes (the download stopped there) but the published sha256 is " \
+           f"{files[0].sha256}" in err
+    assert (tmp_path / "data" / "downloads").is_dir() and not list((tmp_path / "data" / "downloads").iterdir())

@@ -81,7 +81,7 @@ def download(url: str, part: Path, size: int | None = None, progress: bool = Tru
         if size is not None and have == size:
             return
         try:
-            _transfer(url, part, have, progress, label or part.name, timeout)
+            _transfer(url, part, have, progress, label or part.name, timeout, size)
             return
         except _Incomplete as error:
             last_error = error
@@ -100,8 +100,11 @@ def download(url: str, part: Path, size: int | None = None, progress: bool = Tru
                         f"{part.stat().st_size if part.exists() else 0} bytes are kept in {part}: run the command again to resume")
 
 
-def _transfer(url: str, part: Path, have: int, progress: bool, label: str, timeout: float) -> int | None:
-    """One request; returns the bytes written, raises :class:`_Incomplete` on an early close."""
+def _transfer(url: str, part: Path, have: int, progress: bool, label: str, timeout: float, size: int | None) -> int:
+    """One request; returns the bytes written, raises :class:`_Incomplete` on an early close.
+
+    With a known ``size`` at most one byte more is kept: enough for the size check to fail,
+    without filling the disk from a server that sends something else."""
     from gmbench import __version__
 
     headers = {"User-Agent": f"gmbench/{__version__} (python urllib)"}
@@ -127,6 +130,9 @@ def _transfer(url: str, part: Path, have: int, progress: bool, label: str, timeo
                     block = response.read(CHUNK_BYTES)
                     if not block:
                         break
+                    if size is not None and start + written + len(block) > size:
+                        handle.write(block[: size + 1 - start - written])
+                        return written + len(block)
                     handle.write(block)
                     written += len(block)
                     bar.update(len(block))

@@ -185,10 +185,12 @@ def _obtain(source: DataSource, remote: RemoteFile, root: Path, record: dict, pr
     actual_size, actual = local.stat().st_size, sha256_of(local)
     if (size is not None and actual_size != size) or (sha256 is not None and actual != sha256):
         local.unlink()
-        origin = "published" if remote.sha256 else f"pinned in {root / RECORD}"
-        raise DownloadError(f"{remote.name} from {url} has sha256 {actual} ({actual_size} bytes) but the {origin} "
-                            f"value is {sha256}" + (f" ({size} bytes)" if size is not None else "") +
-                            f"; the file was removed: run the command again, try another --mirror, or {manual}")
+        origin = "published" if remote.sha256 else f"pinned (in {root / RECORD})"
+        expected_text = f"the {origin} sha256 is {sha256}" + (f" ({size} bytes)" if size is not None else "")
+        found = (f"is larger than {size} bytes (the download stopped there)" if size is not None and actual_size > size
+                 else f"has sha256 {actual} ({actual_size} bytes)")
+        raise DownloadError(f"{remote.name} from {url} {found} but {expected_text}; the file was removed: "
+                            f"run the command again, try another --mirror, or {manual}")
     note = None
     if sha256 is None:
         note = (f"{remote.name}: no checksum is published; pinned sha256 {actual} ({actual_size} bytes) in "
