@@ -137,8 +137,14 @@ def test_point_inputs_need_no_fitting_so_the_point_count_does_not_bound_them():
 
 def test_a_matrix_with_too_many_cells_is_rejected_before_expanding():
     axes = "".join(f"  model_params.x{i}: [{', '.join(map(str, range(10)))}]\n" for i in range(8))
-    with pytest.raises(SuiteError, match=r"^s\.yaml:9: this matrix block expands to 100,000,000 cells"):
+    with pytest.raises(SuiteError, match=r"^s\.yaml:9: this matrix block expands to 100,000,000 cells, more than the 10,000"):
         parse_suite(BASE + "matrix:\n" + axes, "s.yaml")
+
+
+def test_blocks_together_may_not_exceed_the_cell_bound():
+    block = "  - {model_params.x: [%s], seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}\n" % ", ".join(map(str, range(400)))
+    with pytest.raises(SuiteError, match=r"^s\.yaml:11: this matrix block expands to 4,000 cells, .* \(8,000 before it\)"):
+        parse_suite(BASE + "matrix:\n" + block * 3, "s.yaml")
 
 
 def test_seed_must_not_be_negative(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -156,7 +157,7 @@ def _check_point_count(ctx: Context, config: dict, dataset: plugins.PluginInfo) 
 def check_training(ctx: Context, training: dict, seed: int, line: int) -> None:
     """``training:`` fields: known :class:`~gmbench.training.TrainConfig` fields of the right
     type, finite, and in the ranges TrainConfig enforces."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _train_config_types()
     allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUNNER_TRAINING_FIELDS]
     for key, value in training.items():
         key_line = line_of(training, key, line)
@@ -174,6 +175,11 @@ def check_training(ctx: Context, training: dict, seed: int, line: int) -> None:
         message = str(error)
         key = next((key for key in training if f"'{key}'" in message), None)
         raise ctx.fail(line_of(training, key, line) if key else line, f"training.{key or ''}: {message}".replace(".: ", ": ")) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _train_config_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _expected(value: Any, hint: Any) -> str:

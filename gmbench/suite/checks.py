@@ -16,6 +16,9 @@ class Context:
 
     where: str
     task: str = "train"
+    # (kind, plugin, canonical parameters) -> PluginInfo of the plugin choices found valid:
+    # the cells of a matrix mostly repeat them, and each is checked once per suite.
+    checked: dict = dataclasses.field(default_factory=dict)
 
     def fail(self, line: int, message: str) -> SuiteError:
         return SuiteError(f"{self.where}:{line}: {message}")

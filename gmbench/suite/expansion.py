@@ -15,12 +15,14 @@ from gmbench.suite.schema import CELL_FIELDS, MAX_CELLS
 from gmbench.suite.yaml_lines import LDict, LList, line_of, plain
 
 
-def expand(ctx: Context, base: dict, block: dict) -> Iterator[LDict]:
+def expand(ctx: Context, base: dict, block: dict, limit: int = MAX_CELLS) -> Iterator[LDict]:
     """Cartesian product of the block's axes applied over the base cell.
 
     An axis is a cell field (``seed: [0, 1]``), a dotted path into a mapping field
     (``model_params.reduction_params.T: [2, 4]``) or any other name whose values
     are mappings merged into the cell (``variant: [{label: a, model: gmcn}, ...]``).
+    More than ``limit`` cells (what :data:`MAX_CELLS` leaves after the blocks before)
+    is an error raised before any cell is built.
     """
     axes = []
     fields = CELL_FIELDS[ctx.task]
@@ -46,10 +48,11 @@ def expand(ctx: Context, base: dict, block: dict) -> Iterator[LDict]:
             raise ctx.fail(line, f"matrix axis '{axis}': only mapping fields ({mapping_fields}) take dotted paths")
         axes.append((axis, values, line))
     count = math.prod(len(values) for _, values, _ in axes)
-    if count > MAX_CELLS:
+    if count > limit:
         raise ctx.fail(
             getattr(block, "line", 0) or 1,
-            f"this matrix block expands to {count:,} cells (more than {MAX_CELLS:,}); split the study into several suites",
+            f"this matrix block expands to {count:,} cells, more than the {MAX_CELLS:,} a suite may have "
+            f"({MAX_CELLS - limit:,} before it); split the study into several suites",
         )
     for combination in itertools.product(*(range(len(values)) for _, values, _ in axes)):
         config = deep_copy(base)

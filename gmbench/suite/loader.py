@@ -11,7 +11,7 @@ from gmbench.suite.cell_checks import resolve
 from gmbench.suite.checks import Context, check_fields, check_ranges, check_report, short, type_names
 from gmbench.suite.expansion import excluded, expand
 from gmbench.suite.plugin_checks import check_plugin
-from gmbench.suite.schema import TASKS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
+from gmbench.suite.schema import MAX_CELLS, TASKS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
 from gmbench.suite.smoke import apply_smoke, shrink_report_filters, smoke_factor
 from gmbench.suite.yaml_lines import LDict, line_of, load_yaml_with_lines, plain, read_suite_text
 
@@ -71,10 +71,12 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False) -> Suite
     check_report(ctx, report)
 
     expanded = []
+    produced = 0  # cells before 'exclude', for the bound MAX_CELLS
     for index, block in enumerate(blocks):
         if not isinstance(block, dict):
             raise ctx.fail(line_of(blocks, index, data.lines["matrix"]), "each matrix block must be a mapping of axis -> list of values")
-        for config in expand(ctx, base, block):
+        for config in expand(ctx, base, block, limit=MAX_CELLS - produced):
+            produced += 1
             if not excluded(ctx, config, exclude):
                 check_ranges(ctx, config)  # before --smoke shrinks a size that cannot work
                 expanded.append(config)

@@ -9,6 +9,7 @@ field path in front of what ``check_parameters`` says.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -25,6 +26,12 @@ def check_plugin(
     e.g. ``model_params``), then every nested plugin choice inside ``params``."""
     if params is None:
         params = LDict()
+    try:
+        key = (kind, name, json.dumps(plain(params), sort_keys=True))
+    except (TypeError, ValueError):  # not JSON data (a date, say): checked every time
+        key = None
+    if key in ctx.checked:
+        return ctx.checked[key]
     if not isinstance(params, dict):
         raise ctx.fail(params_line, f"'{field}' must be a mapping of {kind} parameters, got {short(params)}")
     if not isinstance(name, str):
@@ -53,6 +60,8 @@ def check_plugin(
     except GmbenchError as error:
         line, path = _locate(error, params, params_line)
         raise ctx.fail(line, f"{'.'.join([field, *path])}: {error}") from None
+    if key is not None:
+        ctx.checked[key] = info
     return info
 
 

@@ -22,7 +22,7 @@ RUNNER_TRAINING_FIELDS = ("device", "progress")
 # convolution makes F * N_k * N Gaussians per sample, and no point set gmbench reads has
 # that many points (ModelNet's resampled files: 10,000).
 MAX_GAUSSIANS = 2**16
-# Cells per matrix block before 'exclude' (a product of long axes is a typo, not a study).
+# Cells of a suite, all matrix blocks together, before 'exclude' (more is a typo, not a study).
 MAX_CELLS = 10_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
