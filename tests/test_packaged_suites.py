@@ -31,11 +31,25 @@ def test_gmbench_suites_lists_each_with_its_description(capsys):
     rows = {row["name"]: row["description"] for row in json.loads(capsys.readouterr().out)}
     assert sorted(rows) == SHIPPED
     for name, description in rows.items():
-        declared = yaml.safe_load((REPO / "suites" / f"{name}.yaml").read_text()).get("description")
-        assert description == " ".join(declared.split()), name
+        text = (REPO / "suites" / f"{name}.yaml").read_text()
+        declared = yaml.safe_load(text).get("description")
+        if declared:
+            assert description == " ".join(declared.split()), name
+        else:  # no description: the first line of the top comment
+            assert description and text.startswith("# " + description), name
     assert main(["suites"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("quickstart ") and rows["quickstart"] in line for line in lines)
+
+
+def test_a_suite_without_description_is_described_by_its_top_comment(tmp_path):
+    from gmbench.commands.suites import describe
+
+    path = tmp_path / "s.yaml"
+    path.write_text("# First line of the comment.\n# Second line.\nname: s\ncell: {}\n")
+    assert describe(path) == "First line of the comment."
+    path.write_text("# Comment.\nname: s\ndescription: >\n  Folded\n  text.\ncell: {}\n")
+    assert describe(path) == "Folded text."
 
 
 def test_gmbench_suites_name_prints_the_yaml(capsys):
