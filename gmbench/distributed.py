@@ -28,6 +28,10 @@ checkpoint when resuming, so the cell folder must be visible to all of them
 setting the environment variables torchrun sets (``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); :func:`init_process_group`
 reads exactly those, so it also works in a script started by ``torchrun``.
+Every rank trains inside the same :func:`gmbench.cell_environment.cell_environment`
+as a single-process cell (plugins, backend with the suite's ``backend_params``,
+device, seeds): rank 0 through :func:`gmbench.runner.run_cell`, the others
+through :func:`_train_without_writing`.
 """
 
 from __future__ import annotations

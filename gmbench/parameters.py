@@ -71,18 +71,19 @@ class PluginParameterError(PluginError):
 
     def located(self, location: str) -> PluginParameterError:
         """The same error with ``location`` (e.g. ``"suite.yaml:12"``) in front of its message."""
-        return PluginParameterError(
-            f"{location}: {self.message}", kind=self.kind, plugin=self.plugin, parameter=self.parameter,
-            problem=self.problem, path=self.path, expected=self.expected, description=self.description,
-            value=self.value,
-        )
+        return self._replace(message=f"{location}: {self.message}")
 
     def nested_under(self, key: str) -> PluginParameterError:
         """The same error, reached through the mapping ``key`` (a ``<kind>_params`` entry)."""
-        return PluginParameterError(
-            self.message, kind=self.kind, plugin=self.plugin, parameter=self.parameter, problem=self.problem,
-            path=(key, *self.path), expected=self.expected, description=self.description, value=self.value,
+        return self._replace(path=(key, *self.path))
+
+    def _replace(self, **changes: Any) -> PluginParameterError:
+        fields = dict(
+            message=self.message, kind=self.kind, plugin=self.plugin, parameter=self.parameter, problem=self.problem,
+            path=self.path, expected=self.expected, description=self.description, value=self.value,
         )
+        fields.update(changes)
+        return PluginParameterError(fields.pop("message"), **fields)
 
 
 @dataclasses.dataclass(frozen=True)
