@@ -297,9 +297,10 @@ def value_text(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     if isinstance(value, str):
-        # PyYAML follows YAML 1.1: 1e-5 and 1.0e6 (no dot or no sign in the exponent) are strings.
+        # Suites and --param/--set values read 1e-5 and 1.0e6 as numbers (YAML 1.2 floats), so a
+        # string that looks like one was quoted in the YAML, or passed as a str from Python.
         if _E_NOTATION.fullmatch(value.strip()):
-            return f"{text} (a string: YAML reads 1e-5 or 1.0e6 as text; write 1.0e-5 or 1.0e+6)"
+            return f"{text} (a string, not a number: it was quoted; write {value.strip()} without quotes)"
         return f"{text} (a string)"
     return text
 

@@ -67,10 +67,10 @@ def test_located_prefixes_the_message_and_keeps_the_fields():
     assert (error.parameter, error.path, error.expected) == ("T", ("T",), "an integer")
 
 
-def test_yaml_exponent_without_dot_is_explained():
-    # PyYAML (YAML 1.1) reads 1e-5 as the string '1e-5'.
+def test_quoted_exponent_number_is_explained():
+    # Suites read 1e-5 as a number; the string '1e-5' comes from a quoted value ("1e-5").
     error = rejected("backend", "torch", {"cutoff": "1e-5"})
-    assert "must be a number or null, got '1e-5' (a string: YAML reads 1e-5 or 1.0e6 as text" in str(error)
+    assert "must be a number or null, got '1e-5' (a string, not a number: it was quoted; write 1e-5 without quotes)" in str(error)
 
 
 @pytest.mark.parametrize(
