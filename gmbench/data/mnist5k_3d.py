@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gmbench.data.images import jittered_pixel_samples
-from gmbench.data.mnist5k import CLASS_NAMES, SIDE, MNIST5k, read_digits, split_rows
+from gmbench.data.mnist5k import CLASS_NAMES, SIDE, MNIST5k, split_rows
 from gmbench.data.records import PointSetSplit
 from gmbench.data.sampling import normalize_to_unit_sphere
 from gmbench.errors import DataError
@@ -99,7 +99,7 @@ class MNIST5k3D:
         """``PointSetSplit`` with points ``[S, n_points, 3]`` in the unit sphere, no weights."""
         if split not in ("train", "test"):
             raise DataError(f"unknown split '{split}' for {self.name}; use train or test")
-        images, labels = read_digits(self.digits.path())
+        images, labels = self.digits.read()
         rows = split_rows(labels, split, self.samples_per_class)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{self.name}/{split}".encode()))
         pixels = torch.from_numpy(images[rows].astype(np.float32) / 255.0)
