@@ -124,23 +124,20 @@ def test_check_validates_without_switching(never_here):
     assert backends.active() is before
 
 
-def test_gmbench_run_refuses_a_backend_that_cannot_run_here_before_starting(tmp_path, capsys):
+def test_gmbench_run_refuses_a_backend_that_cannot_run_here_before_starting(tmp_path, monkeypatch, capsys):
     from gmbench import cli
 
-    (tmp_path / "plugin.py").write_text(UNAVAILABLE_BACKEND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "gmbench_test_run_backend.py").write_text(UNAVAILABLE_BACKEND)
     suite = tmp_path / "s.yaml"
     suite.write_text(
-        "name: s\nplugins: [plugin]\nbackend: never_here\ncell: {dataset: digits, model: gmcn,"
+        "name: s\nplugins: [gmbench_test_run_backend]\nbackend: never_here\ncell: {dataset: digits, model: gmcn,"
         " model_params: {layout: '1/4->4/2->10'}, n_gaussians: 4, training: {epochs: 1}}\n"
     )
-    import sys
-
-    sys.path.insert(0, str(tmp_path))
+    plugins.reset()
     try:
-        plugins.reset()
         code = cli.main(["run", str(suite), "--dry-run", "--out", str(tmp_path / "run")])
     finally:
-        sys.path.remove(str(tmp_path))
         plugins.reset()
     error = capsys.readouterr().err
     assert code == 2
