@@ -9,10 +9,14 @@ For N_o in {640, 2560, 10240} and each method: ``forward`` and
 memory a training step holds per reduction) and ``peak_rss_mb`` (peak resident
 memory a fresh process adds for one forward+backward after one small warm-up
 call that pays the one-time imports, sampled every ms).
-``treehem-T2-keep`` is TreeHEM T=2 with ``recompute: false`` (no activation
-checkpointing of the per-node EM steps).  MEM is the reference
-of the ratios printed at the end (same run, same machine): TreeHEM should need
-less memory and grow ~N log N where MEM grows ~N_o x N_p.
+Each method runs twice: with the default implementation (the native
+node-fit kernel, :mod:`gmbench.backends.node_fit_cpu`) and as ``-torch``, the
+PyTorch reference (``implementation: torch``); ``treehem-T2-torch-keep`` is
+the reference with ``recompute: false`` (no activation checkpointing of the
+per-node EM steps).  The summary at the end prints, per method and size, the
+time relative to MEM and, for the kernel, the speed-up over its PyTorch
+reference (same run, same machine): TreeHEM should need less memory and grow
+~N log N where MEM grows ~N_o x N_p.
 
 For scale: the authors' CPU TreeHEM, on a machine like this one, took
 87 ms forward and 16 s backward for 8 x 8 mixtures 2560 -> 32, T = 2.
@@ -35,11 +39,16 @@ from gmbench import plugins
 N_OUT = 32
 SIZES = [int(s) for s in os.environ.get("GMBENCH_BENCH_SIZES", "640,2560,10240").split(",")]
 METHODS = {
+    # The default implementation: the native node-fit kernel on CPU.
     "mem": ("mem", {}),
     "treehem-T2": ("treehem", {"T": 2}),
     "treehem-T4": ("treehem", {"T": 4}),
-    # Without recomputing the node EM steps in backward (faster, more memory).
-    "treehem-T2-keep": ("treehem", {"T": 2, "recompute": False}),
+    # The PyTorch reference of the same methods, in the same run.
+    "mem-torch": ("mem", {"implementation": "torch"}),
+    "treehem-T2-torch": ("treehem", {"T": 2, "implementation": "torch"}),
+    "treehem-T4-torch": ("treehem", {"T": 4, "implementation": "torch"}),
+    # PyTorch without recomputing the node EM steps in backward (faster, more memory).
+    "treehem-T2-torch-keep": ("treehem", {"T": 2, "recompute": False, "implementation": "torch"}),
 }
 RESULTS: dict[tuple[str, int, str], dict] = {}
 
@@ -159,17 +168,22 @@ def print_summary():
     yield
     if not RESULTS:
         return
-    print("\nreduction 8x8 mixtures, 3D, N_o -> 32 (this run; ratios vs MEM at the same N_o)")
-    print(f"{'method':<12}{'N_o':>7}{'fwd s':>9}{'fwd+bwd s':>11}{'saved MiB':>11}{'peak RSS MiB':>14}{'time/MEM':>10}{'saved/MEM':>11}")
+    nan = float("nan")
+    print(f"\nreduction 8x8 mixtures, 3D, N_o -> 32 (this run, {torch.get_num_threads()} threads; "
+          "time and memory relative to MEM-torch at the same N_o; speed-up: -torch time / kernel time)")
+    print(f"{'method':<22}{'N_o':>7}{'fwd s':>9}{'fwd+bwd s':>11}{'saved MiB':>11}{'peak RSS MiB':>14}"
+          f"{'time/MEM':>10}{'saved/MEM':>11}{'speed-up':>10}")
     for method in METHODS:
         for n in SIZES:
             fwd = RESULTS.get((method, n, "forward"), {})
             both = RESULTS.get((method, n, "forward+backward"), {})
-            ref = RESULTS.get(("mem", n, "forward+backward"), {})
-            ratio_t = both.get("min_s", float("nan")) / ref.get("min_s", float("nan")) if ref else float("nan")
-            ratio_m = both.get("autograd_saved_mb", float("nan")) / ref.get("autograd_saved_mb", float("nan")) if ref else float("nan")
+            ref = RESULTS.get(("mem-torch", n, "forward+backward"), {})
+            reference = RESULTS.get((f"{method}-torch", n, "forward+backward"), {})
+            ratio_t = both.get("min_s", nan) / ref.get("min_s", nan) if ref else nan
+            ratio_m = both.get("autograd_saved_mb", nan) / ref.get("autograd_saved_mb", nan) if ref else nan
+            speed_up = reference.get("min_s", nan) / both.get("min_s", nan) if reference and both else nan
             print(
-                f"{method:<12}{n:>7}{fwd.get('min_s', float('nan')):>9.3f}{both.get('min_s', float('nan')):>11.3f}"
-                f"{both.get('autograd_saved_mb', float('nan')):>11.1f}{both.get('peak_rss_mb', float('nan')):>14.0f}"
-                f"{ratio_t:>10.2f}{ratio_m:>11.2f}"
+                f"{method:<22}{n:>7}{fwd.get('min_s', nan):>9.3f}{both.get('min_s', nan):>11.3f}"
+                f"{both.get('autograd_saved_mb', nan):>11.1f}{both.get('peak_rss_mb', nan):>14.0f}"
+                f"{ratio_t:>10.2f}{ratio_m:>11.2f}{speed_up:>10.1f}"
             )
