@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from gmbench.data.records import PointSetSplit
+    from gmbench.loggers.records import CellInfo, ReportInfo
 
 hookspec = pluggy.HookspecMarker("gmbench")
 
@@ -149,6 +150,54 @@ class DatasetPlugin(Protocol):
         (points ``[S, P, D]``, labels ``[S]``, optional weights ``[S, P]``)."""
 
 
+class LoggerPlugin(Protocol):
+    """Experiment tracking: mirrors a run into a tracking tool (TensorBoard, MLflow).
+
+    The run folder's files (``epochs.jsonl``, ``metrics.json``, ``results.csv``) stay
+    the source of truth and are always written; a logger gets copies, each after it is
+    on disk.  One instance per cell, built in the process that runs the cell (rank 0
+    under data parallelism), is called in this order: ``start_cell`` once; for a
+    training cell ``resume`` once, before the first new epoch (also with no epochs
+    restored); ``log_epoch`` per epoch; ``log_diagnostics`` when the cell has
+    ``diagnostics: true``; ``end_cell`` once, for a failed cell too.  A report is
+    given to a fresh instance's ``log_report``.  A logger that raises during a cell
+    is warned about once and left out for the rest of that cell.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """The missing package and its install command (``pip install 'gmbench[mlflow]'``),
+        ``None`` when the logger can run; asked before any cell runs."""
+
+    def start_cell(self, cell: CellInfo) -> None:
+        """A cell starts (again): suite, cell id, the resolved configuration as
+        hyper-parameters (``cell.hyperparameters()``), the run's environment."""
+
+    def resume(self, history: list[dict]) -> None:
+        """The epochs the trainer continues from (restored from the checkpoint; ``[]`` on a
+        fresh start): log those this logger lacks, and drop any later ones it logged
+        before, so that a resumed cell has every epoch exactly once."""
+
+    def log_epoch(self, record: dict) -> None:
+        """One finished epoch, the line of ``epochs.jsonl`` (``epoch``, ``train_loss``,
+        ``train_accuracy``, ``test_accuracy``, ``lr``, ``epoch_time_s``, ``samples_per_s``,
+        ``peak_memory_mb``)."""
+
+    def log_diagnostics(self, rows: list[dict], step: int) -> None:
+        """Per-layer fitting errors (``diagnostics.csv``, Tables 10-11): rows with ``layer``
+        (``"1->8"``), ``method``, ``metric`` (``all``, ``relu``, ``reduction``,
+        ``reduction_l2``) and ``value``, measured after epoch ``step``."""
+
+    def end_cell(self, metrics: dict) -> None:
+        """The cell ended: ``metrics.json`` (final and smoothed accuracy, times, ``status``
+        ``ok``/``failed``/``diverged``/``oom``, one-line ``error``)."""
+
+    def log_report(self, report: ReportInfo) -> None:
+        """A report of the run was written: ``report.md`` and its figures, as artifacts."""
+
+
 # --------------------------------------------------------------------------- hooks
 
 
@@ -180,6 +229,11 @@ def gmbench_model() -> type[ModelPlugin] | list[type[ModelPlugin]]:
 @hookspec
 def gmbench_dataset() -> type[DatasetPlugin] | list[type[DatasetPlugin]]:
     """Data sets (:class:`DatasetPlugin`)."""
+
+
+@hookspec
+def gmbench_logger() -> type[LoggerPlugin] | list[type[LoggerPlugin]]:
+    """Experiment trackers fed by the trainer and runner (:class:`LoggerPlugin`)."""
 
 
 def _protocol(hook) -> type:

@@ -51,6 +51,8 @@ BUILTIN_PLUGINS = (
     "gmbench.baselines.pointnet",
     "gmbench.baselines.pointnet2",
     "gmbench.models.gmcn",
+    "gmbench.loggers.tensorboard_logger",
+    "gmbench.loggers.mlflow_logger",
 )
 
 _pm: pluggy.PluginManager | None = None

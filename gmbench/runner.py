@@ -65,6 +65,7 @@ class RunOptions:
     plugins: tuple[str, ...] = ()
     progress: bool = False  # per-batch bars inside a cell (the trainer's tqdm)
     nproc_per_node: int = 1  # data-parallel processes per training cell (gmbench.distributed)
+    loggers: tuple | None = None  # gmbench.loggers.LoggerChoice, each cell's experiment trackers; None: the suite's
 
 
 # --------------------------------------------------------------------------- one cell
@@ -88,13 +89,16 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
     (cell_dir / ERROR_FILE).unlink(missing_ok=True)
     started = time.perf_counter()
     metrics: dict[str, Any] = {"cell_id": cell_dir.name}
+    from gmbench.loggers import CellLoggers
+
+    tracking = CellLoggers(options.loggers or (), cell_config, cell_dir)
     try:
         from gmbench.cell_environment import cell_environment
 
         # The same set-up as every data-parallel rank (gmbench.distributed).
         with cell_environment(options, seed=cell_config.get("seed")):
             task = TASKS[cell_config["task"]]
-            metrics.update(task(cell_config, cell_dir, options, on_epoch))
+            metrics.update(task(cell_config, cell_dir, options, tracking.epoch_callback(on_epoch)))
         metrics["status"] = "ok"
         metrics["error"] = ""
     except Exception as error:  # noqa: BLE001 - a failing cell is a result, not a crash
@@ -104,6 +108,7 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
     metrics["wall_time_s"] = time.perf_counter() - started
     metrics["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     io.write_json(cell_dir / METRICS_FILE, _finite(metrics))
+    tracking.end(metrics)
     return metrics
 
 
@@ -509,6 +514,10 @@ def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: b
     if options.backend is None and suite.backend:
         options = dataclasses.replace(options, backend=suite.backend)
     options = dataclasses.replace(options, plugins=tuple(suite.plugins), backend_params=suite.backend_params or None)
+    from gmbench import loggers
+
+    options = dataclasses.replace(options, loggers=loggers.choose(suite.loggers) if options.loggers is None else options.loggers)
+    loggers.prepare_run(options.loggers, run_dir)  # checks each tracking store before any cell starts
 
     todo, skipped = [], 0
     for cell in suite.cells:

@@ -68,7 +68,7 @@ def write_distribution(directory, dist, version, module):
 
 
 def test_every_kind_has_a_hook_and_the_torch_backend_is_built_in():
-    assert plugins.KINDS == ("backend", "transfer_fitting", "reduction", "input_fitting", "model", "dataset")
+    assert plugins.KINDS == ("backend", "transfer_fitting", "reduction", "input_fitting", "model", "dataset", "logger")
     for kind in plugins.KINDS:
         assert isinstance(plugins.registry(kind), dict)
     info = plugins.get("backend", "torch")
@@ -81,7 +81,7 @@ def test_unknown_kind_lists_the_kinds():
         plugins.create("optimizer", "adam")
     assert str(info.value) == (
         "unknown plugin kind 'optimizer'; kinds are: "
-        "backend, transfer_fitting, reduction, input_fitting, model, dataset"
+        "backend, transfer_fitting, reduction, input_fitting, model, dataset, logger"
     )
 
 

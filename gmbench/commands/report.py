@@ -24,4 +24,8 @@ def run(args) -> int:
 
     path = write_report(args.run_dir, args.out, compare=args.compare, template=args.template)
     print(f"report: {path}")
+    from gmbench.loggers import log_report
+
+    for name in log_report(args.run_dir, path):  # the loggers of the run (loggers.json), if any
+        print(f"report logged to {name}")
     return 0

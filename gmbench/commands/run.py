@@ -24,6 +24,12 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("suite", help="suite YAML file (e.g. my-suite.yaml) or the name of a packaged suite (e.g. quickstart; see gmbench suites)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+        help="give every cell this value (repeatable): PATH is a cell field or a dotted path into one, VALUE is read as YAML "
+        "like the suite, e.g. --set training.epochs=5 --set training.lr=1e-3; applied after the matrix (it replaces an axis "
+        "on PATH), checked like the file, recorded in the run folder (see docs/suites.md)",
+    )
     parser.add_argument("--out", help="run folder (default: runs/<suite name>[-smoke])")
     parser.add_argument("--data-root", help="folder with the data sets (default: the cells' dataset_params.data_root, else $GMBENCH_DATA)")
     parser.add_argument("--cache-dir", help="fitted-mixture cache (default: $GMBENCH_CACHE or ~/.cache/gmbench)")
@@ -40,7 +46,7 @@ def register(subparsers) -> None:
     cluster.add_argument("--memory-per-cell", type=float, default=None, metavar="GIB", help="host memory Ray reserves per cell, GiB (default: none)")
     cluster.add_argument("--max-retries", type=int, default=3, help="re-runs of a cell whose worker died; it resumes from its checkpoint (default 3)")
     parser.add_argument("--isolate", action="store_true", help="run each cell in a fresh worker process even with --jobs 1 (per-cell peak memory on CPU)")
-    parser.add_argument("--update", action="store_true", help="accept a changed suite in an existing --out: run new cells, drop removed ones from the results")
+    parser.add_argument("--update", action="store_true", help="accept a changed suite (or other --set values) in an existing --out: run new cells, drop removed ones from the results")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
@@ -99,13 +105,15 @@ def run(args) -> int:
         raise GmbenchError(f"--device must be cpu, cuda or cuda:N, got '{args.device}'")
     from gmbench.commands.suites import resolve_suite
 
-    suite = load_suite(resolve_suite(args.suite), smoke=args.smoke)  # an existing file wins over a packaged name
+    # An existing file wins over a packaged name.
+    suite = load_suite(resolve_suite(args.suite), smoke=args.smoke, overrides=args.overrides)
     from gmbench import backends
 
     # Fails early, with the reason, if the cells' backend cannot run here; switches nothing.
     backends.check(args.backend or suite.backend or "torch", **(suite.backend_params or {}))
     out = Path(args.out) if args.out else default_run_dir(suite.name, args.smoke)
-    print(f"suite {suite.name}: {len(suite.cells)} cells -> {out}")
+    given = "".join(f" --set {override}" for override in suite.overrides)
+    print(f"suite {suite.name}{given}: {len(suite.cells)} cells -> {out}")
     if args.dry_run:
         for cell in suite.cells:
             print(f"  {cell.id}  {cell.title}")

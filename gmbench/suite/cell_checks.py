@@ -174,7 +174,10 @@ def check_training(ctx: Context, training: dict, seed: int, line: int) -> None:
     except GmbenchError as error:
         message = str(error)
         key = next((key for key in training if f"'{key}'" in message), None)
-        raise ctx.fail(line_of(training, key, line) if key else line, f"training.{key or ''}: {message}".replace(".: ", ": ")) from None
+        key_line = line_of(training, key, line) if key else line
+        if getattr(key_line, "option", None):  # set by --set, not in the file
+            message = message.replace("fix it in the suite", "fix the option")
+        raise ctx.fail(key_line, f"training.{key or ''}: {message}".replace(".: ", ": ")) from None
 
 
 @functools.lru_cache(maxsize=1)

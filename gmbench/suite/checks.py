@@ -19,9 +19,15 @@ class Context:
     # (kind, plugin, canonical parameters) -> PluginInfo of the plugin choices found valid:
     # the cells of a matrix mostly repeat them, and each is checked once per suite.
     checked: dict = dataclasses.field(default_factory=dict)
+    # The --set options given ("--set a=1, --set b=2"), named by an error about a cell.
+    overrides: str = ""
 
     def fail(self, line: int, message: str) -> SuiteError:
-        return SuiteError(f"{self.where}:{line}: {message}")
+        option = getattr(line, "option", None)  # a value a --set option gave (gmbench.suite.overrides.OverrideLine)
+        if option:
+            return SuiteError(f"{option}: {message}")
+        given = f" (with {self.overrides})" if self.overrides else ""
+        return SuiteError(f"{self.where}:{line}: {message}{given}")
 
 
 def check_fields(ctx: Context, mapping: dict, what: str) -> None:
@@ -35,7 +41,7 @@ def check_fields(ctx: Context, mapping: dict, what: str) -> None:
         if value is None and type(None) in types:
             continue
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ctx.fail(line, f"{what} field '{key}' must be {type_names(types)}, got {type(value).__name__} {short(value)}")
+            raise ctx.fail(line, f"{what} field '{key}' must be {type_names(types)}, got {kind_of(value)} {short(value)}")
 
 
 def check_ranges(ctx: Context, config: dict) -> None:
@@ -89,6 +95,11 @@ def check_report(ctx: Context, report: dict) -> None:
 def type_names(types: tuple) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false", type(None): "null"}
     return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def kind_of(value: Any) -> str:
+    """The type of a suite value as YAML data ("list", not the line-keeping LList)."""
+    return "dict" if isinstance(value, dict) else "list" if isinstance(value, list) else type(value).__name__
 
 
 def short(value: Any) -> str:

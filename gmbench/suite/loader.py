@@ -8,22 +8,24 @@ from typing import Any
 from gmbench import plugins
 from gmbench.errors import GmbenchError, SuiteError
 from gmbench.suite.cell_checks import resolve
-from gmbench.suite.checks import Context, check_fields, check_ranges, check_report, short, type_names
+from gmbench.suite.checks import Context, check_fields, check_ranges, check_report, kind_of, short, type_names
 from gmbench.suite.expansion import excluded, expand
+from gmbench.suite.overrides import apply_overrides, parse_overrides, recorded_text
 from gmbench.suite.plugin_checks import check_plugin
 from gmbench.suite.schema import MAX_CELLS, TASKS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
 from gmbench.suite.smoke import apply_smoke, shrink_report_filters, smoke_factor
 from gmbench.suite.yaml_lines import LDict, line_of, load_yaml_with_lines, plain, read_suite_text
 
 
-def load_suite(path: str | Path, smoke: bool = False) -> Suite:
-    """Read, validate and expand the suite at ``path`` (raises :class:`SuiteError`)."""
+def load_suite(path: str | Path, smoke: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
+    """Read, validate and expand the suite at ``path`` (raises :class:`SuiteError`);
+    ``overrides``: ``PATH=VALUE`` items of ``--set`` (:mod:`gmbench.suite.overrides`)."""
     path = Path(path)
-    return parse_suite(read_suite_text(path), str(path), smoke=smoke)
+    return parse_suite(read_suite_text(path), str(path), smoke=smoke, overrides=overrides)
 
 
-def parse_suite(text: str, where: str = "<suite>", smoke: bool = False) -> Suite:
-    """Validate and expand suite ``text``; errors name ``where`` and the line."""
+def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> Suite:
+    """Validate and expand suite ``text`` with ``--set`` ``overrides``; errors name ``where`` and the line."""
     data = load_yaml_with_lines(text, where)
     if not isinstance(data, dict):
         raise SuiteError(f"{where}:1: a suite must be a mapping with at least 'name' and 'cell'; see docs/suites.md")
@@ -37,7 +39,7 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False) -> Suite
             return default
         value = data[key]
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
-            raise ctx.fail(data.lines[key], f"'{key}' must be {type_names(types)}, got {type(value).__name__} {short(value)}")
+            raise ctx.fail(data.lines[key], f"'{key}' must be {type_names(types)}, got {kind_of(value)} {short(value)}")
         return value
 
     name = top("name", (str,), None)
@@ -70,12 +72,15 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False) -> Suite
     report = top("report", (dict,), {})
     check_report(ctx, report)
 
+    given = parse_overrides(ctx, overrides)
+    ctx.overrides = ", ".join(f"--set {override.text}" for override in given)  # named by the cells' errors
     expanded = []
     produced = 0  # cells before 'exclude', for the bound MAX_CELLS
     for index, block in enumerate(blocks):
         if not isinstance(block, dict):
             raise ctx.fail(line_of(blocks, index, data.lines["matrix"]), "each matrix block must be a mapping of axis -> list of values")
         for config in expand(ctx, base, block, limit=MAX_CELLS - produced):
+            apply_overrides(ctx, config, given)
             produced += 1
             if not excluded(ctx, config, exclude):
                 check_ranges(ctx, config)  # before --smoke shrinks a size that cannot work
@@ -98,7 +103,7 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False) -> Suite
     if not cells:
         raise ctx.fail(data.line or 1, "the matrix expands to no cells (everything excluded?)")
     return Suite(
-        name=name, path=where, text=text, task=ctx.task, plugins=list(modules), backend=backend,
+        name=name, path=where, text=recorded_text(text, given), task=ctx.task, plugins=list(modules), backend=backend,
         description=top("description", (str,), ""), cells=cells, report=plain(report),
-        smoke=smoke, backend_params=plain(backend_params),
+        smoke=smoke, overrides=[override.text for override in given], backend_params=plain(backend_params),
     )

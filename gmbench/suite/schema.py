@@ -159,6 +159,7 @@ class Suite:
     cells: list[Cell]
     report: dict
     smoke: bool = False
+    overrides: list[str] = dataclasses.field(default_factory=list)  # --set PATH=VALUE items, in order
     backend_params: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -171,6 +172,7 @@ class Suite:
             "backend_params": self.backend_params,
             "description": self.description,
             "smoke": self.smoke,
+            "overrides": self.overrides,
             "report": self.report,
             "cells": [{"id": cell.id, "config": cell.config} for cell in self.cells],
         }
