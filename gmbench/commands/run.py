@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    tracking = parser.add_argument_group("experiment tracking (docs/tracking.md)")
+    tracking.add_argument("--logger", action="append", default=[], metavar="NAME", help="also log the run to this logger plugin: tensorboard, mlflow (repeatable; added to the suite's loggers:)")
+    tracking.add_argument("--mlflow-uri", metavar="URI", help="the mlflow logger's tracking store: sqlite:///FILE.db, file:DIR, http://HOST:5000 (default: $MLFLOW_TRACKING_URI, else sqlite in the run folder)")
     parser.set_defaults(func=run)
 
 
@@ -112,6 +115,9 @@ def run(args) -> int:
     # Fails early, with the reason, if the cells' backend cannot run here; switches nothing.
     backends.check(args.backend or suite.backend or "torch", **(suite.backend_params or {}))
     out = Path(args.out) if args.out else default_run_dir(suite.name, args.smoke)
+    from gmbench.loggers import choose
+
+    loggers = choose(suite.loggers, args.logger, args.mlflow_uri)  # a missing package: one line, before any cell
     given = "".join(f" --set {override}" for override in suite.overrides)
     print(f"suite {suite.name}{given}: {len(suite.cells)} cells -> {out}")
     if args.dry_run:
@@ -121,7 +127,7 @@ def run(args) -> int:
     options = RunOptions(
         device=args.device, backend=args.backend, data_root=args.data_root,
         cache_dir=args.cache_dir, progress=not args.no_progress and args.jobs == 1 and not args.isolate,
-        nproc_per_node=args.nproc_per_node,
+        nproc_per_node=args.nproc_per_node, loggers=loggers,
     )
     executor = create_executor(args.executor, jobs=args.jobs, **_executor_options(args))
     summary = run_suite(suite, out, options, executor=executor, update=args.update, progress=not args.no_progress)
@@ -139,6 +145,9 @@ def run(args) -> int:
         try:
             path = write_report(out, out / "report")
             print(f"report:  {path}")
+            from gmbench.loggers import log_report
+
+            log_report(out, path, loggers)
         except Exception as error:  # noqa: BLE001 - the results are safe; the report can be redone
             log.warning("writing the report failed (%s: %s); run 'gmbench report %s' to retry", type(error).__name__, error, out)
     return 1 if summary.failed else 0

@@ -10,6 +10,7 @@ from gmbench.errors import GmbenchError, SuiteError
 from gmbench.suite.cell_checks import resolve
 from gmbench.suite.checks import Context, check_fields, check_ranges, check_report, kind_of, short, type_names
 from gmbench.suite.expansion import excluded, expand
+from gmbench.suite.logger_checks import check_loggers
 from gmbench.suite.overrides import apply_overrides, parse_overrides, recorded_text
 from gmbench.suite.plugin_checks import check_plugin
 from gmbench.suite.schema import MAX_CELLS, TASKS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
@@ -71,6 +72,7 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, override
     check_fields(ctx, smoke_overrides, "smoke")
     report = top("report", (dict,), {})
     check_report(ctx, report)
+    loggers = check_loggers(ctx, top("loggers", (list,), []), data.lines.get("loggers", 1))
 
     given = parse_overrides(ctx, overrides)
     ctx.overrides = ", ".join(f"--set {override.text}" for override in given)  # named by the cells' errors
@@ -105,5 +107,5 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, override
     return Suite(
         name=name, path=where, text=recorded_text(text, given), task=ctx.task, plugins=list(modules), backend=backend,
         description=top("description", (str,), ""), cells=cells, report=plain(report),
-        smoke=smoke, overrides=[override.text for override in given], backend_params=plain(backend_params),
+        smoke=smoke, overrides=[override.text for override in given], backend_params=plain(backend_params), loggers=loggers,
     )

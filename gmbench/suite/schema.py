@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 TASKS = ("train", "footprint", "transfer_fitting_timing")
-TOP_LEVEL_KEYS = ("name", "description", "task", "plugins", "backend", "backend_params", "cell", "matrix", "exclude", "smoke", "report")
+TOP_LEVEL_KEYS = ("name", "description", "task", "plugins", "backend", "backend_params", "cell", "matrix", "exclude", "smoke", "report", "loggers")
 REPORT_TABLE_KEYS = ("name", "title", "rows", "columns", "value", "extra", "where", "paper", "source", "epochs")
 INPUTS = ("gm", "points")
 
@@ -161,6 +161,7 @@ class Suite:
     smoke: bool = False
     overrides: list[str] = dataclasses.field(default_factory=list)  # --set PATH=VALUE items, in order
     backend_params: dict = dataclasses.field(default_factory=dict)
+    loggers: list[dict] = dataclasses.field(default_factory=list)  # [{"name", "params"}] (gmbench.loggers)
 
     def to_json(self) -> dict:
         return {
@@ -174,6 +175,7 @@ class Suite:
             "smoke": self.smoke,
             "overrides": self.overrides,
             "report": self.report,
+            "loggers": self.loggers,
             "cells": [{"id": cell.id, "config": cell.config} for cell in self.cells],
         }
 
