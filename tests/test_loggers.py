@@ -293,3 +293,98 @@ def test_every_builtin_logger_satisfies_the_logger_contract():
 
     for name in ("tensorboard", "mlflow"):
         assert plugin_contracts.problems("logger", plugins.get("logger", name).cls) == []
+
+
+DIAGNOSED_SUITE = """\
+name: digits-diagnosed
+loggers: [tensorboard]
+cell:
+  dataset: digits
+  n_gaussians: 4
+  train_samples: 42
+  test_samples: 21
+  model: gmcn
+  model_params: {{layout: "1/{{n_gaussians}}->4/2->{{num_classes}}", kernel_gaussians: 2}}
+  training: {{epochs: 1, batch_size: 21}}
+  diagnostics: true
+  diagnostics_samples: 2
+  diagnostics_points: 500
+"""
+
+
+def test_per_layer_fitting_rmse_is_logged_when_diagnostics_are_on(tmp_path, capsys, no_tracking_env, monkeypatch):
+    import pandas as pd
+
+    _tensorboard()
+    tracking = _mlflow()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = (tmp_path / "mlruns").as_uri()
+    out = tmp_path / "run"
+    suite = _write_suite(tmp_path, text=DIAGNOSED_SUITE)  # loggers: [tensorboard] in the suite, mlflow from the command line
+    code, printed, _ = _run(
+        ["run", str(suite), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-report", "--logger", "mlflow", "--mlflow-uri", store],
+        capsys,
+    )
+    assert code == 0, printed
+    (cell,) = _cell_dirs(out)
+    frame = pd.read_csv(cell / "diagnostics.csv")
+    assert len(frame) >= 4  # one reducing block x four metrics
+    accumulator = _accumulator(out / "tensorboard" / cell.name)
+    for row in frame.itertuples():
+        (logged,) = accumulator.Scalars(f"rmse/{row.metric}/{row.layer}")
+        assert (logged.step, logged.value) == (1, pytest.approx(row.value, rel=TENSORBOARD_TOLERANCE))
+    client = tracking.MlflowClient(tracking_uri=store)
+    run = client.get_run(json.loads((cell / "mlflow.json").read_text())["run_id"])
+    for row in frame.itertuples():
+        layer = row.layer.replace("->", "_to_")  # MLflow does not allow '>' in a metric name
+        assert run.data.metrics[f"rmse/{row.metric}/{layer}"] == pytest.approx(row.value)
+
+
+def test_gmbench_report_gives_the_report_to_the_loggers_of_the_run(tmp_path, capsys):
+    _tensorboard()
+    out = tmp_path / "run"
+    assert _run(["run", str(_write_suite(tmp_path)), "--out", str(out), "--no-progress", "--no-report", "--logger", "tensorboard"], capsys)[0] == 0
+    assert not (out / "tensorboard" / "report").exists()
+    code, printed, _ = _run(["report", str(out)], capsys)
+    assert code == 0 and "report logged to tensorboard" in printed
+    images = _accumulator(out / "tensorboard" / "report").Tags()["images"]
+    assert sorted(images) == sorted(f"figures/{p.stem}" for p in (out / "report" / "figures").glob("*.png"))
+    # Again: the images are replaced (purge_step=1), not doubled.
+    assert _run(["report", str(out)], capsys)[0] == 0
+    report = _accumulator(out / "tensorboard" / "report")
+    assert all(len(report.Images(tag)) == 1 for tag in images)
+
+
+def test_a_cell_that_trains_again_from_scratch_replaces_its_logged_epochs(tmp_path, no_tracking_env, monkeypatch):
+    tracking = _mlflow()
+    _tensorboard()
+    from gmbench.runner import RunOptions, run_cell
+    from gmbench.suite import load_suite
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = (tmp_path / "mlruns").as_uri()
+    suite = load_suite(_write_suite(tmp_path))
+    cell = suite.cells[0]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(suite.to_json()))
+    cell_dir = run_dir / "cells" / cell.id
+    plugins.load_modules(suite.plugins)
+    options = RunOptions(plugins=tuple(suite.plugins), loggers=choose((), ["tensorboard", "mlflow"], store))
+    assert run_cell(cell.config, cell_dir, options)["status"] == "ok"
+    first_run = json.loads((cell_dir / "mlflow.json").read_text())["run_id"]
+    (cell_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")  # set aside: the cell trains from scratch
+    (cell_dir / "metrics.json").unlink()
+    assert run_cell(cell.config, cell_dir, options)["status"] == "ok"
+    epochs = _epochs(cell_dir)
+    assert (cell_dir / "checkpoint.pt.rejected").is_file() and [r["epoch"] for r in epochs] == [1, 2, 3]
+
+    logged = _accumulator(run_dir / "tensorboard" / cell.id).Scalars("epoch_time_s")
+    assert [(e.step, e.value) for e in logged] == [(r["epoch"], pytest.approx(r["epoch_time_s"], rel=TENSORBOARD_TOLERANCE)) for r in epochs]
+    client = tracking.MlflowClient(tracking_uri=store)
+    second_run = json.loads((cell_dir / "mlflow.json").read_text())["run_id"]
+    assert second_run != first_run
+    old = client.get_run(first_run)
+    assert old.info.status == "KILLED" and "gmbench.superseded" in old.data.tags
+    history = sorted((m.step, m.value) for m in client.get_metric_history(second_run, "epoch_time_s"))
+    assert history == [(r["epoch"], pytest.approx(r["epoch_time_s"])) for r in epochs]
