@@ -105,7 +105,8 @@ class RunProgress:
             detail = _brief_metrics(metrics)
         else:
             detail = f"{status.upper()}: {metrics.get('error')}"
-        self._say(f"[{self.index.get(cell.id, '?')}/{self.total}] done {cell.title} ({cell.id}): {detail}")
+        verb = "stopped" if status == "interrupted" else "done"
+        self._say(f"[{self.index.get(cell.id, '?')}/{self.total}] {verb} {cell.title} ({cell.id}): {detail}")
 
     def _advance(self, epochs: int) -> None:
         self.done_epochs += epochs
@@ -149,7 +150,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line still being written
+            break  # a line still being written (or a damaged one: the checkpoint rewrites the log)
+        if not isinstance(record, dict):
+            break
+        records.append(record)
     return records

@@ -6,7 +6,7 @@ A run folder holds::
     run.json            the resolved suite: every cell's id and configuration
     environment.json    versions, git commit, devices (gmbench.environment)
     cells/<id>/         config.json, epochs.jsonl, checkpoint.pt, metrics.json
-                        (+ diagnostics.csv, footprint.csv, error.txt)
+                        (+ diagnostics.csv, footprint.json, error.txt)
     results.csv/.parquet  one row per cell (gmbench.results)
 
 :func:`run_cell` is self-contained and picklable (a module-level function of
@@ -15,11 +15,14 @@ it; it never raises for a failing experiment but records the failure in
 ``metrics.json``.  Re-running :func:`run_suite` on the same folder skips the
 cells whose ``metrics.json`` says ``ok``, re-runs failed ones, and lets
 interrupted ones resume from their checkpoint (the trainer does that).
+
+:func:`run_suite` takes the run folder's lock (:mod:`gmbench.run_lock`, held by
+the driver and its workers) before it writes anything there; a damaged run
+folder is read as :mod:`gmbench.run_folder` describes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,25 +35,17 @@ from typing import Any, Callable
 import torch
 
 from gmbench import io
-from gmbench.errors import GmbenchError
+from gmbench.run_folder import CELLS_DIR, CONFIG_FILE, METRICS_FILE, RUN_FILE, SUITE_FILE, SuiteChanged, prepare_run_dir  # noqa: F401 - their home before run_folder
+from gmbench.run_lock import LOCK_FILE, run_lock  # noqa: F401 - likewise
 
 log = logging.getLogger("gmbench.run")
 
-CELLS_DIR = "cells"
-RUN_FILE = "run.json"
-SUITE_FILE = "suite.yaml"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
 ERROR_FILE = "error.txt"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 
 # Subsets for train_samples/test_samples are drawn with this fixed seed, so every
 # cell of a suite (whatever its training seed) sees the same samples.
 SUBSET_SEED = 0
-
-
-class SuiteChanged(GmbenchError):
-    """The run folder was started from a different suite (or different --smoke)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +108,10 @@ def run_cell(cell_config: dict, cell_dir: str | Path, options: RunOptions, on_ep
 
 
 def _failure_status(error: BaseException) -> str:
-    try:
-        from gmbench.training import TrainingDiverged
+    from gmbench.training import TrainingDiverged
 
-        if isinstance(error, TrainingDiverged):
-            return "diverged"
-    except ImportError:
-        pass
+    if isinstance(error, TrainingDiverged):
+        return "diverged"
     if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(error).lower():
         return "oom"
     return "failed"
@@ -379,126 +371,28 @@ def cell_dir(run_dir: Path, cell_id: str) -> Path:
 
 
 def read_metrics(run_dir: Path, cell_id: str) -> dict | None:
-    path = cell_dir(run_dir, cell_id) / METRICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn file cannot happen with atomic writes, but a hand-edited one can
+    """A cell's metrics; ``None`` if it has none yet; status ``damaged`` if its file is damaged."""
+    from gmbench.run_folder import read_metrics_file
 
-
-def prepare_run_dir(suite, run_dir: Path, update: bool = False) -> None:
-    """Create or check the run folder; raise :class:`SuiteChanged` if it holds another suite."""
-    run_dir = Path(run_dir)
-    run_file = run_dir / RUN_FILE
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        old = {cell["id"]: cell["config"] for cell in previous.get("cells", [])}
-        new = {cell.id: cell.config for cell in suite.cells}
-        added = [key for key in new if key not in old]
-        removed = [key for key in old if key not in new]
-        if (added or removed) and not update:
-            raise SuiteChanged(
-                f"run folder '{run_dir}' was started from a different version of suite "
-                f"'{previous.get('name')}' ({_change_summary(old, new, added, removed)}); "
-                "rerun with --update to run the new cells and drop the removed ones from the results, "
-                "or pass another --out"
-            )
-        if added or removed:
-            log.info("suite changed: %s; --update given, continuing", _change_summary(old, new, added, removed))
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise SuiteChanged(
-            f"'{run_dir}' exists and is not a gmbench run folder (no {RUN_FILE}); pass an empty or new --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_text(run_dir / SUITE_FILE, suite.text)
-    io.write_json(run_file, suite.to_json())
-
-
-def _change_summary(old: dict, new: dict, added: list, removed: list) -> str:
-    parts = []
-    if added:
-        parts.append(f"{len(added)} new cell(s), e.g. {_config_brief(new[added[0]])}")
-    if removed:
-        parts.append(f"{len(removed)} cell(s) no longer in the suite, e.g. {_config_brief(old[removed[0]])}")
-    if added and removed:
-        changed = _changed_fields(old[removed[0]], new[added[0]])
-        if changed:
-            parts.append(f"differing fields: {', '.join(changed[:4])}")
-    return "; ".join(parts)
-
-
-def _config_brief(config: dict) -> str:
-    keys = ("label", "model", "dataset", "n_gaussians", "seed", "transfer_fitting", "layout")
-    return " ".join(f"{key}={config[key]}" for key in keys if config.get(key) is not None)
-
-
-def _changed_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            changed += _changed_fields(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            changed.append(prefix + key)
-    return changed
-
-
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Only one ``gmbench run`` per run folder at a time; a lock left by a killed run is taken over."""
-    import os
-    import socket
-
-    path = Path(run_dir) / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _process_alive(int(holder.get("pid", -1))):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise GmbenchError(
-                f"run folder '{run_dir}' is in use by another gmbench run (pid {holder.get('pid')} on "
-                f"{holder.get('host')}, since {holder.get('since')}); wait for it, or delete {path} if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    import os
-
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return read_metrics_file(cell_dir(run_dir, cell_id) / METRICS_FILE)
 
 
 def run_suite(suite, run_dir: str | Path, options: RunOptions, executor=None, update: bool = False, progress: bool = True) -> RunSummary:
-    """Run every cell of ``suite`` that is not finished yet; write results as cells finish."""
+    """Run every cell of ``suite`` that is not finished yet; write results as cells finish.
+
+    ``SIGTERM`` stops the run like Ctrl-C (``KeyboardInterrupt``): the cells in flight are
+    recorded as ``interrupted`` and resume from their checkpoints on the next run.
+    """
+    from gmbench.executors.lifetime import stop_on_sigterm
+    from gmbench.run_folder import check_run_dir, remove_stale_temp_files
+
     run_dir = Path(run_dir)
     started = time.perf_counter()
-    prepare_run_dir(suite, run_dir, update=update)
-    with run_lock(run_dir):
+    check_run_dir(suite, run_dir, update=update)  # refuse a wrong folder before creating anything
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir) as lock, stop_on_sigterm():
+        prepare_run_dir(suite, run_dir, update=update)
+        remove_stale_temp_files(run_dir, older_than=lock.acquired_at)
         return _run_locked(suite, run_dir, options, executor, progress, started)
 
 

@@ -25,8 +25,10 @@ An exception inside a cell is an experiment result, not a system failure:
 retries are used up is recorded as ``failed`` (``oom`` when Ray's memory
 monitor killed it) and the other cells go on.  Restarting the driver resumes
 the run (the runner skips cells whose ``metrics.json`` says ``ok``); on an
-interrupt the driver cancels the tasks it submitted so that no stale worker
-keeps writing into the folder.
+interrupt (Ctrl-C, ``SIGTERM``) the driver cancels the tasks it submitted so
+that no stale worker keeps writing into the folder, and records the cells in
+flight as ``interrupted`` (resumed from their checkpoints by the next run).
+When the driver is killed outright, Ray ends the job's tasks itself.
 
 Nondeterminism.  Each cell runs the same code with the same seeds as with the
 local executor; on CPU, with the same number of intra-op threads, the metrics
@@ -223,11 +225,17 @@ class RayExecutor:
                 counts.report(running=len(started & {c.id for c, _ in in_flight.values()}), queued=len(queue) + len(in_flight))
                 if poll is not None:
                     poll()
-        except BaseException:
-            # Interrupted (Ctrl-C) or crashed: stop the cells we started so that a
+        except BaseException as stop:
+            # Interrupted (Ctrl-C, SIGTERM) or crashed: stop the cells we started so that a
             # restarted driver does not race stale workers for the same cell folders.
             for ref in in_flight:
                 ray.cancel(ref, force=True)
+            if isinstance(stop, (KeyboardInterrupt, SystemExit)):
+                from gmbench.executors import record_interrupted
+
+                for cell, submitted in in_flight.values():
+                    if cell.id in started:
+                        on_done(cell, record_interrupted(cell_dir(run_dir, cell.id), stop, since=submitted))
             raise
 
 
