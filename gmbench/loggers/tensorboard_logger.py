@@ -73,7 +73,7 @@ class TensorBoardLogger:
             experiment, session_start, _ = hparams(cell.hyperparameters(), {tag: 0.0 for tag in HPARAM_METRICS})
             self._writer.file_writer.add_summary(experiment)
             self._writer.file_writer.add_summary(session_start)
-        self._writer.add_text("cell", f"suite {cell.suite}, cell {cell.title}, run folder {cell.run_dir}", 0)
+            self._writer.add_text("cell", f"suite {cell.suite}, cell {cell.title}, run folder {cell.run_dir}", 0)
         self._writer.flush()
 
     def resume(self, history: list[dict]) -> None:
