@@ -195,3 +195,17 @@ def test_table_1_point_counts_follow_from_the_mixture_footprint():
 
     for record in records("table1_points"):
         assert matching_point_count(record["n_gaussians"], 3) == record["value"]
+
+
+@pytest.mark.parametrize("suite_name", ["modelnet10-input-size.yaml", "modelnet10.yaml"])
+def test_table_9_and_table_1_gmcn_cells_have_the_papers_kernels_and_parameters(suite_name):
+    # Table 9: "for all layouts, the number of kernels is 3,336, and the number of parameters is
+    # 216,841"; Table 1 rounds the same count to 215 K.
+    cells = [c.config for c in load_suite(SUITES / suite_name).cells if c.config["model"] == "gmcn"]
+    assert cells
+    for config in cells:
+        layout = substitute_placeholders(config["model_params"]["layout"], num_classes=10)
+        params = {k: v for k, v in config["model_params"].items() if k != "layout"}
+        model = GMCN(num_classes=10, dims=3, layout=layout, **params)
+        assert model.kernel_count() == 3336
+        assert sum(p.numel() for p in model.parameters()) == 216841
