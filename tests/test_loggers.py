@@ -388,3 +388,17 @@ def test_a_cell_that_trains_again_from_scratch_replaces_its_logged_epochs(tmp_pa
     assert old.info.status == "KILLED" and "gmbench.superseded" in old.data.tags
     history = sorted((m.step, m.value) for m in client.get_metric_history(second_run, "epoch_time_s"))
     assert history == [(r["epoch"], pytest.approx(r["epoch_time_s"])) for r in epochs]
+
+
+def test_a_damaged_run_json_or_environment_json_does_not_stop_the_loggers(tmp_path):
+    _tensorboard()
+    run_dir = tmp_path / "my-run"
+    cell_dir = run_dir / "cells" / "abc"
+    cell_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("[1, 2]")  # valid JSON, not an object
+    (run_dir / "environment.json").write_text("{torn")
+    tracking = CellLoggers((LoggerChoice("tensorboard"),), {"task": "footprint", "layout": "1/4->2"}, cell_dir)
+    assert [logger.name for logger in tracking.active] == ["tensorboard"]
+    tracking.end({"status": "ok", "memory_mb": 1.5})
+    accumulator = _accumulator(run_dir / "tensorboard" / "abc")
+    assert [(e.step, e.value) for e in accumulator.Scalars("final/memory_mb")] == [(1, 1.5)]

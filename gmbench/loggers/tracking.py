@@ -92,8 +92,14 @@ def run_loggers(run_dir: Path) -> tuple[LoggerChoice, ...]:
     run_dir = Path(run_dir)
     entries = _read_json(run_dir / LOGGERS_FILE)
     if not isinstance(entries, list):
-        entries = (_read_json(run_dir / "run.json") or {}).get("loggers") or []
+        entries = _json_object(run_dir / "run.json").get("loggers") or []
     return tuple(LoggerChoice(e["name"], dict(e.get("params") or {})) for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file; empty when missing or damaged (gmbench.run_folder names damaged ones)."""
+    value = _read_json(path)
+    return value if isinstance(value, dict) else {}
 
 
 def _read_json(path: Path) -> Any:
@@ -137,9 +143,8 @@ class CellLoggers:
         if not choices:
             return
         run_dir = self.cell_dir.parent.parent  # <run folder>/cells/<id>
-        suite = (_read_json(run_dir / "run.json") or {}).get("name") or run_dir.name
-        environment = _read_json(run_dir / "environment.json") or {}
-        info = CellInfo(run_dir, self.cell_dir, self.cell_dir.name, str(suite), cell_config, environment if isinstance(environment, dict) else {})
+        suite = _json_object(run_dir / "run.json").get("name") or run_dir.name
+        info = CellInfo(run_dir, self.cell_dir, self.cell_dir.name, str(suite), cell_config, _json_object(run_dir / "environment.json"))
         for choice in choices:
             try:
                 logger = create(choice)
@@ -216,7 +221,7 @@ def log_report(run_dir: str | Path, report_file: str | Path, choices: tuple[Logg
     if not choices:
         return []
     figures = tuple(sorted(p for p in (report_file.parent / "figures").glob("*") if p.suffix.lower() in (".png", ".pdf")))
-    suite = (_read_json(run_dir / "run.json") or {}).get("name") or run_dir.name
+    suite = _json_object(run_dir / "run.json").get("name") or run_dir.name
     report = ReportInfo(run_dir, str(suite), report_file, figures)
     done = []
     for choice in choices:
