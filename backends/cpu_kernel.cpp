@@ -97,11 +97,15 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T*
 }
 
 // Backward: each exponential is computed once and feeds all three gradients.
+// Points are taken P at a time against chunks of JC Gaussians: the per-pair
+// values s_ij = g_i c_j e_ij of the block stay in L1, so dA and dc are read
+// and written once per Gaussian for P points (not once per pair), which made
+// the backward memory-bound before.
 // Work items (mixture, point chunk) are split contiguously over the threads;
 // each thread accumulates dA and dc of its current mixture privately and adds
 // them to the output (under a lock) when it moves on.  go is [G, M, W],
 // gc [G, N, W].
-template <typename T, int F, int W>
+template <typename T, int F, int W, int P = 8, int JC = 512>
 static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, const T* go,
                      T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask, int threads) {
     const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
@@ -114,7 +118,9 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
     std::mutex flush_lock;
     run_parallel(threads, [&](int tid, int nth) {
         const i64 w0 = items * tid / nth, w1 = items * (tid + 1) / nth;
-        std::vector<T> dAt((size_t)F * N), dc((size_t)W * N), s((size_t)N);
+        std::vector<T> dAt((size_t)F * N), dc((size_t)W * N);
+        alignas(64) T sbuf[P][JC];
+        alignas(64) T ebuf[P][JC];
         i64 current = -1;
         auto flush = [&](i64 g) {
             if (g < 0) return;
@@ -140,41 +146,94 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
             for (i64 pt = pt0; pt < pt1; ++pt) {
                 const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
                 const i64 i1 = (pt + 1) * tm < M ? (pt + 1) * tm : M;
-                for (i64 i = pt * tm; i < i1; ++i) {
-                    const T g0 = go[(g * M + i) * W];
-                    const T g1 = W == 2 ? go[(g * M + i) * W + 1] : T(0);
-                    if (g0 == T(0) && g1 == T(0)) continue;
-                    T x[F], dx[F];
-                    for (int f = 0; f < F; ++f) { x[f] = X[(g * M + i) * F + f]; dx[f] = 0; }
+                for (i64 ib = pt * tm; ib < i1; ib += P) {
+                    const i64 np = i1 - ib < P ? i1 - ib : P;
+                    // A block of P points (zero-padded; a padded point has no gradient).
+                    T x[P][F], dx[P][F], g0[P], g1[P];
+                    bool any = false;
+                    for (int p = 0; p < P; ++p) {
+                        const bool real = p < np;
+                        g0[p] = real ? go[(g * M + ib + p) * W] : T(0);
+                        g1[p] = real && W == 2 ? go[(g * M + ib + p) * W + 1] : T(0);
+                        any |= g0[p] != T(0) || g1[p] != T(0);
+                        for (int f = 0; f < F; ++f) { x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(0); dx[p][f] = 0; }
+                    }
+                    if (!any) continue;
                     for (i64 nt = 0; nt < nnt; ++nt) {
                         if (row && !row[nt]) continue;
                         const i64 j0 = nt * tn;
                         if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
                         const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
-                        T* sp = s.data();
-                        T* dc0 = dc.data();
-                        T* dc1 = dc0 + (W - 1) * N;
-                        T* dap = dAt.data();
-                        #pragma omp simd
-                        for (i64 j = j0; j < j1; ++j) {
-                            T q = 0;
-                            for (int f = 0; f < F; ++f) q += x[f] * a[f * N + j];
-                            q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                            const T e = exp_nonpositive(q);
-                            dc0[j] += g0 * e;
-                            if (W == 2) dc1[j] += g1 * e;
-                            const T sj = W == 2 ? e * (g0 * c0[j] + g1 * c1[j]) : g0 * e * c0[j];
-                            sp[j] = sj;
-                            for (int f = 0; f < F; ++f) dap[f * N + j] += sj * x[f];
-                        }
-                        if (gX) for (int f = 0; f < F; ++f) {
-                            T acc = 0;
-                            #pragma omp simd reduction(+ : acc)
-                            for (i64 j = j0; j < j1; ++j) acc += sp[j] * a[f * N + j];
-                            dx[f] += acc;
+                        for (i64 jc = j0; jc < j1; jc += JC) {
+                            const i64 len = j1 - jc < JC ? j1 - jc : JC;
+                            const T* ac = a + jc;
+                            const T* c0c = c0 + jc;
+                            const T* c1c = c1 + jc;
+                            // s[p][j] = g . c_j e_pj and e[p][j] for the chunk, one exponential per pair.
+                            // dX in the same pass: the a_j loaded for the exponent feed it too.
+                            for (int p = 0; p < P; ++p) {
+                                T* sp = sbuf[p];
+                                T* ep = ebuf[p];
+                                const T gp0 = g0[p], gp1 = g1[p];
+                                T xp[F], dxp[F];
+                                for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
+                                #pragma omp simd reduction(+ : dxp[:F])
+                                for (i64 j = 0; j < len; ++j) {
+                                    T q = 0;
+                                    for (int f = 0; f < F; ++f) q += xp[f] * ac[f * N + j];
+                                    q = q > T(0) ? T(0) : q;  // NaN stays NaN
+                                    const T e = exp_nonpositive(q);
+                                    T sj;
+                                    if (W == 2) {
+                                        ep[j] = e;
+                                        sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
+                                        sp[j] = sj;
+                                    } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
+                                        const T t = gp0 * e;
+                                        sp[j] = t;
+                                        sj = t * c0c[j];
+                                    }
+                                    for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * N + j];
+                                }
+                                for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
+                            }
+                            // dc and dA: one read-modify-write per Gaussian (and feature) for all P points.
+                            T* dc0 = dc.data() + jc;
+                            T* dc1 = dc.data() + (W - 1) * N + jc;
+                            if (W == 2) {
+                                #pragma omp simd
+                                for (i64 j = 0; j < len; ++j) {
+                                    T acc0 = 0, acc1 = 0;
+                                    for (int p = 0; p < P; ++p) {
+                                        acc0 += g0[p] * ebuf[p][j];
+                                        acc1 += g1[p] * ebuf[p][j];
+                                    }
+                                    dc0[j] += acc0;
+                                    dc1[j] += acc1;
+                                }
+                            } else {
+                                #pragma omp simd
+                                for (i64 j = 0; j < len; ++j) {
+                                    T acc = 0;
+                                    for (int p = 0; p < P; ++p) acc += sbuf[p][j];
+                                    dc0[j] += acc;
+                                }
+                            }
+                            for (int f = 0; f < F; ++f) {
+                                T* dap = dAt.data() + f * N + jc;
+                                T xf[P];
+                                for (int p = 0; p < P; ++p) xf[p] = x[p][f];
+                                #pragma omp simd
+                                for (i64 j = 0; j < len; ++j) {
+                                    T acc = 0;
+                                    for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
+                                    dap[j] += W == 2 ? acc : acc * c0c[j];
+                                }
+                            }
                         }
                     }
-                    if (gX) for (int f = 0; f < F; ++f) gX[(g * M + i) * F + f] = dx[f];
+                    if (gX) for (int p = 0; p < np; ++p)
+                        for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = dx[p][f];
                 }
             }
         }
