@@ -402,3 +402,28 @@ def test_a_damaged_run_json_or_environment_json_does_not_stop_the_loggers(tmp_pa
     tracking.end({"status": "ok", "memory_mb": 1.5})
     accumulator = _accumulator(run_dir / "tensorboard" / "abc")
     assert [(e.step, e.value) for e in accumulator.Scalars("final/memory_mb")] == [(1, 1.5)]
+
+
+def test_a_failed_cell_is_logged_with_its_status_and_error(tmp_path, capsys, no_tracking_env, monkeypatch):
+    _tensorboard()
+    tracking = _mlflow()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = (tmp_path / "mlruns").as_uri()
+    suite = _write_suite(tmp_path, "loggers: [tensorboard]", text=TRACKED_SUITE.replace("  n_gaussians: 8\n", "  n_gaussians: 8\n  model_params: {{fail: true}}\n"))
+    out = tmp_path / "run"
+    code, printed, _ = _run(["run", str(suite), "--out", str(out), "--no-progress", "--no-report", "--logger", "mlflow", "--mlflow-uri", store], capsys)
+    assert code == 1, printed
+    for cell in _cell_dirs(out):
+        error = json.loads((cell / "metrics.json").read_text())["error"]
+        assert "fails on purpose" in error
+        run = tracking.MlflowClient(tracking_uri=store).get_run(json.loads((cell / "mlflow.json").read_text())["run_id"])
+        assert run.info.status == "FAILED"
+        assert (run.data.tags["gmbench.status"], run.data.tags["gmbench.error"]) == ("failed", error)
+        accumulator = _accumulator(out / "tensorboard" / cell.name)
+        (status,) = accumulator.Tensors("status/text_summary")
+        assert tensor_util.make_ndarray(status.tensor_proto).item().decode() == f"failed: {error}"
+        content = accumulator.PluginTagToContent("hparams")["_hparams_/session_end_info"]
+        assert plugin_data_pb2.HParamsPluginData.FromString(content).session_end_info.status == 2  # STATUS_FAILURE
