@@ -20,7 +20,6 @@ Accuracies are shown in percent.  The paper's numbers live in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -203,7 +202,13 @@ def build_diagnostics_table(run_dir: Path, frame: pd.DataFrame, spec: dict, pape
     for _, row in frame[frame["status"] == "ok"].iterrows():
         path = cell_dir(run_dir, row["cell_id"]) / DIAGNOSTICS_FILE
         if path.is_file():
-            diagnostics = pd.read_csv(path)
+            try:
+                diagnostics = pd.read_csv(path)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
+                from gmbench.run_folder import warn_once
+
+                warn_once(f"{path} cannot be read ({type(error).__name__}); that cell is left out of table '{spec.get('name')}' (delete the cell's metrics.json and rerun 'gmbench run' to redo it)")
+                continue
             for key in spec.get("rows", ["label"]):
                 if key not in diagnostics.columns:
                     diagnostics[key] = row.get(key)
@@ -219,6 +224,12 @@ def build_diagnostics_table(run_dir: Path, frame: pd.DataFrame, spec: dict, pape
     spec.setdefault("rows", ["layer", "label"])
     spec.setdefault("columns", "metric")
     return build_table(data, spec, paper)
+
+
+def _main_task(frame: pd.DataFrame) -> str:
+    """The task of most cells (a run rebuilt from its cell folders has no run.json to say)."""
+    tasks = frame["task"].dropna() if "task" in frame else pd.Series(dtype=object)
+    return str(tasks.mode().iloc[0]) if len(tasks) else "train"
 
 
 def _sort_key(value):
@@ -296,8 +307,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
     from gmbench import report_figures
     from gmbench.results import load_results
     from gmbench.run_progress import _read_jsonl
-    from gmbench.runner import RUN_FILE
+    from gmbench.run_folder import new_command, read_environment, read_run
 
+    new_command()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GmbenchError(f"run folder '{run_dir}' does not exist; pass the --out folder of 'gmbench run'")
@@ -305,14 +317,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    run = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {"name": run_dir.name, "task": "train", "report": {}}
-    task = run.get("task", "train")
+    run = read_run(run_dir) or {"name": run_dir.name, "report": {}}
+    task = run.get("task") or _main_task(frame)
     specs = (run.get("report") or {}).get("tables") or default_tables(frame, task)
     paper_tables = load_paper_results()
 
-    environment = {}
-    if (run_dir / "environment.json").is_file():
-        environment = json.loads((run_dir / "environment.json").read_text())
+    environment = read_environment(run_dir)
     counts = frame["status"].value_counts().to_dict()
     sections: dict[str, str] = {"title": f"Report: {run.get('name')}", "description": (run.get("description") or "").strip()}
     lines = [f"# {sections['title']}", ""]

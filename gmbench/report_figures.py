@@ -61,7 +61,7 @@ def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl
     data = frame[frame["task"] == "train"] if "task" in frame else frame
     curves = []
     for _, row in data.iterrows():
-        records = read_jsonl(cell_dir(run_dir, row["cell_id"]) / "epochs.jsonl")
+        records = [r for r in read_jsonl(cell_dir(run_dir, row["cell_id"]) / "epochs.jsonl") if {"epoch", "test_accuracy", "train_loss"} <= r.keys()]
         if records:
             curves.append((row, pd.DataFrame(records)))
     if not curves:
@@ -161,18 +161,17 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
 
     from gmbench import plugins
     from gmbench.input_figures import save_split_figure
+    from gmbench.run_folder import read_environment, read_json_object
     from gmbench.runner import cell_dir
 
     drawn, seen = [], set()
-    environment_file = run_dir / "environment.json"
-    data_root = json.loads(environment_file.read_text()).get("data_root") if environment_file.is_file() else None
+    data_root = read_environment(run_dir).get("data_root")
     for _, row in _ok(frame).iterrows():
         if row.get("task") != "train" or row.get("input") != "gm":
             continue
-        path = cell_dir(run_dir, row["cell_id"]) / "config.json"
-        if not path.is_file():
+        config = read_json_object(cell_dir(run_dir, row["cell_id"]) / "config.json", "its input mixtures are not drawn")
+        if config is None:
             continue
-        config = json.loads(path.read_text())
         key = (config["dataset"], json.dumps(config.get("dataset_params"), sort_keys=True), config.get("input_fitting"), json.dumps(config.get("input_fitting_params"), sort_keys=True), config.get("n_gaussians"))
         if key in seen:
             continue

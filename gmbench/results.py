@@ -3,12 +3,13 @@
 The rows are rebuilt from the run folder (``run.json`` plus every cell's
 ``metrics.json``) whenever a cell finishes, so the files are always complete
 for the cells run so far; cells not run yet have status ``pending``.  Every
-number in a report comes from these files.
+number in a report comes from these files.  A damaged ``run.json`` is rebuilt
+from the cell folders (:func:`gmbench.run_folder.read_run`); a damaged
+``metrics.json`` gives its cell the status ``damaged``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -31,12 +32,21 @@ _SKIP_METRICS = ("cell_id", "finished_at")
 _INTEGER_COLUMNS = ("n_gaussians", "n_points", "seed", "epochs", "params", "batch_size", "n_train", "n_test", "num_classes", "dims")
 
 
-def collect(run_dir: str | Path) -> pd.DataFrame:
-    """The results table of a run folder (reads run.json and the cells' metrics.json)."""
-    from gmbench.runner import RUN_FILE, read_metrics
+def collect(run_dir: str | Path, run: dict | None = None) -> pd.DataFrame:
+    """The results table of a run folder (reads run.json and the cells' metrics.json).
+
+    ``run``: the run's description as :func:`gmbench.run_folder.read_run` returns it
+    (read here when not given).
+    """
+    from gmbench.errors import GmbenchError
+    from gmbench.run_folder import read_run
+    from gmbench.runner import read_metrics
 
     run_dir = Path(run_dir)
-    run = json.loads((run_dir / RUN_FILE).read_text())
+    if run is None:
+        run = read_run(run_dir)
+    if run is None:
+        raise GmbenchError(f"'{run_dir}' holds neither a readable run.json nor cell folders; pass the --out folder of 'gmbench run'")
     rows = []
     for cell in run["cells"]:
         config = cell["config"]
@@ -117,14 +127,44 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+# The columns a results.csv read on its own (no run.json, no cell folders) must have.
+REQUIRED_COLUMNS = ("cell_id", "status")
+
+
 def load_results(run_dir: str | Path) -> pd.DataFrame:
-    """``results.csv`` of a run folder (rebuilt from the cells when a run.json is present)."""
+    """The results of a run folder: rebuilt from run.json and the cells where they exist
+    (a damaged run.json from the cells alone), else read from ``results.csv``."""
+    from gmbench.run_folder import read_run
+
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    if run is not None:
+        return collect(run_dir, run)
+    return read_results_csv(run_dir)
+
+
+def read_results_csv(run_dir: str | Path) -> pd.DataFrame:
+    """``results.csv`` of a folder without run.json and cell folders (e.g. one copied alone)."""
     from gmbench.errors import GmbenchError
     from gmbench.runner import RUN_FILE
 
     run_dir = Path(run_dir)
-    if (run_dir / RUN_FILE).is_file():
-        return collect(run_dir)
-    if (run_dir / RESULTS_CSV).is_file():
-        return pd.read_csv(run_dir / RESULTS_CSV)
-    raise GmbenchError(f"'{run_dir}' is not a gmbench run folder (no {RUN_FILE} or {RESULTS_CSV}); pass the --out folder of 'gmbench run'")
+    path = run_dir / RESULTS_CSV
+    if not path.is_file():
+        raise GmbenchError(f"'{run_dir}' is not a gmbench run folder (no {RUN_FILE} or {RESULTS_CSV}); pass the --out folder of 'gmbench run'")
+    cannot = "and there are no run.json or cell folders to rebuild it from; copy the whole run folder, or run the suite again"
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise GmbenchError(f"{path} cannot be read as CSV ({type(error).__name__}: {reason}) {cannot}") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    if missing:
+        raise GmbenchError(
+            f"{path} has no {', '.join(repr(c) for c in missing)} column (columns: {', '.join(map(str, frame.columns[:8]))}"
+            f"{', ...' if len(frame.columns) > 8 else ''}); it is not a gmbench results file {cannot}"
+        )
+    for column in COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    return frame

@@ -48,10 +48,15 @@ class SuiteChanged(GmbenchError):
 
 
 def warn_once(message: str) -> None:
-    """Log a warning line once per process (readers run after every finished cell)."""
+    """Log a warning line once per command (readers run after every finished cell)."""
     if message not in _warned:
         _warned.add(message)
         log.warning("%s", message)
+
+
+def new_command() -> None:
+    """A new run or report starts: its damaged files are named again."""
+    _warned.clear()
 
 
 def _load_json(path: Path) -> tuple[object, str | None]:

@@ -384,10 +384,11 @@ def run_suite(suite, run_dir: str | Path, options: RunOptions, executor=None, up
     recorded as ``interrupted`` and resume from their checkpoints on the next run.
     """
     from gmbench.executors.lifetime import stop_on_sigterm
-    from gmbench.run_folder import check_run_dir, remove_stale_temp_files
+    from gmbench.run_folder import check_run_dir, new_command, remove_stale_temp_files
 
     run_dir = Path(run_dir)
     started = time.perf_counter()
+    new_command()
     check_run_dir(suite, run_dir, update=update)  # refuse a wrong folder before creating anything
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir) as lock, stop_on_sigterm():
