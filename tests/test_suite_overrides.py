@@ -211,9 +211,12 @@ def test_an_error_of_the_file_in_an_overridden_cell_names_the_file_line_and_the_
     assert message.endswith(" (with --set n_gaussians=4, --set training.epochs=1)")
 
 
-def test_an_override_of_a_parameter_one_cell_model_lacks_names_the_option():
-    with pytest.raises(SuiteError, match=r"^--set model_params.reduction_params.T=4: model_params.reduction_params.T: reduction plugin 'mem' has no parameter 'T'"):
+def test_an_override_that_suits_only_some_cells_names_the_option_and_the_cell():
+    with pytest.raises(SuiteError) as info:
         parse_suite(GMCN, "gmcn.yaml", overrides=["model_params.reduction_params.T=4"])
+    message = str(info.value)
+    assert message.startswith("--set model_params.reduction_params.T=4: model_params.reduction_params.T: reduction plugin 'mem' has no parameter 'T'")
+    assert message.endswith("(cell label=MEM, dataset=digits, model=gmcn, input=gm, n_gaussians=8, seed=0: --set gives every cell the value; to change only some cells, edit the suite)")
 
 
 # --------------------------------------------------------------------------- the CLI and the run folder

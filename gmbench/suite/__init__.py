@@ -35,7 +35,8 @@ Modules: :mod:`~gmbench.suite.yaml_lines` (reading), :mod:`~gmbench.suite.schema
 (fields, defaults, ranges, records), :mod:`~gmbench.suite.expansion` (matrix),
 :mod:`~gmbench.suite.smoke` (``--smoke``), :mod:`~gmbench.suite.checks`,
 :mod:`~gmbench.suite.plugin_checks` and :mod:`~gmbench.suite.cell_checks`
-(validation), :mod:`~gmbench.suite.loader` (all of it in order).
+(validation), :mod:`~gmbench.suite.overrides` (``gmbench run --set PATH=VALUE``: a value for
+every cell, applied after the matrix), :mod:`~gmbench.suite.loader` (all of it in order).
 """
 
 from gmbench.suite.expansion import substitute_placeholders

@@ -33,6 +33,7 @@ def resolve(ctx: Context, config: dict, cell_line: int) -> dict:
     for key, field in fields.items():
         if key not in config:
             config[key] = copy.deepcopy(field.default)
+    ctx.cell = describe(config)
     for key in REQUIRED_FIELDS[ctx.task]:
         if not config.get(key):
             raise ctx.fail(cell_line, f"every cell needs '{key}' (set it under 'cell:' or in a matrix axis); cell: {describe(config)}")

@@ -21,6 +21,7 @@ class Context:
     checked: dict = dataclasses.field(default_factory=dict)
     # The --set options given ("--set a=1, --set b=2"), named by an error about a cell.
     overrides: str = ""
+    cell: str = ""  # describe() of the cell being resolved
 
     def fail(self, line: int, message: str) -> SuiteError:
         option = getattr(line, "option", None)  # a value a --set option gave (gmbench.suite.overrides.OverrideLine)

@@ -114,15 +114,6 @@ def apply_overrides(ctx: Context, config: LDict, overrides: list[Override]) -> N
         current.lines[leaf] = override.line
 
 
-def naming_overrides(error: SuiteError, overrides: list[Override]) -> SuiteError:
-    """``error`` as it is if it names an override, else with the overrides given added."""
-    message = str(error)
-    if not overrides or message.startswith(f"{OPTION} "):
-        return error
-    given = ", ".join(f"{OPTION} {override.text}" for override in overrides)
-    return SuiteError(f"{message} (with {given})")
-
-
 def recorded_text(text: str, overrides: list[Override]) -> str:
     """The suite file's text as a run folder's ``suite.yaml`` records it: with overrides,
     preceded by comment lines that name them (the resolved cells are in ``run.json``)."""

@@ -59,7 +59,10 @@ def check_plugin(
         plugins.check_parameters(kind, name, plain(params))
     except GmbenchError as error:
         line, path = _locate(error, params, params_line)
-        raise ctx.fail(line, f"{'.'.join([field, *path])}: {error}") from None
+        message = f"{'.'.join([field, *path])}: {error}"
+        if getattr(line, "option", None) and ctx.cell:  # a --set value that suits some cells only
+            message += f" (cell {ctx.cell}: --set gives every cell the value; to change only some cells, edit the suite)"
+        raise ctx.fail(line, message) from None
     if key is not None:
         ctx.checked[key] = info
     return info
