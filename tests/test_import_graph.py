@@ -1,0 +1,152 @@
+"""gmbench's import graph (built from the source with ast, tests/import_graph.py): no cycles
+among gmbench's modules, and every import deferred into a function has a stated reason.
+
+A deferred import still counts as an edge of the graph: it hides a cycle from the
+interpreter, not from a reader, so it does not make a cycle acceptable.
+"""
+
+from fnmatch import fnmatchcase
+
+import pytest
+
+import import_graph
+
+# Cycles that exist today and are being taken apart; the test fails on any other cycle,
+# on a listed one that grew, and on a listed one that is gone (so the list only shrinks).
+KNOWN_CYCLES: list[set[str]] = [
+    {"gmbench.distributed", "gmbench.executors", "gmbench.executors.local", "gmbench.report",
+     "gmbench.report_figures", "gmbench.report_paper", "gmbench.results", "gmbench.run_progress",
+     "gmbench.runner", "gmbench.suite", "gmbench.suite.cell_checks", "gmbench.suite.checks",
+     "gmbench.suite.expansion", "gmbench.suite.loader", "gmbench.suite.logger_checks",
+     "gmbench.suite.overrides", "gmbench.suite.plugin_checks", "gmbench.suite.smoke", "gmbench.training"},
+]
+
+# Third-party (and platform-specific standard library) modules imported inside functions.
+DEFERRED_THIRD_PARTY: dict[str, str] = {
+    "torch": "start-up time: `gmbench --help`, `gmbench suites` and the plugin listing run without "
+             "importing torch (seconds)",
+    "torch_geometric": "optional extra (PointNet++ baseline) and slow to import",
+    "torch_cluster": "optional extra (PointNet++ sampling)",
+    "matplotlib": "start-up time: only figures need it",
+    "ray": "optional extra (--executor ray)",
+    "tensorboard": "optional extra (tensorboard logger)",
+    "mlflow": "optional extra (mlflow logger)",
+    "alembic": "optional, comes with mlflow (its database migration logging is quietened)",
+    "sqlalchemy": "optional, comes with mlflow",
+    "triton": "optional extra, GPU only",
+    "sklearn": "start-up time: only the digits data set uses it",
+    "pandas": "start-up time: only the results table of `gmbench run` needs it there",
+    "tqdm": "progress bars: imported only where a bar is drawn",
+    "yaml": "CLI start-up: `gmbench suites` reads a suite only when asked to",
+    "pathlib": "CLI start-up: the data sub-command loads nothing until it runs",
+    "json": "kept local in a function run once per cell",
+    "datetime": "the process group's time-out, only in the data-parallel launcher",
+    "ctypes": "Linux only (prctl PR_SET_PDEATHSIG in a worker process)",
+    "fcntl": "POSIX only (flock); imported where the lock is taken",
+    "multiprocessing": "only the process-pool paths use it",
+    "logging": "kept local in the figure function that quietens matplotlib's logger",
+}
+
+# Internal imports inside functions: "importer -> imported" (fnmatch patterns) and why.
+DEFERRED_INTERNAL: dict[str, list[str]] = {
+    "CLI start-up: `gmbench <command>` imports only the code of the command it runs": [
+        "gmbench.commands.* -> *",
+    ],
+    "optional or heavy implementation, chosen at run time (triton kernels, the native CPU node fit, "
+    "the PointNet++ sampling backend, every fitting/reduction plugin behind the fitting layer)": [
+        "gmbench.backends.fused -> gmbench.backends.triton_kernels",
+        "gmbench.reduction.implementation -> gmbench.backends.node_fit_cpu",
+        "gmbench.environment -> gmbench.baselines.sampling",
+        "gmbench.models.gmcn -> gmbench.layers",
+    ],
+    "the mixture functions ask the active backend at call time; backend modules import gmbench.mixture": [
+        "gmbench.mixture -> gmbench.backends",
+    ],
+    "the package itself (always loaded first; only __version__ is read)": [
+        "* -> gmbench",
+    ],
+    "orchestration knot (run-folder names and run_cell imported from runner); goes with gmbench/run/": [
+        "gmbench.distributed -> gmbench.run_progress",
+        "gmbench.distributed -> gmbench.runner",
+        "gmbench.distributed -> gmbench.cell_environment",
+        "gmbench.executors -> gmbench.*",
+        "gmbench.executors.local -> gmbench.*",
+        "gmbench.executors.ray -> gmbench.*",
+        "gmbench.report -> gmbench.*",
+        "gmbench.report_figures -> gmbench.*",
+        "gmbench.report_paper -> gmbench.*",
+        "gmbench.results -> gmbench.*",
+        "gmbench.run_progress -> gmbench.runner",
+        "gmbench.runner -> gmbench.*",
+        "gmbench.suite.checks -> gmbench.report",
+        "gmbench.training -> gmbench.distributed",
+    ],
+    "no start-up reason (gmbench.plugins, gmbench.io and gmbench.cache are light); to be hoisted "
+    "when the module is next edited": [
+        "gmbench.baselines.sampling -> gmbench.errors",
+        "gmbench.cache -> gmbench.plugins",
+        "gmbench.data.modelnet -> gmbench.cache",
+        "gmbench.environment -> gmbench.plugins",
+        "gmbench.fitting_figure -> gmbench.io",
+        "gmbench.fitting_figure -> gmbench.plugins",
+        "gmbench.input_figures -> gmbench.io",
+        "gmbench.input_figures -> gmbench.plugins",
+        "gmbench.loggers.tracking -> gmbench.plugins",
+        "gmbench.plugin_contracts -> gmbench.plugins",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph.build()
+
+
+def test_no_import_cycles_among_gmbench_modules(graph):
+    cycles = [set(c) for c in graph.cycles()]
+    new = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
+    assert not new, f"import cycle(s) among gmbench's modules: {new}"
+    gone = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
+    assert not gone, f"these cycles are gone: remove them from KNOWN_CYCLES: {gone}"
+
+
+def test_every_deferred_third_party_import_has_a_reason(graph):
+    unexplained = sorted({f"{i.importer}:{i.line} imports {i.imported}" for i in graph.deferred()
+                          if not i.internal and i.imported not in DEFERRED_THIRD_PARTY})
+    assert not unexplained, ("import these at module level, or add the module to DEFERRED_THIRD_PARTY "
+                             f"with the reason it is deferred: {unexplained}")
+    used = {i.imported for i in graph.deferred() if not i.internal}
+    stale = sorted(set(DEFERRED_THIRD_PARTY) - used)
+    assert not stale, f"no function imports these any more: remove them from DEFERRED_THIRD_PARTY: {stale}"
+
+
+def test_every_deferred_internal_import_has_a_reason(graph):
+    patterns = [p for group in DEFERRED_INTERNAL.values() for p in group]
+    pairs = {f"{i.importer} -> {i.imported}": i for i in graph.deferred() if i.internal}
+    unexplained = sorted(f"{pair} (line {i.line})" for pair, i in pairs.items()
+                         if not any(fnmatchcase(pair, p) for p in patterns))
+    assert not unexplained, ("import these at module level, or list them in DEFERRED_INTERNAL with the "
+                             f"reason they are deferred: {unexplained}")
+    stale = [p for p in patterns if not any(fnmatchcase(pair, p) for pair in pairs)]
+    assert not stale, f"these DEFERRED_INTERNAL entries match nothing any more: {stale}"
+
+
+def test_the_graph_sees_module_and_function_level_imports_and_finds_a_cycle(tmp_path, monkeypatch):
+    """The builder itself: relative and absolute imports, both levels, TYPE_CHECKING skipped."""
+    package = tmp_path / "gmbench"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from gmbench import b\n")
+    (package / "b.py").write_text("def later():\n    from .sub import c\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from gmbench import d\n"
+        "import gmbench.a\n")
+    (package / "d.py").write_text("from gmbench.sub.c import x\nimport matplotlib.pyplot\n")
+    monkeypatch.setattr(import_graph, "REPO", tmp_path)
+    monkeypatch.setattr(import_graph, "SOURCE_ROOTS", {"gmbench": "gmbench"})
+    graph = import_graph.build()
+    assert graph.cycles() == [["gmbench.a", "gmbench.b", "gmbench.sub.c"]]
+    assert [(i.importer, i.imported) for i in graph.deferred()] == [("gmbench.b", "gmbench.sub.c")]
+    assert ("gmbench.d", "matplotlib", False) in [(i.importer, i.imported, i.internal) for i in graph.imports]
+    assert "gmbench.d" not in graph.edges()["gmbench.sub.c"]
