@@ -90,3 +90,17 @@ def test_paper_numbers_keep_the_digits_the_paper_prints():
     assert format_paper_number(3.8) == "3.8"
     assert format_paper_number("n/a (OOM)") == "n/a (OOM)"
     assert format_paper_number(None) == "" and format_paper_number(float("nan")) == ""
+
+
+def test_a_report_table_with_bad_epochs_is_rejected_with_its_line():
+    import pytest
+
+    from gmbench.errors import GmbenchError
+    from gmbench.suite import parse_suite
+
+    text = (
+        "name: s\ntask: footprint\ncell: {layout: '1/8->4'}\nmatrix: {dims: [2]}\n"
+        "report:\n  tables:\n    - {name: t, rows: [dims], value: memory_mb, epochs: [0, 50]}\n"
+    )
+    with pytest.raises(GmbenchError, match=r"s\.yaml:7:.*'epochs' must be a list of epoch numbers >= 1"):
+        parse_suite(text, "s.yaml")
