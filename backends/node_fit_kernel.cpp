@@ -174,7 +174,7 @@ struct EMStep {
         }
     }
 
-    void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st) {
+    void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st, const int* fit_index) {
         for (int a = 0; a < D; ++a) centre[a] = 0;
         for (i64 i = 0; i < S; ++i)
             for (int a = 0; a < D; ++a) centre[a] += tg[i * K + 1 + a];
@@ -199,7 +199,8 @@ struct EMStep {
             T* A = &adj[s * DD];
             det[s] = Inverse<T, D>::adjugate(g + 1 + D, A);
             detc[s] = clamp_tiny(det[s]);
-            lds[s] = std::log(detc[s]);
+            // A fitting Gaussian copied from target row fit_index[s] has that row's log det.
+            lds[s] = fit_index ? ldt[fit_index[s]] : std::log(detc[s]);
             T P[DD];
             for (int f = 0; f < DD; ++f) P[f] = A[f] / detc[s];
             T* m = &ms[s * D];
@@ -315,8 +316,8 @@ struct EMStep {
     }
 
     void forward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
-                 T* out, uint8_t* out_valid, bool keep) {
-        prepare(tg, tv, fit, st);
+                 T* out, uint8_t* out_valid, bool keep, const int* fit_index = nullptr) {
+        prepare(tg, tv, fit, st, fit_index);
         std::fill(U.begin(), U.end(), T(0));
         std::fill(ws.begin(), ws.end(), T(0));
         for (i64 i = 0; i < S; ++i) {
@@ -372,8 +373,8 @@ struct EMStep {
     // Accumulates (+=) the gradients of the target rows into gtg and of the
     // fitting rows into gfit, for the output gradient gout [Q][K].
     void backward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
-                  const T* gout, T* gtg, T* gfit) {
-        forward(tg, tv, fit, fv, st, nullptr, nullptr, true);
+                  const T* gout, T* gtg, T* gfit, const int* fit_index = nullptr) {
+        forward(tg, tv, fit, fv, st, nullptr, nullptr, true, fit_index);
         const T threshold = tiny<T>() * T(1e6);
         // M step, per fitting Gaussian: out = (w_s, U_mu / w_s + c, sym(U_2 / w_s - mu mu^T)).
         for (i64 s = 0; s < Q; ++s) {
@@ -570,7 +571,13 @@ void initial_gaussians(i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 n_out, 
     }
     // Stable sort by descending score (torch.argsort(-score, stable=True)).
     for (i64 i = 0; i < S; ++i) order[i] = (int)i;
-    std::stable_sort(order, order + S, [&](int x, int y) { return -score[x] < -score[y]; });
+    // Insertion sort: stable, and no temporary buffer (std::stable_sort allocates one per call).
+    for (i64 i = 1; i < S; ++i) {
+        const int key = order[i];
+        i64 j = i - 1;
+        while (j >= 0 && -score[key] < -score[order[j]]) { order[j + 1] = order[j]; --j; }
+        order[j + 1] = key;
+    }
     for (i64 q = 0; q < Q; ++q) init_valid[q] = score[order[q]] >= T(0) && q < n_out;
 }
 
@@ -652,7 +659,7 @@ struct NodeWork {
                     ov[q] = v[nf.order[q]];
                 }
             } else {
-                nf.em.forward(t, v, nf.init.data(), nf.init_valid.data(), st, o, ov, false);
+                nf.em.forward(t, v, nf.init.data(), nf.init_valid.data(), st, o, ov, false, nf.order.data());
             }
             return;
         }
@@ -664,7 +671,7 @@ struct NodeWork {
             return;
         }
         std::fill(nf.ginit.begin(), nf.ginit.end(), T(0));
-        nf.em.backward(t, v, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data());
+        nf.em.backward(t, v, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data(), nf.order.data());
         for (i64 q = 0; q < Q; ++q)
             for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += nf.ginit[q * K + c];
     }
@@ -741,7 +748,7 @@ struct TreeHEMWork {
                         ov[q] = cv[nf.order[q]];
                     }
                 } else {
-                    nf.em.forward(children, cv, nf.init.data(), nf.init_valid.data(), st, o, ov, false);
+                    nf.em.forward(children, cv, nf.init.data(), nf.init_valid.data(), st, o, ov, false, nf.order.data());
                 }
             }
         }
@@ -770,7 +777,7 @@ struct TreeHEMWork {
             return;
         }
         std::fill(nf.ginit.begin(), nf.ginit.end(), T(0));
-        nf.em.backward(tg, tv, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data());
+        nf.em.backward(tg, tv, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data(), nf.order.data());
         for (i64 q = 0; q < Q; ++q)
             for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += nf.ginit[q * K + c];
     }
@@ -860,7 +867,7 @@ struct TreeHEMWork {
                 NodeFit<T, D>& pf = sc.partial_fit;
                 pf.select(S, S, children, cv, part[1], false);
                 pf.em.forward(children, cv, pf.init.data(), pf.init_valid.data(), st, sc.partial_out.data(),
-                              sc.partial_valid.data(), false);
+                              sc.partial_valid.data(), false, pf.order.data());
                 cut(nd, vd, sc, ch, part);
             }
             T* o = out + g * n_out * K;
