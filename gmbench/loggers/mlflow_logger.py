@@ -21,6 +21,7 @@ same MLflow run and logs only the epochs it does not have yet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -39,6 +40,7 @@ INSTALL = "pip install 'gmbench[mlflow]'"
 # MLflow's log_batch limits: 1,000 metrics, 100 parameters, 100 tags per call.
 MAX_BATCH_METRICS = 1000
 MAX_BATCH_PARAMS = 100
+PROBE_TIMEOUT_S = 15  # the store check before the run: a server that does not answer in this time is an error
 
 
 def metric_name(name: str) -> str:
@@ -104,7 +106,8 @@ class MLflowLogger:
                 import sqlalchemy  # noqa: F401
             except ImportError:
                 raise GmbenchError(f"mlflow logger: the SQLite store {uri} needs sqlalchemy and alembic; install them: {INSTALL}") from None
-        self.connect(run_dir)
+        with _quick_requests():
+            self.connect(run_dir)
 
     def _experiment_id(self, client, run_dir: Path, suite: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -218,6 +221,21 @@ class MLflowLogger:
         for figure in report.figures:
             client.log_artifact(run_id, str(figure), "report/figures")
         client.set_terminated(run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def _quick_requests():
+    """One try with a short timeout for the check before the run: MLflow's defaults (7 retries,
+    exponential back-off, 120 s timeout) take minutes to say that a server is not there."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update({key: value for key, value in quick.items() if saved[key] is None})  # the user's settings win
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def _read_record(path: Path) -> dict | None:
