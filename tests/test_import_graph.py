@@ -91,7 +91,6 @@ DEFERRED_INTERNAL: dict[str, list[str]] = {
         "gmbench.fitting_figure -> gmbench.plugins",
         "gmbench.input_figures -> gmbench.io",
         "gmbench.input_figures -> gmbench.plugins",
-        "gmbench.loggers.tracking -> gmbench.plugins",
         "gmbench.plugin_contracts -> gmbench.plugins",
     ],
 }

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from gmbench import io
+from gmbench import io, plugins
 from gmbench.errors import GmbenchError
 from gmbench.loggers.records import CellInfo, ReportInfo
 
@@ -44,8 +44,6 @@ def choose(suite_loggers: Iterable[dict] = (), names: Iterable[str] = (), mlflow
     """The loggers of a run: the suite's (``[{"name", "params"}]``) plus ``--logger`` names,
     with ``--mlflow-uri`` as the mlflow logger's ``tracking_uri``; every one checked
     (name, parameters, package installed) before anything runs."""
-    from gmbench import plugins
-
     chosen: dict[str, dict] = {entry["name"]: dict(entry.get("params") or {}) for entry in suite_loggers}
     for name in names:
         if name not in plugins.available("logger"):
@@ -65,8 +63,6 @@ def choose(suite_loggers: Iterable[dict] = (), names: Iterable[str] = (), mlflow
 
 
 def create(choice: LoggerChoice) -> Any:
-    from gmbench import plugins
-
     return plugins.create("logger", choice.name, **choice.params)
 
 
