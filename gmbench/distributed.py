@@ -281,6 +281,12 @@ def _forward_epochs(cell_dir: Path, seen: int, on_epoch) -> int:
 
 def _rank_main(rank: int, world_size: int, port: int, threads: int, cell_config: dict, cell_dir: str, options, errors) -> None:
     """One rank: join the group, then rank 0 runs the cell (and writes); the others only train."""
+    import signal
+
+    from gmbench.executors.lifetime import die_with_parent
+
+    die_with_parent()  # never outlive the process that launched the ranks (it may be killed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's: it stops the ranks
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

@@ -26,6 +26,10 @@ COLUMNS = [
     "input_fitting", "n_gaussians", "n_points", "layout", "seed", "epochs", "test_accuracy",
     "best_test_accuracy", "smoothed_test_accuracy", "train_time_s", "samples_per_s", "peak_memory_mb", "params", "status", "error",
 ]
+# Columns that differ between two runs of the same cells on the same machine (wall-clock
+# times, throughput, peak memory); every other value is reproduced exactly on CPU
+# (docs/reports.md, "Determinism").
+VARYING_COLUMNS = ("train_time_s", "samples_per_s", "peak_memory_mb", "input_time_s", "wall_time_s", "time_ms", "time_ms_min")
 # Configuration fields copied from the cell (metrics override them where the cell resolved more).
 _CONFIG_COLUMNS = ("task", "label", "dataset", "model", "input", "input_fitting", "n_gaussians", "n_points", "seed", "transfer_fitting", "layout", "batch", "kernel_gaussians", "integrated", "dims", "n_mixtures")
 _SKIP_METRICS = ("cell_id", "finished_at")
