@@ -6,6 +6,10 @@ reduction tests cover (zero and negative weights, padding, duplicated
 centroids, singular covariances); gradcheck in float64.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -215,3 +219,25 @@ def test_morton_codes_match_the_bit_by_bit_definition(dims, bits):
         for axis in range(dims):
             expected |= ((q[..., axis] >> bit) & 1) << (bit * dims + dims - 1 - axis)
     assert torch.equal(codes, expected)
+
+
+def test_disabled_kernel_falls_back_to_torch_and_native_says_why():
+    # A fresh process with the kernel disabled: auto reduces through PyTorch, native refuses.
+    code = (
+        "import torch; from gmbench import plugins, mixture as gm\n"
+        "from gmbench.errors import GmbenchError\n"
+        "from gmbench.reduction import implementation\n"
+        "m = gm.pack(torch.rand(1, 1, 12) + 0.1, torch.randn(1, 1, 12, 2), torch.eye(2).expand(1, 1, 12, 2, 2))\n"
+        "print(implementation.native_kernel('auto', m) is None)\n"
+        "print(float(gm.integrate(plugins.create('reduction', 'treehem').reduce(m, 3)).sum() / gm.integrate(m).sum()))\n"
+        "try:\n"
+        "    plugins.create('reduction', 'mem', implementation='native').reduce(m, 3)\n"
+        "except GmbenchError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(os.environ, GMBENCH_DISABLE_NODE_FIT_KERNEL="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    auto_is_torch, mass_ratio, refusal = result.stdout.splitlines()
+    assert auto_is_torch == "True"
+    assert abs(float(mass_ratio) - 1.0) < 1e-6
+    assert "disabled by GMBENCH_DISABLE_NODE_FIT_KERNEL" in refusal and "implementation: auto or torch" in refusal
