@@ -133,7 +133,7 @@ class _Interrupt(BaseException):
 
 def _interrupted_then_resumed(tmp_path: Path, choices: tuple[LoggerChoice, ...], stop_after: int) -> Path:
     """Run one cell's first ``stop_after`` epochs, stop the process's work there, run it again."""
-    from gmbench.runner import RunOptions, run_cell
+    from gmbench.run.cell import RunOptions, run_cell
     from gmbench.suite import load_suite
 
     suite = load_suite(_write_suite(tmp_path))
@@ -358,7 +358,7 @@ def test_gmbench_report_gives_the_report_to_the_loggers_of_the_run(tmp_path, cap
 def test_a_cell_that_trains_again_from_scratch_replaces_its_logged_epochs(tmp_path, no_tracking_env, monkeypatch):
     tracking = _mlflow()
     _tensorboard()
-    from gmbench.runner import RunOptions, run_cell
+    from gmbench.run.cell import RunOptions, run_cell
     from gmbench.suite import load_suite
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -427,3 +427,12 @@ def test_a_failed_cell_is_logged_with_its_status_and_error(tmp_path, capsys, no_
         assert tensor_util.make_ndarray(status.tensor_proto).item().decode() == f"failed: {error}"
         content = accumulator.PluginTagToContent("hparams")["_hparams_/session_end_info"]
         assert plugin_data_pb2.HParamsPluginData.FromString(content).session_end_info.status == 2  # STATUS_FAILURE
+
+
+def test_a_tracking_store_that_cannot_be_used_stops_the_run_with_one_line_before_any_cell(tmp_path, capsys, no_tracking_env):
+    _mlflow()
+    out = tmp_path / "run"
+    code, _, err = _run(["run", str(_write_suite(tmp_path)), "--out", str(out), "--no-progress", "--logger", "mlflow", "--mlflow-uri", "bogus://nowhere"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "tracking store bogus://nowhere cannot be used" in err and "--mlflow-uri" in err
+    assert not (out / "cells").exists()
