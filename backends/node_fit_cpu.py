@@ -1,11 +1,13 @@
 r"""The reduction methods' node fits (E and M steps) as one native CPU kernel call.
 
-:func:`em_step` computes :func:`gmbench.reduction.em.em_step` and
-:func:`fit_nodes` computes :func:`gmbench.reduction.node_fit.fit_nodes`
+:func:`em_step` computes :func:`gmbench.reduction.em.em_step` (MEM's one
+call); :func:`fit_nodes` computes :func:`gmbench.reduction.node_fit.fit_nodes`
 (single-linkage initial Gaussians, then one E and one M step; optionally with
-TreeHEM's pass-through of nodes that hold at most ``n_out`` Gaussians), with
-the same values and gradients up to float rounding.  The PyTorch functions
-stay the reference; ``tests/test_node_fit_cpu.py`` compares the two.
+TreeHEM's pass-through of nodes that hold at most ``n_out`` Gaussians);
+:func:`treehem` computes TreeHEM after the Morton sort (every tree level, the
+top-down cut and the partial node fit) in one call.  All three give the
+values and gradients of the PyTorch functions up to float rounding; those
+stay the reference, and ``tests/test_node_fit_cpu.py`` compares the two.
 
 Why it is faster: the problems are tiny (a TreeHEM node fits at most ``2T``
 Gaussians to ``T``), so the PyTorch form is about a hundred tensor operations
@@ -13,8 +15,9 @@ per tree level, each costing more in dispatch than in arithmetic.  The kernel
 (``node_fit_kernel.cpp``, package data, built by
 :mod:`gmbench.backends.native`) runs one problem per loop iteration on
 ``torch.get_num_threads()`` threads.  Backward recomputes each problem's
-forward from the inputs (nothing but the inputs is kept for backward, like
-TreeHEM's ``recompute``) and applies the chain rule written out in C++.
+forward from its inputs (like TreeHEM's ``recompute``; :func:`treehem` keeps
+the node caches, the inputs of its node fits) and applies the chain rule
+written out in C++.
 
 Available on CPU for float32 and float64, 2D and 3D; not twice
 differentiable.  ``GMBENCH_DISABLE_NODE_FIT_KERNEL=1`` disables it (the
