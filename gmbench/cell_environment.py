@@ -1,7 +1,7 @@
 """The environment one cell trains in, set up the same way on every path that runs a cell.
 
-:func:`gmbench.runner.run_cell` (in-process, worker processes, Ray) and every
-data-parallel rank of :mod:`gmbench.distributed` enter :func:`cell_environment`
+:func:`gmbench.run.cell.run_cell` (in-process, worker processes, Ray) and every
+data-parallel rank of :mod:`gmbench.run.launcher` enter :func:`cell_environment`
 around the cell's task, so that rank 0 and the other ranks cannot drift apart
 (they once did: the ranks above 0 chose the backend without the suite's
 ``backend_params``).
@@ -26,7 +26,7 @@ def cell_environment(options, seed: int | None = None) -> Iterator[None]:
     ``torch``) active with ``options.backend_params``, ``options.device`` the current
     device, and with a ``seed`` the global ``random``, NumPy and torch generators seeded.
 
-    ``options`` is a :class:`gmbench.runner.RunOptions`.  The backend is set in the
+    ``options`` is a :class:`gmbench.run.cell.RunOptions`.  The backend is set in the
     current context only and the generators' states are restored on exit, so the
     calling process is unchanged afterwards.  Raises :class:`GmbenchError` for a
     backend or device that cannot be used.

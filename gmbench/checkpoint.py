@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from gmbench import io
+from gmbench.run.folder import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 REJECTED_SUFFIX = ".rejected"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "config")
 # Fields that must match between a checkpoint and the config resuming it:

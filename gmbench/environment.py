@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 from gmbench import io
-
-ENVIRONMENT_FILE = "environment.json"
+from gmbench.run.folder import ENVIRONMENT_FILE
 PACKAGES = ("torch", "torch-geometric", "pyg-lib", "torch-cluster", "triton", "numpy", "scipy", "scikit-learn", "pandas", "pyarrow", "pluggy", "matplotlib", "ray")
 
 

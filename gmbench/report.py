@@ -31,6 +31,9 @@ import yaml
 
 from gmbench import io, report_paper
 from gmbench.errors import GmbenchError
+from gmbench.run.folder import DIAGNOSTICS_FILE, RESULTS_CSV, cell_dir, new_command, read_environment, read_run, warn_once
+from gmbench.run.results import load_results
+from gmbench.tasks import TASKS
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 PERCENT_METRICS = ("test_accuracy", "best_test_accuracy", "smoothed_test_accuracy")
@@ -48,7 +51,6 @@ METRIC_TITLES = {
     "memory_mb": "memory (MiB)",
     "total_gaussians": "Gaussians",
 }
-DEFAULT_VALUE = {"train": "test_accuracy", "footprint": "memory_mb", "transfer_fitting_timing": "time_ms"}
 
 
 def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict:
@@ -60,13 +62,14 @@ def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict:
 
 
 def default_tables(frame: pd.DataFrame, task: str) -> list[dict]:
-    value = DEFAULT_VALUE.get(task, "test_accuracy")
+    kind = TASKS.get(task, TASKS["train"])
+    value = kind.default_metric
     rows = ["label"] + [c for c in ("dataset", "input") if c in frame and frame[c].nunique(dropna=True) > 1]
     spec = {"name": "results", "title": f"{METRIC_TITLES.get(value, value)} per configuration", "rows": rows, "value": value}
     if "n_gaussians" in frame and frame["n_gaussians"].nunique(dropna=True) > 1:
         spec["columns"] = "n_gaussians"
-    if task == "train":
-        spec["extra"] = ["params", "train_time_s", "peak_memory_mb"]
+    if kind.report_extra:
+        spec["extra"] = list(kind.report_extra)
     return [spec]
 
 
@@ -196,8 +199,6 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
 
 def build_diagnostics_table(run_dir: Path, frame: pd.DataFrame, spec: dict, paper: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-layer RMSE (Tables 10-11) from the cells' ``diagnostics.csv``, averaged over seeds."""
-    from gmbench.runner import DIAGNOSTICS_FILE, cell_dir
-
     parts = []
     for _, row in frame[frame["status"] == "ok"].iterrows():
         path = cell_dir(run_dir, row["cell_id"]) / DIAGNOSTICS_FILE
@@ -205,8 +206,6 @@ def build_diagnostics_table(run_dir: Path, frame: pd.DataFrame, spec: dict, pape
             try:
                 diagnostics = pd.read_csv(path)
             except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
-                from gmbench.run_folder import warn_once
-
                 warn_once(f"{path} cannot be read ({type(error).__name__}); that cell is left out of table '{spec.get('name')}' (delete the cell's metrics.json and rerun 'gmbench run' to redo it)")
                 continue
             for key in spec.get("rows", ["label"]):
@@ -304,10 +303,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
     ``$failed``, ``$cells`` (and ``$title``, ``$description``, ``$summary``,
     ``$environment``, ``$legend``) fields; default :data:`DEFAULT_TEMPLATE`.
     """
-    from gmbench import report_figures
-    from gmbench.results import load_results
-    from gmbench.run_progress import _read_jsonl
-    from gmbench.run_folder import new_command, read_environment, read_run
+    from gmbench import report_figures  # matplotlib: only when figures are drawn
 
     new_command()
     run_dir = Path(run_dir)
@@ -368,7 +364,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
         lines += [f"## {title}", "", *([note] if note else []), to_markdown(display), f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
     sections["tables"], lines = "\n".join(lines), []
 
-    figures = report_figures.draw_all(run_dir, frame, out_dir / "figures", _read_jsonl)
+    figures = report_figures.draw_all(run_dir, frame, out_dir / "figures")
     if figures:
         lines += ["## Figures", ""]
         for title, stem in figures:
@@ -388,7 +384,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
     if len(failed):
         lines += ["## Cells not finished", "", to_markdown(failed[["cell_id", "label", "status", "error"]].fillna("")), ""]
     sections["failed"], lines = "\n".join(lines), []
-    results_link = os.path.relpath(run_dir / "results.csv", out_dir)
+    results_link = os.path.relpath(run_dir / RESULTS_CSV, out_dir)
     sections["cells"] = "\n".join(["## All cells", "", f"One row per cell: [results.csv]({results_link}) (also `results.parquet`).", ""])
     if template is not None:
         template_path = Path(template)

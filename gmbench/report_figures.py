@@ -15,13 +15,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import json  # noqa: E402
+import logging  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gmbench import io, plugins  # noqa: E402
+from gmbench.input_figures import save_split_figure  # noqa: E402
+from gmbench.run.folder import DIAGNOSTICS_FILE, cell_dir, read_config, read_environment, read_epochs  # noqa: E402
+
 
 def _save(fig, folder: Path, stem: str) -> None:
-    from gmbench import io
-
     fig.tight_layout()
     for suffix in ("png", "pdf"):
         with io.atomic_path(folder / f"{stem}.{suffix}") as tmp:
@@ -55,13 +60,11 @@ def accuracy_vs_gaussians(frame: pd.DataFrame, folder: Path) -> bool:
     return True
 
 
-def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> bool:
-    from gmbench.runner import cell_dir
-
+def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path) -> bool:
     data = frame[frame["task"] == "train"] if "task" in frame else frame
     curves = []
     for _, row in data.iterrows():
-        records = [r for r in read_jsonl(cell_dir(run_dir, row["cell_id"]) / "epochs.jsonl") if {"epoch", "test_accuracy", "train_loss"} <= r.keys()]
+        records = [r for r in read_epochs(cell_dir(run_dir, row["cell_id"])) if {"epoch", "test_accuracy", "train_loss"} <= r.keys()]
         if records:
             curves.append((row, pd.DataFrame(records)))
     if not curves:
@@ -89,8 +92,6 @@ def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl
 
 
 def rmse_per_layer(run_dir: Path, frame: pd.DataFrame, folder: Path) -> bool:
-    from gmbench.runner import DIAGNOSTICS_FILE, cell_dir
-
     parts = []
     for _, row in _ok(frame).iterrows():
         path = cell_dir(run_dir, row["cell_id"]) / DIAGNOSTICS_FILE
@@ -156,20 +157,12 @@ def transfer_fitting_timing(frame: pd.DataFrame, folder: Path) -> bool:
 def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
     """Fitted input mixtures of the first test samples, one per data set and
     fitting method of the mixture-input cells; skipped when the data cannot be loaded here."""
-    import json
-    import logging
-
-    from gmbench import plugins
-    from gmbench.input_figures import save_split_figure
-    from gmbench.run_folder import read_environment, read_json_object
-    from gmbench.runner import cell_dir
-
     drawn, seen = [], set()
     data_root = read_environment(run_dir).get("data_root")
     for _, row in _ok(frame).iterrows():
         if row.get("task") != "train" or row.get("input") != "gm":
             continue
-        config = read_json_object(cell_dir(run_dir, row["cell_id"]) / "config.json", "its input mixtures are not drawn")
+        config = read_config(cell_dir(run_dir, row["cell_id"]), "its input mixtures are not drawn")
         if config is None:
             continue
         key = (config["dataset"], json.dumps(config.get("dataset_params"), sort_keys=True), config.get("input_fitting"), json.dumps(config.get("input_fitting_params"), sort_keys=True), config.get("n_gaussians"))
@@ -191,13 +184,13 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
     return drawn
 
 
-def draw_all(run_dir: Path, frame: pd.DataFrame, folder: Path, read_jsonl) -> list[tuple[str, str]]:
+def draw_all(run_dir: Path, frame: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
     """Draw every figure the results support; return (title, file stem) pairs."""
     folder.mkdir(parents=True, exist_ok=True)
     drawn = []
     if accuracy_vs_gaussians(frame, folder):
         drawn.append(("Accuracy vs number of input Gaussians", "accuracy_vs_gaussians"))
-    if training_curves(run_dir, frame, folder, read_jsonl):
+    if training_curves(run_dir, frame, folder):
         drawn.append(("Training curves", "training_curves"))
     if rmse_per_layer(run_dir, frame, folder):
         drawn.append(("Per-layer fitting RMSE per reduction method", "rmse_per_layer"))

@@ -19,11 +19,13 @@ conversion), printed under the table's title.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
+
+from gmbench.metrics import tensorboard_smoothed
+from gmbench.run.folder import cell_dir, read_epochs
 
 EPOCH_COLUMN = "smoothed_test_accuracy_epoch_{}"
 PAPER_PREFIX = "paper_"
@@ -36,8 +38,6 @@ def epoch_column(epoch: int) -> str:
 
 def smoothed_accuracy_at(history: list[float], epochs: list[int]) -> dict[str, float]:
     """``{epoch_column(e): smoothed accuracy after epoch e}``; ``nan`` where the run is shorter."""
-    from gmbench.metrics import tensorboard_smoothed
-
     smoothed = tensorboard_smoothed(history)
     return {epoch_column(e): smoothed[e - 1] if 1 <= e <= len(smoothed) else math.nan for e in epochs}
 
@@ -48,21 +48,15 @@ def with_epoch_columns(run_dir: Path, frame: pd.DataFrame, spec: dict) -> tuple[
     epochs = [int(e) for e in spec.get("epochs") or []]
     if not epochs:
         return frame, spec
-    from gmbench.runner import cell_dir
-    from gmbench.training import EPOCHS_FILE
-
     frame = frame.copy()
     rows = []
     for cell_id in frame["cell_id"]:
-        path = cell_dir(run_dir, str(cell_id)) / EPOCHS_FILE
         history = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        history.append(float(json.loads(line)["test_accuracy"]))
-                    except (ValueError, KeyError, TypeError):
-                        break  # a torn last line of a crashed cell: keep the epochs before it
+        for record in read_epochs(cell_dir(run_dir, str(cell_id))):
+            try:
+                history.append(float(record["test_accuracy"]))
+            except (ValueError, KeyError, TypeError):
+                break  # an incomplete record of a crashed cell: keep the epochs before it
         rows.append(smoothed_accuracy_at(history, epochs))
     for epoch in epochs:
         frame[epoch_column(epoch)] = [row[epoch_column(epoch)] for row in rows]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import random
@@ -47,8 +48,8 @@ from torch import Tensor, nn
 from gmbench import io
 from gmbench.checkpoint import CHECKPOINT_FILE, resume, rng_state
 from gmbench.errors import GmbenchError
-
-EPOCHS_FILE = "epochs.jsonl"
+from gmbench.run.folder import EPOCHS_FILE
+from gmbench.run.ranks import current
 
 
 class TrainingDiverged(GmbenchError):
@@ -160,7 +161,7 @@ def _regularization(model: nn.Module, lr: float) -> Tensor | None:
 def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, distributed=None) -> float:
     """Fraction of correctly classified samples, model in eval mode, no gradients.
 
-    ``distributed`` (a :class:`gmbench.distributed.DistributedContext`): each rank
+    ``distributed`` (a :class:`gmbench.run.ranks.DistributedContext`): each rank
     evaluates its shard of ``x`` and the counts are summed over ranks.
     """
     if distributed is not None and distributed.is_distributed:
@@ -199,10 +200,10 @@ def train(
     part of the checkpointed state.  ``on_epoch(record)`` is called after each
     epoch, once the record and checkpoint are on disk.
 
-    ``distributed``: a :class:`gmbench.distributed.DistributedContext` (default: the
+    ``distributed``: a :class:`gmbench.run.ranks.DistributedContext` (default: the
     process group this process joined, else single-process).  Under data parallelism
     ``batch_size`` is the global batch, split over the ranks; metrics are reduced
-    over ranks and only rank 0 writes ``run_dir`` (see :mod:`gmbench.distributed`).
+    over ranks and only rank 0 writes ``run_dir`` (see :mod:`gmbench.run.ranks`).
 
     Raises :class:`TrainingDiverged` on a NaN/inf loss.
     """
@@ -215,8 +216,6 @@ def train(
         raise GmbenchError(f"device '{config.device}' requested but CUDA is not available; set device: cpu")
     run_dir = Path(run_dir) if run_dir is not None else None
     if distributed is None:
-        from gmbench.distributed import current
-
         distributed = current()
 
     seed_everything(config.seed)
@@ -323,8 +322,6 @@ def train(
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record, default=str) + "\n"
 
 

@@ -28,11 +28,19 @@ class ImportGraph:
     imports: list[Import] = field(default_factory=list)
 
     def edges(self) -> dict[str, set[str]]:
-        """Internal edges, module-level and deferred alike: a deferred import closes a cycle too."""
+        """Internal edges, module-level and deferred alike: a deferred import closes a cycle too.
+
+        Importing ``a.b.c`` runs ``a/b/__init__.py`` first, so an import also depends on the
+        packages above the imported module -- except those above the importer, which are
+        already being imported when it runs."""
         graph = {name: set() for name in self.modules}
         for item in self.imports:
-            if item.internal and item.imported != item.importer:
-                graph[item.importer].add(item.imported)
+            if not item.internal:
+                continue
+            own = set(_packages_above(item.importer))
+            for target in [item.imported, *_packages_above(item.imported)]:
+                if target != item.importer and target not in own and target in self.modules:
+                    graph[item.importer].add(target)
         return graph
 
     def cycles(self) -> list[list[str]]:
@@ -85,6 +93,11 @@ class ImportGraph:
 
     def line_counts(self) -> dict[str, int]:
         return {name: len(path.read_text().splitlines()) for name, path in self.modules.items()}
+
+
+def _packages_above(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def module_files() -> dict[str, Path]:

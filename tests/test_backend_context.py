@@ -12,7 +12,7 @@ import torch
 from gmbench import backends, plugins
 from gmbench.cell_environment import cell_environment
 from gmbench.errors import GmbenchError, PluginError
-from gmbench.runner import RunOptions
+from gmbench.run.cell import RunOptions
 
 UNAVAILABLE_BACKEND = textwrap.dedent(
     '''

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from gmbench.cli import main
-from gmbench.results import COLUMNS
+from gmbench.run.results import COLUMNS
 
 TESTS = Path(__file__).resolve().parent
 

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from gmbench.cli import main
-from gmbench.runner import RunOptions, run_suite
+from gmbench.run.cell import RunOptions
+from gmbench.run.suite_runner import run_suite
 from gmbench.suite import parse_suite
 
 SUITE = """\

@@ -11,9 +11,11 @@ import pandas as pd
 import torch
 
 from gmbench import io
-from gmbench.executors import LocalExecutor
-from gmbench.results import RESULTS_CSV, VARYING_COLUMNS
-from gmbench.runner import RunOptions, cell_dir, run_suite
+from gmbench.run.cell import RunOptions
+from gmbench.run.executors import LocalExecutor
+from gmbench.run.folder import cell_dir
+from gmbench.run.results import RESULTS_CSV, VARYING_COLUMNS
+from gmbench.run.suite_runner import run_suite
 from gmbench.suite import parse_suite
 
 # A --smoke-sized GMCN cell: k-means input fitting, two convolution layers, two epochs.

@@ -1,4 +1,4 @@
-"""Data-parallel training (gmbench.distributed): 2 gloo ranks on CPU against one process."""
+"""Data-parallel training (gmbench.run.launcher, gmbench.run.ranks): 2 gloo ranks on CPU against one process."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmbench.distributed import DistributedContext, run_cell_on_ranks
+from gmbench.run.launcher import run_cell_on_ranks
 from gmbench.errors import GmbenchError
-from gmbench.runner import RunOptions, run_cell
+from gmbench.run.cell import RunOptions, run_cell
+from gmbench.run.ranks import DistributedContext
 from gmbench.suite import parse_suite
 from gmbench.training import TrainConfig, train
 

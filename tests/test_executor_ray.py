@@ -1,4 +1,4 @@
-"""The Ray executor (gmbench.executors.ray) on a local 2-CPU Ray instance.
+"""The Ray executor (gmbench.run.executors.ray) on a local 2-CPU Ray instance.
 
 One Ray instance serves the whole module (starting one takes ~10 s); every
 test runs a tiny suite (digits or blobs, a mean-pooling model, 2-3 epochs).
@@ -13,11 +13,13 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'gmbench[ray]')")
 
-from gmbench import results  # noqa: E402
+from gmbench.run import results  # noqa: E402
 from gmbench.errors import GmbenchError  # noqa: E402
-from gmbench.executors import create_executor  # noqa: E402
-from gmbench.executors.ray import RayExecutor, _check_reachable, _check_shared_folder, start_local_ray  # noqa: E402
-from gmbench.runner import RunOptions, cell_dir, run_suite  # noqa: E402
+from gmbench.run.executors import create_executor  # noqa: E402
+from gmbench.run.executors.ray import RayExecutor, _check_reachable, _check_shared_folder, start_local_ray  # noqa: E402
+from gmbench.run.cell import RunOptions  # noqa: E402
+from gmbench.run.folder import cell_dir  # noqa: E402
+from gmbench.run.suite_runner import run_suite  # noqa: E402
 from gmbench.suite import parse_suite  # noqa: E402
 
 # Columns that measure the machine, not the experiment (see the executor's docstring).

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gmbench.report import build_table, compare_runs, load_paper_results, to_latex, to_markdown, write_report
-from gmbench.results import COLUMNS
+from gmbench.run.results import COLUMNS
 
 SUITES = sorted((Path(__file__).resolve().parent.parent / "suites").glob("*.yaml"))
 

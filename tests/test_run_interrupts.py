@@ -139,7 +139,7 @@ _PARENT_SCRIPT = """
 import multiprocessing, os, sys, time
 
 def child(use_prctl, watch):
-    from gmbench.executors.lifetime import die_with_parent
+    from gmbench.run.lifetime import die_with_parent
     die_with_parent(use_prctl=use_prctl, watch=watch)
     time.sleep(120)
 
@@ -203,7 +203,7 @@ def test_killing_the_driver_of_a_jobs_2_run_ends_its_workers_and_a_rerun_resumes
 
 _HOLDER_SCRIPT = """
 import multiprocessing, os, sys, time
-from gmbench.run_lock import RunLock
+from gmbench.run.lock import RunLock
 
 def worker(fd):
     time.sleep(120)  # holds the inherited lock (no die-with-parent guard: an orphan)
@@ -220,7 +220,7 @@ if __name__ == "__main__":
 
 
 def test_the_lock_is_not_taken_over_while_a_worker_of_a_dead_driver_lives(tmp_path):
-    from gmbench.run_lock import RunFolderInUse, run_lock
+    from gmbench.run.lock import RunFolderInUse, run_lock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -245,7 +245,7 @@ def test_the_lock_is_not_taken_over_while_a_worker_of_a_dead_driver_lives(tmp_pa
 
 
 def test_a_second_update_run_is_refused_before_it_writes_anything(tmp_path, capsys):
-    from gmbench.run_lock import run_lock
+    from gmbench.run.lock import run_lock
 
     suite, changed = tmp_path / "quick.yaml", tmp_path / "changed.yaml"
     suite.write_text(QUICK_SUITE)
@@ -315,8 +315,9 @@ def test_sigterm_stops_an_in_process_run_like_ctrl_c(tmp_path):
 
 
 def test_a_rerun_removes_the_temp_files_a_killed_run_left(tmp_path, caplog):
-    from gmbench.executors import LocalExecutor
-    from gmbench.runner import RunOptions, run_suite
+    from gmbench.run.cell import RunOptions
+    from gmbench.run.executors import LocalExecutor
+    from gmbench.run.suite_runner import run_suite
     from gmbench.suite import parse_suite
 
     suite = parse_suite(textwrap.dedent(QUICK_SUITE), "quick.yaml")

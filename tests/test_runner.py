@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from gmbench import mixture
-from gmbench.executors import LocalExecutor, create_executor
+from gmbench.run.executors import LocalExecutor, create_executor
 from gmbench.footprint import footprint
-from gmbench.results import COLUMNS, RESULTS_CSV, RESULTS_PARQUET
-from gmbench.runner import RunOptions, SuiteChanged, cell_dir, random_test_mixtures, read_metrics, run_cell, run_suite
+from gmbench.run.results import COLUMNS, RESULTS_CSV, RESULTS_PARQUET
+from gmbench.run.cell import RunOptions, run_cell
+from gmbench.run.folder import cell_dir, read_metrics
+from gmbench.run.prepare import SuiteChanged
+from gmbench.run.suite_runner import run_suite
+from gmbench.tasks.transfer_fitting_timing import random_test_mixtures
 from gmbench.suite import parse_suite
 
 TINY = """\
@@ -176,7 +180,8 @@ def test_run_cell_records_a_missing_plugin_as_a_failed_cell(tmp_path):
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
     from gmbench.errors import GmbenchError
-    from gmbench.runner import LOCK_FILE, run_lock
+    from gmbench.run.folder import LOCK_FILE
+    from gmbench.run.lock import run_lock
 
     suite = tiny_suite(TINY.replace("    - {label: broken, model_params: {fail: true}}\n    - {label: nan, model_params: {diverge: true}}\n", ""))
     run_dir = tmp_path / "run"
@@ -192,7 +197,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from gmbench.runner import LOCK_FILE
+    from gmbench.run.folder import LOCK_FILE
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     suite = tiny_suite(TINY.replace("    - {label: broken, model_params: {fail: true}}\n    - {label: nan, model_params: {diverge: true}}\n", ""))

@@ -64,8 +64,10 @@ def test_a_training_cell_records_the_smoothed_accuracy_of_its_epoch_log(tmp_path
 
     import pandas as pd
 
-    from gmbench.results import RESULTS_CSV
-    from gmbench.runner import RunOptions, cell_dir, run_suite
+    from gmbench.run.cell import RunOptions
+    from gmbench.run.folder import cell_dir
+    from gmbench.run.results import RESULTS_CSV
+    from gmbench.run.suite_runner import run_suite
     from gmbench.suite import parse_suite
 
     suite = parse_suite(textwrap.dedent("""\

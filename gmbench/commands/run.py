@@ -91,10 +91,11 @@ def default_run_dir(suite_name: str, smoke: bool) -> Path:
 
 
 def run(args) -> int:
-    from gmbench import results
+    from gmbench.run import results
     from gmbench.errors import GmbenchError
-    from gmbench.executors import create_executor
-    from gmbench.runner import RunOptions, run_suite
+    from gmbench.run.cell import RunOptions
+    from gmbench.run.executors import create_executor
+    from gmbench.run.suite_runner import run_suite
     from gmbench.suite import load_suite
 
     if args.jobs < 1:

@@ -4,7 +4,7 @@
   and checks names, parameters and installed packages (one line, exit 2);
 * :func:`prepare_run` checks each logger's store and records the choice in the
   run folder (``loggers.json``, read again by ``gmbench report``);
-* :class:`CellLoggers` feeds one cell's loggers from :func:`gmbench.runner.run_cell`;
+* :class:`CellLoggers` feeds one cell's loggers from :func:`gmbench.run.cell.run_cell`;
 * :func:`log_report` gives a written report to the run's loggers.
 """
 
@@ -21,12 +21,9 @@ from typing import Any, Callable, Iterable
 from gmbench import io, plugins
 from gmbench.errors import GmbenchError
 from gmbench.loggers.records import CellInfo, ReportInfo
+from gmbench.run.folder import DIAGNOSTICS_FILE, ENVIRONMENT_FILE, EPOCHS_FILE, LOGGERS_FILE, RUN_FILE
 
 log = logging.getLogger("gmbench.loggers")
-
-LOGGERS_FILE = "loggers.json"
-EPOCHS_FILE = "epochs.jsonl"  # gmbench.training.EPOCHS_FILE, not imported: training pulls in torch
-DIAGNOSTICS_FILE = "diagnostics.csv"  # gmbench.runner.DIAGNOSTICS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +85,12 @@ def run_loggers(run_dir: Path) -> tuple[LoggerChoice, ...]:
     run_dir = Path(run_dir)
     entries = _read_json(run_dir / LOGGERS_FILE)
     if not isinstance(entries, list):
-        entries = _json_object(run_dir / "run.json").get("loggers") or []
+        entries = _json_object(run_dir / RUN_FILE).get("loggers") or []
     return tuple(LoggerChoice(e["name"], dict(e.get("params") or {})) for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
 
 
 def _json_object(path: Path) -> dict:
-    """A JSON object file; empty when missing or damaged (gmbench.run_folder names damaged ones)."""
+    """A JSON object file; empty when missing or damaged (gmbench.run.folder names damaged ones)."""
     value = _read_json(path)
     return value if isinstance(value, dict) else {}
 
@@ -139,8 +136,8 @@ class CellLoggers:
         if not choices:
             return
         run_dir = self.cell_dir.parent.parent  # <run folder>/cells/<id>
-        suite = _json_object(run_dir / "run.json").get("name") or run_dir.name
-        info = CellInfo(run_dir, self.cell_dir, self.cell_dir.name, str(suite), cell_config, _json_object(run_dir / "environment.json"))
+        suite = _json_object(run_dir / RUN_FILE).get("name") or run_dir.name
+        info = CellInfo(run_dir, self.cell_dir, self.cell_dir.name, str(suite), cell_config, _json_object(run_dir / ENVIRONMENT_FILE))
         for choice in choices:
             try:
                 logger = create(choice)
@@ -217,7 +214,7 @@ def log_report(run_dir: str | Path, report_file: str | Path, choices: tuple[Logg
     if not choices:
         return []
     figures = tuple(sorted(p for p in (report_file.parent / "figures").glob("*") if p.suffix.lower() in (".png", ".pdf")))
-    suite = _json_object(run_dir / "run.json").get("name") or run_dir.name
+    suite = _json_object(run_dir / RUN_FILE).get("name") or run_dir.name
     report = ReportInfo(run_dir, str(suite), report_file, figures)
     done = []
     for choice in choices:

@@ -4,7 +4,7 @@ The rows are rebuilt from the run folder (``run.json`` plus every cell's
 ``metrics.json``) whenever a cell finishes, so the files are always complete
 for the cells run so far; cells not run yet have status ``pending``.  Every
 number in a report comes from these files.  A damaged ``run.json`` is rebuilt
-from the cell folders (:func:`gmbench.run_folder.read_run`); a damaged
+from the cell folders (:func:`gmbench.run.folder.read_run`); a damaged
 ``metrics.json`` gives its cell the status ``damaged``.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from gmbench import io
-
-RESULTS_CSV = "results.csv"
-RESULTS_PARQUET = "results.parquet"
+from gmbench.errors import GmbenchError
+from gmbench.run.folder import RESULTS_CSV, RESULTS_PARQUET, RUN_FILE, cell_dir, count_epochs, read_metrics, read_run
+from gmbench.tasks import task_for
 
 # The columns every results file has, in this order; task-specific
 # metrics (time_ms, rmse, memory_mb, ...) follow them.
@@ -39,13 +39,9 @@ _INTEGER_COLUMNS = ("n_gaussians", "n_points", "seed", "epochs", "params", "batc
 def collect(run_dir: str | Path, run: dict | None = None) -> pd.DataFrame:
     """The results table of a run folder (reads run.json and the cells' metrics.json).
 
-    ``run``: the run's description as :func:`gmbench.run_folder.read_run` returns it
+    ``run``: the run's description as :func:`gmbench.run.folder.read_run` returns it
     (read here when not given).
     """
-    from gmbench.errors import GmbenchError
-    from gmbench.run_folder import read_run
-    from gmbench.runner import read_metrics
-
     run_dir = Path(run_dir)
     if run is None:
         run = read_run(run_dir)
@@ -54,21 +50,12 @@ def collect(run_dir: str | Path, run: dict | None = None) -> pd.DataFrame:
     rows = []
     for cell in run["cells"]:
         config = cell["config"]
+        task = task_for(config)
         row: dict = {"suite": run["name"], "cell_id": cell["id"]}
         for key in _CONFIG_COLUMNS:
             if key in config:
                 row[key] = config[key]
-        if config.get("task") == "train":
-            row["epochs"] = config.get("training", {}).get("epochs", 60)
-            row["batch_size"] = config.get("training", {}).get("batch_size", 21)
-            params = config.get("model_params") or {}
-            row["layout"] = params.get("layout")
-            # A point-cloud cell uses no fitted mixtures: leave the column empty.
-            row["input_fitting"] = config.get("input_fitting") if config.get("input") != "points" else None
-            if "reduction" in params:
-                row["reduction"] = params["reduction"]
-            if "transfer_fitting" in params:
-                row["transfer_fitting"] = params["transfer_fitting"]
+        row.update(task.result_fields(config))
         metrics = read_metrics(run_dir, cell["id"])
         if metrics is None:
             row["status"] = "pending"
@@ -80,11 +67,11 @@ def collect(run_dir: str | Path, run: dict | None = None) -> pd.DataFrame:
                 if value is None and row.get(key) is not None:
                     continue
                 row[key] = value
-        if metrics is not None and metrics.get("status") != "ok" and config.get("task") == "train":
+        if metrics is not None and metrics.get("status") != "ok" and task.epochs_field is not None:
             # A failed or diverged cell: the epochs it finished, not the ones it was given.
-            row["epochs"] = _count_epochs(run_dir / "cells" / cell["id"] / "epochs.jsonl")
+            row["epochs"] = count_epochs(cell_dir(run_dir, cell["id"]))
         if not row.get("label"):
-            row["label"] = _default_label(config)
+            row["label"] = task.label(config)
         rows.append(row)
     frame = pd.DataFrame(rows)
     for column in COLUMNS:
@@ -97,16 +84,6 @@ def collect(run_dir: str | Path, run: dict | None = None) -> pd.DataFrame:
                 frame[column] = numbers.astype("Int64")
     extra = [column for column in frame.columns if column not in COLUMNS]
     return frame[COLUMNS + extra]
-
-
-def _count_epochs(path: Path) -> int:
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
-
-
-def _default_label(config: dict) -> str:
-    if config.get("task") == "train":
-        return f"{config.get('model')} ({config.get('input')})"
-    return str(config.get("transfer_fitting") or config.get("layout") or config.get("task"))
 
 
 def write_results(run_dir: str | Path) -> pd.DataFrame:
@@ -138,8 +115,6 @@ REQUIRED_COLUMNS = ("cell_id", "status")
 def load_results(run_dir: str | Path) -> pd.DataFrame:
     """The results of a run folder: rebuilt from run.json and the cells where they exist
     (a damaged run.json from the cells alone), else read from ``results.csv``."""
-    from gmbench.run_folder import read_run
-
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if run is not None:
@@ -149,9 +124,6 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
 
 def read_results_csv(run_dir: str | Path) -> pd.DataFrame:
     """``results.csv`` of a folder without run.json and cell folders (e.g. one copied alone)."""
-    from gmbench.errors import GmbenchError
-    from gmbench.runner import RUN_FILE
-
     run_dir = Path(run_dir)
     path = run_dir / RESULTS_CSV
     if not path.is_file():

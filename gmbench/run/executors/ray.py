@@ -7,7 +7,7 @@ local Ray instance is started for the run (and shut down after it) with
 in flight at once, as for the local executor; Ray places them where their
 resources (``num_cpus``, ``num_gpus``, ``memory``) are free.
 
-Where results live.  Workers run :func:`gmbench.runner.run_cell`, which writes
+Where results live.  Workers run :func:`gmbench.run.launcher.launch_cell`, which writes
 the cell folder (``config.json``, ``epochs.jsonl``, ``checkpoint.pt``,
 ``metrics.json``) directly into the run folder, so the run folder must be on
 storage that the driver and every worker node see under the same path (NFS,
@@ -47,9 +47,13 @@ import sys
 import time
 from pathlib import Path
 
-from gmbench import io
+import torch
+
 from gmbench.errors import GmbenchError
-from gmbench.executors.local import _started_since
+from gmbench.run.lifetime import record_interrupted
+from gmbench.run.executors.local import _started_since
+from gmbench.run.folder import cell_dir, read_metrics, write_failure
+from gmbench.run.launcher import launch_cell
 
 log = logging.getLogger("gmbench.run")
 
@@ -192,8 +196,6 @@ class RayExecutor:
     def _schedule(self, cells, run_dir: Path, options, resources: CellResources, on_start, on_done, poll) -> None:
         import ray
 
-        from gmbench.runner import cell_dir
-
         # The task's intra-op threads; a data-parallel cell divides them among its ranks.
         threads = max(1, int(resources.cpus))
         task = ray.remote(_run_cell_task).options(
@@ -231,8 +233,6 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             if isinstance(stop, (KeyboardInterrupt, SystemExit)):
-                from gmbench.executors import record_interrupted
-
                 for cell, submitted in in_flight.values():
                     if cell.id in started:
                         on_done(cell, record_interrupted(cell_dir(run_dir, cell.id), stop, since=submitted))
@@ -263,16 +263,12 @@ class _Counts:
 
 
 def _run_cell_task(cell_config: dict, folder: str, options, threads: int) -> dict:
-    """The Ray task: :func:`gmbench.runner.run_cell` with the worker's thread count and GPU."""
-    import torch
-
-    from gmbench.runner import run_cell
-
+    """The Ray task: :func:`gmbench.run.launcher.launch_cell` with the worker's thread count and GPU."""
     torch.set_num_threads(threads)
     if str(options.device).startswith("cuda:"):
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned: they are cuda:0...
         options = dataclasses.replace(options, device="cuda")
-    return run_cell(cell_config, folder, options)
+    return launch_cell(cell_config, folder, options)
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -310,8 +306,6 @@ def _collect(ref, folder: Path, max_retries: int) -> dict:
     import ray
     import ray.exceptions
 
-    from gmbench.runner import METRICS_FILE, read_metrics
-
     try:
         return ray.get(ref)
     except ray.exceptions.OutOfMemoryError as error:
@@ -328,14 +322,7 @@ def _collect(ref, folder: Path, max_retries: int) -> dict:
     written = read_metrics(folder.parent.parent, folder.name)
     if written is not None and written.get("status") == "ok":
         return written
-    metrics = {
-        "cell_id": folder.name,
-        "status": status,
-        "error": reason,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    io.write_json(folder / METRICS_FILE, metrics)
-    return metrics
+    return write_failure(folder, status, reason)
 
 
 def _first_line(error: BaseException) -> str:

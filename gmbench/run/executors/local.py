@@ -7,15 +7,15 @@ cell's own; ``isolate=True`` does the same with one worker.
 Worker processes use the ``spawn`` start method (safe with threads, CUDA and
 every OS) through :class:`concurrent.futures.ProcessPoolExecutor`; each one
 imports gmbench afresh and receives only plain data (cell configuration,
-folder, :class:`gmbench.runner.RunOptions`).  When a worker dies (killed,
+folder, :class:`gmbench.run.cell.RunOptions`).  When a worker dies (killed,
 segfault, out of host memory) the pool breaks: the cells that were in flight
 are recorded as failed with that reason, and the remaining ones go on in a new
 pool.  With ``jobs > 1`` each worker limits itself to
 ``max(1, cpu_count // jobs)`` intra-op threads so the workers do not fight
 over cores.
 
-Workers never outlive the driver (:mod:`gmbench.executors.lifetime`) and hold
-the run folder's lock with it (:mod:`gmbench.run_lock`).  On Ctrl-C or
+Workers never outlive the driver (:mod:`gmbench.run.lifetime`) and hold
+the run folder's lock with it (:mod:`gmbench.run.lock`).  On Ctrl-C or
 ``SIGTERM`` the driver stops the workers at once (``SIGTERM``, ``SIGKILL``
 after :data:`STOP_GRACE_S`) and records every cell in flight as
 ``interrupted``; the next run resumes those from their checkpoints.
@@ -30,8 +30,12 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from gmbench import io
+import torch
 
+from gmbench.run.lifetime import die_with_parent, record_interrupted, worker_signals
+from gmbench.run.folder import cell_dir, config_written_at, write_failure
+from gmbench.run.launcher import launch_cell
+from gmbench.run.lock import held
 
 # Seconds stopped workers get to exit on SIGTERM before they are killed.
 STOP_GRACE_S = 3.0
@@ -50,15 +54,12 @@ class LocalExecutor:
         self.isolate = isolate or jobs > 1
 
     def run(self, cells, run_dir, options, on_start, on_epoch, on_done, poll=None) -> None:
-        from gmbench.executors import record_interrupted
-        from gmbench.runner import cell_dir, run_cell
-
         if not self.isolate:
             for cell in cells:
                 on_start(cell)
                 folder = cell_dir(run_dir, cell.id)
                 try:
-                    metrics = run_cell(cell.config, folder, options, on_epoch=lambda record, cell=cell: on_epoch(cell, record))
+                    metrics = launch_cell(cell.config, folder, options, on_epoch=lambda record, cell=cell: on_epoch(cell, record))
                 except (KeyboardInterrupt, SystemExit) as interrupt:
                     on_done(cell, record_interrupted(folder, interrupt))
                     raise
@@ -70,13 +71,9 @@ class LocalExecutor:
 
     def _run_pool(self, cells, run_dir, options, on_start, on_done, poll) -> list:
         """Run ``cells`` in one pool; return the cells that never started if the pool broke."""
-        from gmbench import run_lock
-        from gmbench.executors import record_interrupted
-        from gmbench.runner import cell_dir
-
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         context = multiprocessing.get_context("spawn")
-        lock = run_lock.held(run_dir)
+        lock = held(run_dir)
         started: set[str] = set()
         reported: set[str] = set()
         pool_started = time.time()
@@ -187,19 +184,15 @@ def _wait_all(processes, timeout_s: float, wait) -> None:
 
 def _started_since(folder: Path, since: float) -> bool:
     """A worker has picked the cell up: run_cell writes config.json first thing."""
-    try:
-        return (Path(folder) / "config.json").stat().st_mtime >= since - 1.0
-    except FileNotFoundError:
-        return False
+    written = config_written_at(folder)
+    return written is not None and written >= since - 1.0
 
 
 def _run_cell_in_worker(cell_config: dict, folder, options) -> dict:
-    """:func:`gmbench.runner.run_cell` in a worker; stopped by the driver, the worker exits
-    without a result, so that the pool counts it as lost and starts no cell after it."""
-    from gmbench.runner import run_cell
-
+    """:func:`gmbench.run.launcher.launch_cell` in a worker; stopped by the driver, the worker
+    exits without a result, so that the pool counts it as lost and starts no cell after it."""
     try:
-        return run_cell(cell_config, folder, options)
+        return launch_cell(cell_config, folder, options)
     except SystemExit as stop:  # SIGTERM (lifetime.worker_signals): the finally blocks have run
         from multiprocessing import util
 
@@ -211,25 +204,12 @@ def _run_cell_in_worker(cell_config: dict, folder, options) -> dict:
 
 def _init_worker(threads: int, inherited_lock) -> None:
     """First thing in every worker: die with the driver, leave Ctrl-C to it, share its lock."""
-    import torch
-
-    from gmbench.executors.lifetime import die_with_parent, worker_signals
-
     die_with_parent()
     worker_signals()
-    # ``inherited_lock`` arrived as the run lock's descriptor, kept open (gmbench.run_lock).
+    # ``inherited_lock`` arrived as the run lock's descriptor, kept open (gmbench.run.lock).
     del inherited_lock
     torch.set_num_threads(threads)
 
 
 def _worker_died(folder: Path, reason: str) -> dict:
-    from gmbench.runner import METRICS_FILE
-
-    metrics = {
-        "cell_id": Path(folder).name,
-        "status": "failed",
-        "error": reason,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    io.write_json(Path(folder) / METRICS_FILE, metrics)
-    return metrics
+    return write_failure(folder, "failed", reason)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gmbench.errors import GmbenchError
+from gmbench.run.folder import LOCK_FILE
 
 try:
     import fcntl
@@ -36,8 +37,6 @@ except ImportError:  # Windows
     fcntl = None
 
 log = logging.getLogger("gmbench.run")
-
-LOCK_FILE = ".lock"
 
 # The locks this process holds, by resolved run folder (executors pass them on to workers).
 _held: dict[Path, "RunLock"] = {}

@@ -31,6 +31,9 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
+
+from gmbench.run import folder as run_folder
 
 log = logging.getLogger("gmbench.run")
 
@@ -121,3 +124,23 @@ def stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def record_interrupted(folder, interrupt: BaseException, since: float | None = None) -> dict:
+    """Write and return the metrics of a cell stopped mid-run: status ``interrupted``.
+
+    A cell that finished (``metrics.json`` written at or after ``since``) just before
+    the interrupt keeps its metrics.
+    """
+    folder = Path(folder)
+    path = folder / run_folder.METRICS_FILE
+    if since is not None and path.is_file() and path.stat().st_mtime >= since:
+        written = run_folder.read_metrics_file(path)
+        if written.get("status") == "ok":
+            return written
+    done = run_folder.count_epochs(folder)
+    if done:
+        again = f"after {done} epoch(s); run the same command again to resume it from its checkpoint"
+    else:
+        again = "before its first epoch; run the same command again to run it"
+    return run_folder.write_failure(folder, "interrupted", f"interrupted by {interrupt_name(interrupt)} {again}")

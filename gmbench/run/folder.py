@@ -1,4 +1,20 @@
-"""Reading a run folder that may be damaged, and preparing it for a run.
+"""The run folder: the only module that knows its file names and formats.
+
+A run folder holds::
+
+    suite.yaml          the suite file as it was run
+    run.json            the resolved suite: every cell's id and configuration
+    environment.json    versions, git commit, devices (gmbench.environment)
+    loggers.json        the experiment trackers' runs (gmbench.loggers)
+    .lock               held by the driver and its workers (gmbench.run.lock)
+    cells/<id>/         config.json, epochs.jsonl, checkpoint.pt, metrics.json
+                        (+ diagnostics.csv, footprint.json, error.txt)
+    results.csv/.parquet  one row per cell (gmbench.run.results)
+
+``run.json`` and ``metrics.json`` carry ``format_version`` (:data:`FORMAT_VERSION`);
+files without it were written before it existed (version 1, the same fields) and
+are read as they are; a newer version than this gmbench knows is refused in one line.
+The readers return the records without the version field.
 
 Every file of a run folder is written atomically, but folders get copied,
 synced half-way, edited by hand or filled by a full disk.  Readers here never
@@ -13,17 +29,19 @@ rebuilt from the files that remain:
 * a damaged ``environment.json``: the report leaves the environment out;
   the next ``gmbench run`` rewrites it.
 
-:func:`prepare_run_dir` checks a folder against the suite about to run in it
-and, under the run lock, writes ``suite.yaml`` and ``run.json``.
+gmbench.run.prepare checks a folder against the suite about to run in it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 from gmbench import io
 from gmbench.errors import GmbenchError
@@ -33,9 +51,23 @@ log = logging.getLogger("gmbench.run")
 CELLS_DIR = "cells"
 RUN_FILE = "run.json"
 SUITE_FILE = "suite.yaml"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
 ENVIRONMENT_FILE = "environment.json"
+LOCK_FILE = ".lock"
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+LOGGERS_FILE = "loggers.json"  # the experiment trackers' run ids (gmbench.loggers)
+# In each cell folder:
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+EPOCHS_FILE = "epochs.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+ERROR_FILE = "error.txt"
+DIAGNOSTICS_FILE = "diagnostics.csv"
+FOOTPRINT_FILE = "footprint.json"
+
+# run.json and metrics.json: 2 added the field itself; 1 (no field) has the same content.
+FORMAT_VERSION = 2
+FORMAT_FIELD = "format_version"
 
 # Status of a cell whose metrics.json cannot be read (it is run again).
 DAMAGED = "damaged"
@@ -43,8 +75,63 @@ DAMAGED = "damaged"
 _warned: set[str] = set()
 
 
-class SuiteChanged(GmbenchError):
-    """The run folder was started from a different suite (or different --smoke)."""
+class CellConfig(TypedDict, total=False):
+    """A resolved cell (``config.json``, and each entry of ``run.json``'s ``cells``).
+
+    The fields every task has; each task adds its own (gmbench.suite's schema)."""
+
+    task: str
+    label: str
+    seed: int
+
+
+class CellMetrics(TypedDict, total=False):
+    """A cell's ``metrics.json``: these fields for every status, the task's own when ``ok``."""
+
+    cell_id: str
+    status: str  # ok, failed, diverged, oom, interrupted (damaged: read back from a broken file)
+    error: str  # one line; empty when ok (the traceback is in error.txt)
+    wall_time_s: float
+    finished_at: str  # UTC, ISO 8601
+
+
+class EpochRecord(TypedDict, total=False):
+    """One line of a training cell's ``epochs.jsonl`` (written by gmbench.training)."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_accuracy: float
+    lr: float
+    epoch_time_s: float
+    samples_per_s: float
+    peak_memory_mb: float
+
+
+class NewerFormat(GmbenchError):
+    """A run folder written by a newer gmbench (its format_version is unknown here)."""
+
+
+def _versioned(record: dict, path: Path) -> dict:
+    """``record`` without its format field; refuse a version newer than this gmbench's."""
+    version = record.get(FORMAT_FIELD, 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NewerFormat(
+            f"{path} has {FORMAT_FIELD} {version!r}, newer than this gmbench reads ({FORMAT_VERSION}); "
+            "upgrade gmbench to read this run folder"
+        )
+    return {key: value for key, value in record.items() if key != FORMAT_FIELD}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def warn_once(message: str) -> None:
@@ -91,6 +178,93 @@ def read_json_object(path: str | os.PathLike, what_to_do: str) -> dict | None:
 # --------------------------------------------------------------------------- cells
 
 
+def cell_dir(run_dir: str | os.PathLike, cell_id: str) -> Path:
+    return Path(run_dir) / CELLS_DIR / cell_id
+
+
+def read_metrics(run_dir: str | os.PathLike, cell_id: str) -> CellMetrics | None:
+    """A cell's metrics; ``None`` if it has none yet; status ``damaged`` if its file is damaged."""
+    return read_metrics_file(cell_dir(run_dir, cell_id) / METRICS_FILE)
+
+
+def write_metrics(folder: str | os.PathLike, metrics: CellMetrics | dict) -> None:
+    """Write a cell folder's ``metrics.json`` (NaN/inf as null, with the format version)."""
+    io.write_json(Path(folder) / METRICS_FILE, {FORMAT_FIELD: FORMAT_VERSION, **_finite(dict(metrics))})
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def failure(cell_id: str, status: str, error: str, **fields: Any) -> CellMetrics:
+    """The metrics of a cell that did not finish: ``status`` (failed, diverged, oom,
+    interrupted), a one-line ``error`` and the time; every path that records one builds it here."""
+    return {"cell_id": cell_id, "status": status, "error": error.splitlines()[0] if error else "",
+            **fields, "finished_at": now_utc()}
+
+
+def write_failure(folder: str | os.PathLike, status: str, error: str, **fields: Any) -> CellMetrics:
+    """Record a cell that did not finish in its ``metrics.json``; return the metrics."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = failure(folder.name, status, error, **fields)
+    write_metrics(folder, metrics)
+    return metrics
+
+
+def write_config(folder: str | os.PathLike, config: CellConfig | dict) -> None:
+    """Start a cell: its ``config.json``; the previous attempt's ``error.txt`` goes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    io.write_json(folder / CONFIG_FILE, config)
+    (folder / ERROR_FILE).unlink(missing_ok=True)
+
+
+def config_written_at(folder: str | os.PathLike) -> float | None:
+    """When the cell's ``config.json`` was written (its last start); ``None`` if never."""
+    try:
+        return (Path(folder) / CONFIG_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def metrics_written_at(folder: str | os.PathLike) -> float | None:
+    """When the cell's ``metrics.json`` was last written; ``None`` if it has none."""
+    try:
+        return (Path(folder) / METRICS_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def write_error(folder: str | os.PathLike, traceback_text: str) -> None:
+    io.write_text(Path(folder) / ERROR_FILE, traceback_text)
+
+
+def read_epochs(folder: str | os.PathLike) -> list[EpochRecord]:
+    """A cell's ``epochs.jsonl`` up to its first incomplete or damaged line (empty if none)."""
+    path = Path(folder) / EPOCHS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line still being written (or a damaged one: the checkpoint rewrites the log)
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+    return records
+
+
+def count_epochs(folder: str | os.PathLike) -> int:
+    return len(read_epochs(folder))
+
+
+def read_config(folder: str | os.PathLike, what_to_do: str) -> CellConfig | None:
+    return read_json_object(Path(folder) / CONFIG_FILE, what_to_do)
+
+
 def read_metrics_file(path: str | os.PathLike) -> dict | None:
     """A cell's ``metrics.json``: ``None`` if it does not exist (the cell has not finished).
 
@@ -107,7 +281,7 @@ def read_metrics_file(path: str | os.PathLike) -> dict | None:
     if problem is None and not isinstance(value.get("status"), str):
         problem = "has no 'status' field"
     if problem is None:
-        return value
+        return _versioned(value, path)
     error = f"{path} {problem}"
     warn_once(f"{error}; the cell counts as not finished: 'gmbench run' runs it again (resuming from its checkpoint)")
     return {"cell_id": path.parent.name, "status": DAMAGED, "error": error}
@@ -120,7 +294,7 @@ def cells_from_folders(run_dir: str | os.PathLike) -> list[dict]:
     if not folder.is_dir():
         return cells
     for cell in sorted(folder.iterdir()):
-        config = read_json_object(cell / CONFIG_FILE, "that cell is left out; 'gmbench run' writes it again") if cell.is_dir() else None
+        config = read_config(cell, "that cell is left out; 'gmbench run' writes it again") if cell.is_dir() else None
         if config is not None:
             cells.append({"id": cell.name, "config": config})
     return cells
@@ -146,7 +320,15 @@ def read_run_file(run_dir: str | os.PathLike) -> tuple[dict | None, str | None]:
     value, problem = _load_json(path)
     if problem is None:
         problem = _run_problem(value)
-    return (value, None) if problem is None else (None, problem)
+    return (_versioned(value, path), None) if problem is None else (None, problem)
+
+
+def write_run(run_dir: str | os.PathLike, suite_text: str, run: dict) -> None:
+    """``suite.yaml`` (the suite file as it was run) and ``run.json`` (the resolved suite)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_text(run_dir / SUITE_FILE, suite_text)
+    io.write_json(run_dir / RUN_FILE, {FORMAT_FIELD: FORMAT_VERSION, **run})
 
 
 def read_run(run_dir: str | os.PathLike) -> dict | None:
@@ -173,84 +355,6 @@ def read_environment(run_dir: str | os.PathLike) -> dict:
     return read_json_object(
         Path(run_dir) / ENVIRONMENT_FILE, "the report leaves the environment out; the next 'gmbench run' rewrites it"
     ) or {}
-
-
-# --------------------------------------------------------------------------- preparing a run
-
-
-def check_run_dir(suite, run_dir: str | os.PathLike, update: bool = False) -> None:
-    """Raise :class:`SuiteChanged` if ``run_dir`` holds another suite (or no run at all).
-
-    Reads only: safe before the run lock is taken (nothing is created for a refused folder).
-    """
-    run_dir = Path(run_dir)
-    run, problem = read_run_file(run_dir)
-    if run is None:
-        cells = cells_from_folders(run_dir)
-        if cells:
-            warn_once(f"{run_dir / RUN_FILE} {problem}; the finished cells are read from {run_dir / CELLS_DIR} and run.json is written again")
-            run = {"name": suite.name, "cells": cells}
-        elif run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
-            raise SuiteChanged(
-                f"'{run_dir}' exists and is not a gmbench run folder ({RUN_FILE} {problem}, no cell folders); pass an empty or new --out"
-            )
-        else:
-            return
-    old = {cell["id"]: cell["config"] for cell in run["cells"]}
-    new = {cell.id: cell.config for cell in suite.cells}
-    added = [key for key in new if key not in old]
-    removed = [key for key in old if key not in new]
-    if not (added or removed):
-        return
-    summary = _change_summary(old, new, added, removed)
-    if not update:
-        raise SuiteChanged(
-            f"run folder '{run_dir}' was started from a different version of suite "
-            f"'{run.get('name')}' ({summary}); "
-            "rerun with --update to run the new cells and drop the removed ones from the results, "
-            "or pass another --out"
-        )
-    log.info("suite changed: %s; --update given, continuing", summary)
-
-
-def prepare_run_dir(suite, run_dir: str | os.PathLike, update: bool = False) -> None:
-    """Check ``run_dir`` (see :func:`check_run_dir`) and write ``suite.yaml`` and ``run.json``.
-
-    Call it holding the run lock: it writes into the folder.
-    """
-    run_dir = Path(run_dir)
-    check_run_dir(suite, run_dir, update=update)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_text(run_dir / SUITE_FILE, suite.text)
-    io.write_json(run_dir / RUN_FILE, suite.to_json())
-
-
-def _change_summary(old: dict, new: dict, added: list, removed: list) -> str:
-    parts = []
-    if added:
-        parts.append(f"{len(added)} new cell(s), e.g. {_config_brief(new[added[0]])}")
-    if removed:
-        parts.append(f"{len(removed)} cell(s) no longer in the suite, e.g. {_config_brief(old[removed[0]])}")
-    if added and removed:
-        changed = _changed_fields(old[removed[0]], new[added[0]])
-        if changed:
-            parts.append(f"differing fields: {', '.join(changed[:4])}")
-    return "; ".join(parts)
-
-
-def _config_brief(config: dict) -> str:
-    keys = ("label", "model", "dataset", "n_gaussians", "seed", "transfer_fitting", "layout")
-    return " ".join(f"{key}={config[key]}" for key in keys if config.get(key) is not None)
-
-
-def _changed_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            changed += _changed_fields(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            changed.append(prefix + key)
-    return changed
 
 
 # --------------------------------------------------------------------------- temporary files

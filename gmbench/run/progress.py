@@ -9,25 +9,23 @@ cells' ``epochs.jsonl`` files when the executor polls.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from gmbench.run.folder import cell_dir, count_epochs, read_epochs
+from gmbench.tasks import task_for
+
 log = logging.getLogger("gmbench.run")
 
 
 def _planned_epochs(cell) -> int:
-    if cell.config.get("task") == "train":
-        return int(cell.config.get("training", {}).get("epochs", 60))
-    return 1
+    return task_for(cell.config).planned_epochs(cell.config)
 
 
 class RunProgress:
     def __init__(self, cells, run_dir: Path, enabled: bool = True):
-        from gmbench.runner import cell_dir
-
         self.cells = list(cells)
         self.index = {cell.id: i + 1 for i, cell in enumerate(self.cells)}
         self.total = len(self.cells)
@@ -60,7 +58,7 @@ class RunProgress:
     def cell_started(self, cell) -> None:
         self.running[cell.id] = cell
         # A resumed cell already has epochs on disk: they count as done.
-        already = _count_lines(self.folders[cell.id] / "epochs.jsonl")
+        already = count_epochs(self.folders[cell.id])
         self.seen_epochs[cell.id] = already
         self._advance(already)
         suffix = f" (resuming after epoch {already})" if already else ""
@@ -83,8 +81,7 @@ class RunProgress:
     def poll(self) -> None:
         """Read new epoch lines of running cells (worker processes cannot call back)."""
         for cell_id, cell in list(self.running.items()):
-            path = self.folders[cell_id] / "epochs.jsonl"
-            records = _read_jsonl(path)
+            records = read_epochs(self.folders[cell_id])
             for record in records[self.seen_epochs.get(cell_id, 0):]:
                 self.epoch(cell, record)
 
@@ -138,22 +135,3 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _count_lines(path: Path) -> int:
-    return len(_read_jsonl(path))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line still being written (or a damaged one: the checkpoint rewrites the log)
-        if not isinstance(record, dict):
-            break
-        records.append(record)
-    return records
