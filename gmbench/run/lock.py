@@ -12,14 +12,19 @@ without anybody deleting a file.
 The file's content only serves the message of a refused run: the driver's
 pid, host and start time and the pids of its workers.  On storage whose
 ``flock`` does not reach other hosts (NFS mounted with ``nolock``), two hosts
-can still share a folder: start a run folder's runs from one host.  Platforms
-without ``fcntl`` (Windows) get an exclusive-create lock file that is never
-taken over automatically.
+can still share a folder: start a run folder's runs from one host.
+
+Where ``flock`` is missing (Windows) or the file system refuses it (Lustre
+mounted without ``-o flock``) the lock file is created exclusively instead and
+records the driver's and workers' pids; it is taken over only when it comes
+from this host and none of those processes is alive (pids can be reused: a
+lock that looks alive but is not can be deleted by hand, as the message says).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,6 +58,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self.fd: int | None = None
+        self.uses_flock = False
         self.acquired_at: float | None = None
         self.workers: tuple[int, ...] = ()
         self._record = {
@@ -63,24 +69,37 @@ class RunLock:
     # ----------------------------------------------------------------- acquire / release
 
     def acquire(self) -> "RunLock":
-        if fcntl is None:
+        if fcntl is None or not self._acquire_flock():
             self._acquire_exclusive_create()
-        else:
-            self._acquire_flock()
         self.acquired_at = time.time()
         self._write_record()
         _held[self.run_dir.resolve()] = self
         return self
 
-    def _acquire_flock(self) -> None:
+    def _acquire_flock(self) -> bool:
+        """Take the flock; False if this file system does not support flock."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue  # released in between: create it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_record(fd)
                 os.close(fd)
                 raise RunFolderInUse(_in_use_message(self.run_dir, self.path, holder)) from None
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                if created:
+                    self.path.unlink(missing_ok=True)
+                log.debug("%s: no flock on this file system (%s); using an exclusive lock file", self.path, error.strerror)
+                return False
             # The previous holder unlinks the file when it releases it: if that happened
             # between our open and our flock, we hold a lock on a deleted file; start over.
             try:
@@ -88,22 +107,29 @@ class RunLock:
             except FileNotFoundError:
                 same = False
             if same:
-                self.fd = fd
+                self.fd, self.uses_flock = fd, True
                 previous = _read_record(fd)
                 if previous.get("pid") not in (None, os.getpid()):
                     log.debug("taking over %s: the run of pid %s has ended", self.path, previous.get("pid"))
-                return
+                return True
             os.close(fd)
 
     def _acquire_exclusive_create(self) -> None:
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = json.loads(self.path.read_text() or "{}") if self.path.is_file() else {}
-            raise RunFolderInUse(
-                _in_use_message(self.run_dir, self.path, holder)
-                + f"; this platform cannot tell a live lock from one a killed run left: delete {self.path} once that run is gone"
-            ) from None
+        """Without flock: create the file exclusively; take over a stale one (see the module doc)."""
+        for _ in range(3):
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                return
+            except FileExistsError:
+                holder = _read_file_record(self.path)
+            if not _stale(holder, self.path):
+                raise RunFolderInUse(
+                    _in_use_message(self.run_dir, self.path, holder)
+                    + f" (if no such process runs any more, delete {self.path})"
+                ) from None
+            log.debug("taking over %s: none of the processes it names runs any more", self.path)
+            self.path.unlink(missing_ok=True)
+        raise RunFolderInUse(f"run folder '{self.run_dir}': another gmbench run keeps taking its lock {self.path}; wait for it to finish")
 
     def release(self) -> None:
         if self.fd is None:
@@ -131,8 +157,8 @@ class RunLock:
         arrives as the inherited descriptor (an ``int``), kept open for the worker's
         lifetime.  ``None`` without ``fcntl``.
         """
-        if fcntl is None or self.fd is None:
-            return None
+        if not self.uses_flock or self.fd is None:
+            return None  # an exclusive lock file: the workers are recorded by pid instead
         return InheritedLock(self.fd)
 
     def _write_record(self) -> None:
@@ -195,6 +221,33 @@ def _read_record(fd: int) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _read_file_record(path: Path) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        return _read_record(fd)
+    finally:
+        os.close(fd)
+
+
+# An empty exclusive lock file older than this was left by a run killed while it wrote it.
+_EMPTY_LOCK_STALE_S = 10.0
+
+
+def _stale(holder: dict, path: Path) -> bool:
+    """An exclusive lock file whose processes (driver and workers, on this host) are all gone."""
+    if not holder:
+        try:
+            return time.time() - path.stat().st_mtime > _EMPTY_LOCK_STALE_S
+        except FileNotFoundError:
+            return True
+    if holder.get("host") != socket.gethostname():
+        return False  # another host's processes cannot be checked from here
+    return not any(_alive(pid) for pid in [holder.get("pid"), *(holder.get("workers") or [])])
 
 
 def _alive(pid) -> bool:
