@@ -59,9 +59,9 @@ for _suffix in SUFFIXES:
     _SYMBOLS[f"fit_nodes_backward_{_suffix}"] = (
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"treehem_forward_{_suffix}"] = (
-        [_i64, _i64, _i64, _i64, _i64, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 9, _int], None)
     _SYMBOLS[f"treehem_backward_{_suffix}"] = (
-        [_i64, _i64, _i64, _i64, _i64, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 8, _int], None)
 
 LIBRARY = NativeLibrary(
     SOURCE, _SYMBOLS, FLAGS, description="C++ node-fit kernel", fallback="the PyTorch node fits",
@@ -164,59 +164,62 @@ class _FitNodes(torch.autograd.Function):
 
 class _TreeHEM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, leaves, leaves_valid, n_valid, n_out, settings):
+    def forward(ctx, m, valid, order, n_leaves, t, n_valid, n_out, settings):
         library = LIBRARY.load()
-        g, n_leaves, t, k = leaves.shape
-        nodes = leaves.new_empty(g, 2 * n_leaves - 1, t, k)
-        valid = torch.empty(g, 2 * n_leaves - 1, t, dtype=torch.uint8)
-        nodes[:, n_leaves - 1 :] = leaves
-        valid[:, n_leaves - 1 :] = leaves_valid
+        g, n, k = m.shape
+        m = m.contiguous()
+        m_valid = _mask(valid)
+        order = order.to(torch.int64).contiguous()
+        nodes = m.new_empty(g, 2 * n_leaves - 1, t, k)
+        nodes_valid = torch.empty(g, 2 * n_leaves - 1, t, dtype=torch.uint8)
         chosen = torch.empty(g, n_out, dtype=torch.int32)
         partial = torch.empty(g, 2, dtype=torch.int64)
-        out = leaves.new_empty(g, n_out, k)
+        out = m.new_empty(g, n_out, k)
         out_valid = torch.empty(g, n_out, dtype=torch.uint8)
-        getattr(library, f"treehem_forward_{_suffix(leaves)}")(
-            g, n_leaves, t, n_valid, n_out, *settings, nodes.data_ptr(), valid.data_ptr(), chosen.data_ptr(),
-            partial.data_ptr(), out.data_ptr(), out_valid.data_ptr(), torch.get_num_threads(),
+        getattr(library, f"treehem_forward_{_suffix(m)}")(
+            g, n, n_leaves, t, n_valid, n_out, *settings, m.data_ptr(), m_valid.data_ptr(), order.data_ptr(),
+            nodes.data_ptr(), nodes_valid.data_ptr(), chosen.data_ptr(), partial.data_ptr(), out.data_ptr(),
+            out_valid.data_ptr(), torch.get_num_threads(),
         )
-        ctx.save_for_backward(nodes, valid, chosen, partial, out_valid)
-        ctx.args = (n_valid, n_out, settings)
+        ctx.save_for_backward(order, nodes, nodes_valid, chosen, partial, out_valid)
+        ctx.args = (n, n_valid, n_out, settings)
         ctx.mark_non_differentiable(out_valid)
         return out, out_valid.bool()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_valid):
-        nodes, valid, chosen, partial, out_valid = ctx.saved_tensors
-        n_valid, n_out, settings = ctx.args
+        order, nodes, nodes_valid, chosen, partial, out_valid = ctx.saved_tensors
+        n, n_valid, n_out, settings = ctx.args
         g, n_nodes, t, k = nodes.shape
-        n_leaves = (n_nodes + 1) // 2
         grad_out = grad_out.to(nodes.dtype).contiguous()
-        grad_leaves = nodes.new_empty(g, n_leaves, t, k)
+        grad_m = nodes.new_empty(g, n, k)
         getattr(LIBRARY.load(), f"treehem_backward_{_suffix(nodes)}")(
-            g, n_leaves, t, n_valid, n_out, *settings, nodes.data_ptr(), valid.data_ptr(), chosen.data_ptr(),
-            partial.data_ptr(), out_valid.data_ptr(), grad_out.data_ptr(), grad_leaves.data_ptr(),
-            torch.get_num_threads(),
+            g, n, (n_nodes + 1) // 2, t, n_valid, n_out, *settings, order.data_ptr(), nodes.data_ptr(),
+            nodes_valid.data_ptr(), chosen.data_ptr(), partial.data_ptr(), out_valid.data_ptr(), grad_out.data_ptr(),
+            grad_m.data_ptr(), torch.get_num_threads(),
         )
-        return grad_leaves, None, None, None, None
+        return grad_m, None, None, None, None, None, None, None
 
 
 def treehem(
-    leaves: Tensor, leaves_valid: Tensor, n_valid: int, n_out: int, virtual_points: float,
+    m: Tensor, valid: Tensor, order: Tensor, n_leaves: int, T: int, n_out: int, virtual_points: float,
     kl_threshold: float | None,
 ) -> tuple[Tensor, Tensor]:
-    """TreeHEM after the Morton sort (``TreeHEMReduction._build_tree`` and the top-down cut) in one call.
+    """TreeHEM after the Morton argsort (``TreeHEMReduction._sorted_leaves``, ``_build_tree`` and the cut) in one call.
 
-    ``leaves [G, L, T, K]`` (``L >= 2`` a power of two) with mask ``[G, L, T]``;
-    ``n_valid`` the largest number of valid Gaussians of a mixture (each
-    level fits only the prefix of nodes that can hold any).  Returns
+    ``m [G, N, K]`` with mask ``valid [G, N]`` and ``order [G, N]`` (the
+    Morton order, valid Gaussians first); ``n_leaves`` (a power of two >= 2)
+    leaves of ``T`` Gaussians hold them, padded.  Returns
     ``([G, n_out, K], valid [G, n_out])``, invalid rows with weight 0; the
-    node caches (about ``2 L T`` Gaussians per mixture) are kept for backward.
+    node caches (about ``2 n_leaves T`` Gaussians per mixture) are kept for
+    backward.
     """
-    g, n_leaves, t, _ = leaves.shape
-    if n_out > (2 * n_leaves - 1) * t:
-        raise ValueError(f"a tree of {n_leaves} leaves of {t} holds fewer than {n_out} Gaussians")
-    return _TreeHEM.apply(leaves.contiguous(), leaves_valid, int(n_valid), int(n_out), _settings(virtual_points, kl_threshold))
+    g, n, _ = m.shape
+    if n_out > (2 * n_leaves - 1) * T or n > n_leaves * T:
+        raise ValueError(f"a tree of {n_leaves} leaves of {T} cannot hold {n} Gaussians or return {n_out}")
+    n_valid = int(valid.sum(-1).max()) if g else 0
+    return _TreeHEM.apply(m, valid, order, n_leaves, T, n_valid, int(n_out), _settings(virtual_points, kl_threshold))
 
 
 def em_step(

@@ -677,8 +677,8 @@ struct NodeWork {
     }
 };
 
-// TreeHEM (treehem.py's _build_tree and _reduce_flat after the Morton sort),
-// one mixture per loop iteration.
+// TreeHEM (treehem.py's _sorted_leaves after the Morton argsort, _build_tree
+// and _reduce_flat), one mixture per loop iteration.
 //
 // Bottom-up: a complete binary tree in heap order (root 0, children 2j+1 and
 // 2j+2; the last L nodes are the sorted leaves, T Gaussians each).  Every
@@ -705,10 +705,39 @@ struct TreeHEMWork {
     };
     i64 L, Tn, n_valid, n_out;
     Settings st;
-    T* nodes; uint8_t* valid;    // [G, 2L-1, T, K], [G, 2L-1, T]; leaves filled in by the caller
+    i64 N;                       // Gaussians per input mixture
+    const T* m; const uint8_t* m_valid; const i64* m_order;  // [G, N, K], [G, N], Morton order [G, N]
+    T* nodes; uint8_t* valid;    // [G, 2L-1, T, K], [G, 2L-1, T]
     int32_t* chosen; i64* partial;
     T* out; uint8_t* out_valid;  // [G, n_out, K], [G, n_out]
-    const T* gout; T* gleaves;   // backward: [G, n_out, K] -> [G, L, T, K]
+    const T* gout; T* gm;        // backward: [G, n_out, K] -> [G, N, K]
+
+    // The leaves: the mixture's Gaussians in Morton order, then padding up to
+    // L*T slots (weight 0 at the mean position, identity covariance, invalid), as
+    // the reference's take() and gm.pad() build them.
+    void fill_leaves(i64 g, T* nd, uint8_t* vd) const {
+        const T* mg = m + g * N * K;
+        const i64* order = m_order + g * N;
+        T* leaves = nd + (L - 1) * Tn * K;
+        uint8_t* leaves_valid = vd + (L - 1) * Tn;
+        T mean[D];
+        for (int a = 0; a < D; ++a) mean[a] = 0;
+        for (i64 i = 0; i < N; ++i)
+            for (int a = 0; a < D; ++a) mean[a] += mg[i * K + 1 + a];
+        for (int a = 0; a < D; ++a) mean[a] /= T(N);
+        for (i64 r = 0; r < L * Tn; ++r) {
+            T* row = leaves + r * K;
+            if (r < N) {
+                std::memcpy(row, mg + order[r] * K, sizeof(T) * K);
+                leaves_valid[r] = m_valid[g * N + order[r]];
+                continue;
+            }
+            std::memset(row, 0, sizeof(T) * K);
+            for (int a = 0; a < D; ++a) row[1 + a] = mean[a];
+            for (int a = 0; a < D; ++a) row[1 + D + a * D + a] = T(1);
+            leaves_valid[r] = 0;
+        }
+    }
 
     // Levels top-down: first heap index and active count of each.
     void levels(std::vector<i64>& first, std::vector<i64>& active) const {
@@ -857,6 +886,7 @@ struct TreeHEMWork {
         sc.partial_out.resize(S * K);
         sc.partial_valid.assign(S, 0);
         if (!gout) {
+            fill_leaves(g, nd, vd);
             build(nd, vd, sc.node);
             // The partial node is known only after the cut, whose candidate list needs the
             // partial fit's validity: cut once for the node, fit, then list the candidates.
@@ -899,7 +929,11 @@ struct TreeHEMWork {
                          sc.grad.data() + (2 * part[0] + 1) * Tn * K);
         }
         build_backward(nd, vd, sc.grad.data(), sc.node);
-        std::memcpy(gleaves + g * L * Tn * K, sc.grad.data() + (L - 1) * Tn * K, sizeof(T) * L * Tn * K);
+        // Leaves -> input rows (a permutation; the padding is constant).
+        const T* gl = sc.grad.data() + (L - 1) * Tn * K;
+        const i64* order = m_order + g * N;
+        T* gmg = gm + g * N * K;
+        for (i64 r = 0; r < N; ++r) std::memcpy(gmg + order[r] * K, gl + r * K, sizeof(T) * K);
     }
 };
 
@@ -933,20 +967,22 @@ extern "C" void fit_nodes_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, co
     NodeWork<T, D> w{S, Q, tg, tv, n_out, {vp, use_kl, kl}, pass_through, nullptr, nullptr, gout, gtg}; \
     for_each_problem(M, 64, threads, w);                                                                \
 }                                                                                                       \
-extern "C" void treehem_forward_##SUFFIX(i64 G, i64 L, i64 Tn, i64 n_valid, i64 n_out, double vp,        \
-        int use_kl, double kl, T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out,          \
-        uint8_t* out_valid, int threads) {                                                               \
-    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, nodes, valid, chosen, partial, out,     \
-                        out_valid, nullptr, nullptr};                                                    \
+extern "C" void treehem_forward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_valid, i64 n_out,        \
+        double vp, int use_kl, double kl, const T* m, const uint8_t* m_valid, const i64* m_order,       \
+        T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out, uint8_t* out_valid,            \
+        int threads) {                                                                                   \
+    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, m, m_valid, m_order, nodes, valid,   \
+                        chosen, partial, out, out_valid, nullptr, nullptr};                              \
     for_each_problem(G, 1, threads, w);                                                                  \
 }                                                                                                        \
-extern "C" void treehem_backward_##SUFFIX(i64 G, i64 L, i64 Tn, i64 n_valid, i64 n_out, double vp,       \
-        int use_kl, double kl, const T* nodes, const uint8_t* valid, const int32_t* chosen,              \
-        const i64* partial, const uint8_t* out_valid, const T* gout, T* gleaves, int threads) {           \
-    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, const_cast<T*>(nodes),                  \
-                        const_cast<uint8_t*>(valid), const_cast<int32_t*>(chosen),                       \
-                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout,       \
-                        gleaves};                                                                        \
+extern "C" void treehem_backward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_valid, i64 n_out,       \
+        double vp, int use_kl, double kl, const i64* m_order, const T* nodes, const uint8_t* valid,     \
+        const int32_t* chosen, const i64* partial, const uint8_t* out_valid, const T* gout, T* gm,      \
+        int threads) {                                                                                   \
+    std::memset(gm, 0, sizeof(T) * G * N * (1 + D + D * D));                                             \
+    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, nullptr, nullptr, m_order,           \
+                        const_cast<T*>(nodes), const_cast<uint8_t*>(valid), const_cast<int32_t*>(chosen),\
+                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout, gm};  \
     for_each_problem(G, 1, threads, w);                                                                  \
 }
 

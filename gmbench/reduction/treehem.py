@@ -122,16 +122,21 @@ class TreeHEMReduction:
         return reduce_batched(m, n_components, self.normalize_scale, self._reduce_flat)
 
     # -- bottom-up ---------------------------------------------------------
-    def _sorted_leaves(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
-        g, n, k = m.shape
+    def _morton_order(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(order [G, N], valid [G, N], n_leaves)``: the sort of the Gaussians, valid ones first."""
+        n = m.shape[1]
         valid = gm.weights(m).detach().abs() >= self.weight_threshold
         codes = morton_codes(gm.positions(m), valid, self.morton_bits)
         # Dropped Gaussians go to the end so they do not dilute the tree.
         codes = torch.where(valid, codes, torch.full_like(codes, torch.iinfo(torch.int64).max))
         order = torch.argsort(codes, dim=-1, stable=True)
+        return order, valid, max(2, 1 << math.ceil(math.log2(math.ceil(n / self.T))))
+
+    def _sorted_leaves(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
+        g, n, k = m.shape
+        order, valid, n_leaves = self._morton_order(m)
         m = take(m, order)
         valid = valid.gather(1, order)
-        n_leaves = max(2, 1 << math.ceil(math.log2(math.ceil(n / self.T))))
         width = n_leaves * self.T
         m = gm.pad(m, width)
         valid = torch.cat([valid, valid.new_zeros(g, width - n)], dim=1)
@@ -177,10 +182,9 @@ class TreeHEMReduction:
     def _reduce_flat(self, m: Tensor, n_out: int) -> Tensor:
         T = self.T
         kernel = native_kernel(self.implementation, m)
-        if kernel is not None:  # the tree, the cut and the partial fit in one native call
-            leaves, leaves_valid, _ = self._sorted_leaves(m)
-            n_valid = int(leaves_valid.flatten(1).sum(-1).max())
-            out, _ = kernel.treehem(leaves, leaves_valid, n_valid, n_out, self.virtual_points, self.kl_threshold)
+        if kernel is not None:  # the leaves, the tree, the cut and the partial fit in one native call
+            order, valid, n_leaves = self._morton_order(m)
+            out, _ = kernel.treehem(m, valid, order, n_leaves, T, n_out, self.virtual_points, self.kl_threshold)
             return out
         nodes, valid = self._build_tree(m)
         g, n_nodes, _, k = nodes.shape
