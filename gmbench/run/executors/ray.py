@@ -150,7 +150,7 @@ class RayExecutor:
 
     def resources(self, options) -> CellResources:
         """The request of one cell under ``options`` (device, processes per cell)."""
-        processes = max(1, int(getattr(options, "nproc_per_node", 1) or 1))
+        processes = max(1, options.nproc_per_node)
         gpus = self.gpus_per_cell
         if gpus is None:
             gpus = 1.0 if str(options.device).startswith("cuda") else 0.0
