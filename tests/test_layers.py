@@ -78,7 +78,7 @@ def test_figure_fitting_example_writes_five_consistent_panels(tmp_path):
     import matplotlib.image
 
     from gmbench.cli import main
-    from gmbench.fitting_figure import fitting_example_panels, random_layer_output
+    from gmbench.report.fitting_figure import fitting_example_panels, random_layer_output
 
     m = random_layer_output(20, seed=1)
     titles, images, _ = fitting_example_panels(m, "dense", "treehem", 6, 32)

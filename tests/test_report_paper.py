@@ -1,4 +1,4 @@
-"""Every number the paper prints appears beside the measured one (gmbench.report_paper)."""
+"""Every number the paper prints appears beside the measured one (gmbench.report.paper)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from gmbench.report import write_report
-from gmbench.report_paper import format_paper_number, smoothed_accuracy_at
+from gmbench.report.paper import format_paper_number, smoothed_accuracy_at
 
 
 def debiased_ema(values, weight=0.9):

@@ -1,5 +1,5 @@
 """``gmbench figure fitting-example``: the paper's Figure 2 for a random 2D mixture (see
-:mod:`gmbench.fitting_figure`)."""
+:mod:`gmbench.report.fitting_figure`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_gaussians < 2 or args.n_out < 1 or args.resolution < 8:
         raise GmbenchError("--n-gaussians must be >= 2, --n-out >= 1 and --resolution >= 8; pick larger values")
-    from gmbench.fitting_figure import draw_fitting_example, random_layer_output
+    from gmbench.report.fitting_figure import draw_fitting_example, random_layer_output
 
     m = random_layer_output(args.n_gaussians, args.seed)
     draw_fitting_example(args.out, m, args.transfer_fitting, args.reduction, args.n_out, args.resolution)

@@ -102,7 +102,7 @@ def run(args) -> int:
         print(f"{args.dataset}/{name}: {len(split)} samples -> {tuple(mixtures.shape)} in {seconds:.2f} s "
               f"({origin}) {path}")
     if args.figure:
-        from gmbench.input_figures import save_split_figure
+        from gmbench.report.input_figures import save_split_figure
 
         save_split_figure(first, args.method, args.gaussians, params, args.figure)
         print(f"figure: {args.figure}")

@@ -88,6 +88,10 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
+# A suite (and a cell) without ``task:`` trains.
+DEFAULT_TASK = "train"
+
+
 def task_for(config: dict) -> Task:
-    """The task of a resolved cell (``train`` when the field is missing, as in a suite)."""
-    return get(config.get("task") or "train")
+    """The task of a resolved cell (:data:`DEFAULT_TASK` when the field is missing, as in a suite)."""
+    return get(config.get("task") or DEFAULT_TASK)

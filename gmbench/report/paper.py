@@ -1,6 +1,6 @@
 """The paper's numbers beside the measured ones in report tables (every number it prints).
 
-A paper record (``gmbench/paper_results.yaml``) holds the table's main number as
+A paper record (``gmbench/report/paper_results.yaml``) holds the table's main number as
 ``value`` and every other number the paper prints for that row as a field
 ``paper_<results column>``: ``paper_params`` beside the measured ``params``,
 ``paper_train_time_s`` beside ``train_time_s``, ``paper_smoothed_test_accuracy_epoch_50``
@@ -24,8 +24,13 @@ from pathlib import Path
 
 import pandas as pd
 
+import yaml
+
 from gmbench.metrics import tensorboard_smoothed
 from gmbench.run.folder import cell_dir, read_epochs
+
+# The paper's numbers as data, each table citing its source (package data).
+PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 
 EPOCH_COLUMN = "smoothed_test_accuracy_epoch_{}"
 PAPER_PREFIX = "paper_"
@@ -82,12 +87,10 @@ def format_paper_number(value) -> str:
 def _key_matches(record: dict, row_key: dict) -> bool:
     """The record's identifying fields that the row key has are equal (others are ignored:
     a per-row column such as #params is shared by a row's n_gaussians columns)."""
-    from gmbench.report import _same
-
     for field, value in record.items():
         if field in ("value", "notes") or field.startswith(PAPER_PREFIX):
             continue
-        if field in row_key and not _same(row_key[field], value):
+        if field in row_key and not same_value(row_key[field], value):
             return False
     return True
 
@@ -123,3 +126,36 @@ def paper_note(paper: dict | None) -> str:
     """The paper table's ``note`` as a Markdown quote (empty without one)."""
     note = (paper or {}).get("note")
     return f"> **Note on the paper's numbers:** {' '.join(str(note).split())}\n" if note else ""
+
+
+def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict:
+    with open(path) as handle:
+        return yaml.safe_load(handle)["tables"]
+
+
+def record_matches(record: dict, key: dict) -> bool:
+    for field, value in record.items():
+        if field in ("value", "notes") or field.startswith("paper_"):
+            continue
+        if field not in key:
+            return False
+        if not same_value(key[field], value):
+            return False
+    return True
+
+
+def same_value(a, b) -> bool:
+    """Equal as numbers when both are numbers (CSV turns 32 into 32.0), else as text."""
+    if isinstance(a, bool) or isinstance(b, bool) or str(a) in ("True", "False") or str(b) in ("True", "False"):
+        return str(a) == str(b)
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def matching_paper_value(records: list[dict], key: dict):
+    for record in records:
+        if record_matches(record, key):
+            return record.get("value")
+    return None

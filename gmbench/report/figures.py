@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gmbench import io, plugins  # noqa: E402
-from gmbench.input_figures import save_split_figure  # noqa: E402
+from gmbench.report.input_figures import save_split_figure  # noqa: E402
 from gmbench.run.folder import DIAGNOSTICS_FILE, cell_dir, read_config, read_environment, read_epochs  # noqa: E402
+from gmbench.tasks import TASKS  # noqa: E402
 
 
 def _save(fig, folder: Path, stem: str) -> None:
@@ -61,7 +62,8 @@ def accuracy_vs_gaussians(frame: pd.DataFrame, folder: Path) -> bool:
 
 
 def training_curves(run_dir: Path, frame: pd.DataFrame, folder: Path) -> bool:
-    data = frame[frame["task"] == "train"] if "task" in frame else frame
+    # Cells of tasks that train epoch by epoch (their epochs.jsonl).
+    data = frame[frame["task"].map(lambda name: name in TASKS and TASKS[name].epochs_field is not None)] if "task" in frame else frame
     curves = []
     for _, row in data.iterrows():
         records = [r for r in read_epochs(cell_dir(run_dir, row["cell_id"])) if {"epoch", "test_accuracy", "train_loss"} <= r.keys()]
@@ -160,7 +162,8 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
     drawn, seen = [], set()
     data_root = read_environment(run_dir).get("data_root")
     for _, row in _ok(frame).iterrows():
-        if row.get("task") != "train" or row.get("input") != "gm":
+        task = TASKS.get(row.get("task"))
+        if task is None or not task.uses_dataset or row.get("input") != "gm":
             continue
         config = read_config(cell_dir(run_dir, row["cell_id"]), "its input mixtures are not drawn")
         if config is None:

@@ -1,8 +1,6 @@
-"""Reports of a run folder: the paper's tables and figures, from ``results.csv`` only.
+"""Report tables: a results frame aggregated as a table spec says, in Markdown, CSV and LaTeX.
 
-``write_report(run_dir, out_dir)`` writes ``report.md`` (GitHub-readable),
-``tables/<name>.{md,csv,tex}`` and ``figures/<name>.{png,pdf}``.  A table is
-declared in the suite's ``report: tables:`` list (or a default one is used)::
+A table is declared in the suite's ``report: tables:`` list (or a default one is used)::
 
     - name: table1                      # file name
       title: "Table 1: ModelNet10 accuracy (%)"
@@ -10,32 +8,26 @@ declared in the suite's ``report: tables:`` list (or a default one is used)::
       columns: n_gaussians              # optional: a results column spread into columns
       value: test_accuracy              # the aggregated metric (mean +/- std over seeds)
       extra: [params]                   # per-row columns (mean over the row's cells)
-      paper: table1                     # key of gmbench/paper_results.yaml: adds paper columns
+      paper: table1                     # key of gmbench/report/paper_results.yaml: adds paper columns
       source: results                   # or: diagnostics (per-layer RMSE of the cells)
-      epochs: [5, 50]                   # optional: smoothed test accuracy at these epochs (gmbench.report_paper)
+      epochs: [5, 50]                   # optional: smoothed test accuracy at these epochs (gmbench.report.paper)
 
-Accuracies are shown in percent.  The paper's numbers live in
-``gmbench/paper_results.yaml`` with the table they come from.
+Accuracies are shown in percent.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import string
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from gmbench import io, report_paper
 from gmbench.errors import GmbenchError
-from gmbench.run.folder import DIAGNOSTICS_FILE, RESULTS_CSV, cell_dir, new_command, read_environment, read_run, warn_once
-from gmbench.run.results import load_results
-from gmbench.tasks import TASKS
+from gmbench.report import paper as paper_numbers
+from gmbench.report.paper import matching_paper_value, same_value
+from gmbench.run.folder import DIAGNOSTICS_FILE, cell_dir, warn_once
+from gmbench.tasks import DEFAULT_TASK, TASKS
 
-PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 PERCENT_METRICS = ("test_accuracy", "best_test_accuracy", "smoothed_test_accuracy")
 METRIC_TITLES = {
     "test_accuracy": "test accuracy (%)",
@@ -53,16 +45,8 @@ METRIC_TITLES = {
 }
 
 
-def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict:
-    with open(path) as handle:
-        return yaml.safe_load(handle)["tables"]
-
-
-# --------------------------------------------------------------------------- tables
-
-
 def default_tables(frame: pd.DataFrame, task: str) -> list[dict]:
-    kind = TASKS.get(task, TASKS["train"])
+    kind = TASKS.get(task, TASKS[DEFAULT_TASK])
     value = kind.default_metric
     rows = ["label"] + [c for c in ("dataset", "input") if c in frame and frame[c].nunique(dropna=True) > 1]
     spec = {"name": "results", "title": f"{METRIC_TITLES.get(value, value)} per configuration", "rows": rows, "value": value}
@@ -93,42 +77,14 @@ def _format(mean: float, std: float, count: int, metric: str) -> str:
     return text
 
 
-def _match(record: dict, key: dict) -> bool:
-    for field, value in record.items():
-        if field in ("value", "notes") or field.startswith("paper_"):
-            continue
-        if field not in key:
-            return False
-        if not _same(key[field], value):
-            return False
-    return True
-
-
-def _same(a, b) -> bool:
-    """Equal as numbers when both are numbers (CSV turns 32 into 32.0), else as text."""
-    if isinstance(a, bool) or isinstance(b, bool) or str(a) in ("True", "False") or str(b) in ("True", "False"):
-        return str(a) == str(b)
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
 def _format_paper(value, metric: str) -> str:
-    return report_paper.format_paper_number(value)  # as printed in the paper, all its digits
+    return paper_numbers.format_paper_number(value)  # as printed in the paper, all its digits
 
 
 def _column_title(name: str) -> str:
     if name.startswith("smoothed_test_accuracy_epoch_"):
         return f"epoch {name.rsplit('_', 1)[1]}, smoothed (%)"
     return METRIC_TITLES.get(name, name)
-
-
-def _paper_value(records: list[dict], key: dict):
-    for record in records:
-        if _match(record, key):
-            return record.get("value")
-    return None
 
 
 def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -143,7 +99,7 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
     for field, wanted in (spec.get("where") or {}).items():
         if field not in frame.columns:
             raise GmbenchError(f"report table '{spec.get('name')}': 'where' names no results column '{field}'")
-        frame = frame[frame[field].map(lambda v, wanted=wanted: _same(v, wanted))]
+        frame = frame[frame[field].map(lambda v, wanted=wanted: same_value(v, wanted))]
     ok = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.copy()
     ok[value] = pd.to_numeric(ok[value], errors="coerce") * _scale(value)
     keys = rows + ([column] if column else [])
@@ -151,7 +107,7 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
         ok[key] = ok[key].fillna("-")
     grouped = ok.groupby(keys, sort=False, dropna=False)[value].agg(["mean", "std", "count"]).reset_index()
     records = (paper or {}).get("records", [])
-    grouped["paper"] = [_paper_value(records, dict(zip(keys, values))) for values in grouped[keys].itertuples(index=False)]
+    grouped["paper"] = [matching_paper_value(records, dict(zip(keys, values))) for values in grouped[keys].itertuples(index=False)]
     tidy = grouped.rename(columns={"mean": f"{value}_mean", "std": f"{value}_std", "count": "n"})
 
     display_rows = []
@@ -169,7 +125,7 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
             header = METRIC_TITLES.get(value, value) if col_value is None else f"{column}={col_value}"
             if cell.empty:
                 line[header] = ""
-                paper_value = _paper_value(records, {**dict(zip(rows, row_key)), **({column: col_value} if column else {})})
+                paper_value = matching_paper_value(records, {**dict(zip(rows, row_key)), **({column: col_value} if column else {})})
             else:
                 first = cell.iloc[0]
                 line[header] = _format(first["mean"], first["std"], int(first["count"]), value)
@@ -190,9 +146,9 @@ def build_table(frame: pd.DataFrame, spec: dict, paper: dict | None = None) -> t
                     text = _format(float(numbers.mean()), float("nan"), 1, name)
                 line[_column_title(name)] = text
             if any(f"paper_{name}" in record for record in records):  # the paper's number beside ours
-                line[f"{_column_title(name)} paper"] = report_paper.row_paper_value(records, dict(zip(rows, row_key)), f"paper_{name}")
-        for field in report_paper.unmeasured_paper_fields(records, extra):  # printed by the paper, not measured here
-            line[f"paper: {field[len('paper_'):]}"] = report_paper.row_paper_value(records, dict(zip(rows, row_key)), field)
+                line[f"{_column_title(name)} paper"] = paper_numbers.row_paper_value(records, dict(zip(rows, row_key)), f"paper_{name}")
+        for field in paper_numbers.unmeasured_paper_fields(records, extra):  # printed by the paper, not measured here
+            line[f"paper: {field[len('paper_'):]}"] = paper_numbers.row_paper_value(records, dict(zip(rows, row_key)), field)
         display_rows.append(line)
     return pd.DataFrame(display_rows), tidy
 
@@ -225,10 +181,10 @@ def build_diagnostics_table(run_dir: Path, frame: pd.DataFrame, spec: dict, pape
     return build_table(data, spec, paper)
 
 
-def _main_task(frame: pd.DataFrame) -> str:
+def main_task(frame: pd.DataFrame) -> str:
     """The task of most cells (a run rebuilt from its cell folders has no run.json to say)."""
     tasks = frame["task"].dropna() if "task" in frame else pd.Series(dtype=object)
-    return str(tasks.mode().iloc[0]) if len(tasks) else "train"
+    return str(tasks.mode().iloc[0]) if len(tasks) else DEFAULT_TASK
 
 
 def _sort_key(value):
@@ -292,107 +248,3 @@ def compare_runs(frame: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
 
 # The layout of report.md; ``gmbench report --template FILE`` substitutes the same
 # ``string.Template`` fields into another Markdown file (see reports/).
-DEFAULT_TEMPLATE = "$header\n$tables\n$figures\n$compare\n$failed\n$cells\n"
-TEMPLATE_FIELDS = ("title", "description", "summary", "environment", "legend", "header", "tables", "figures", "compare", "failed", "cells")
-
-
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, compare: str | Path | None = None, template: str | Path | None = None) -> Path:
-    """Write tables, figures and ``report.md`` for ``run_dir``; return the path of report.md.
-
-    ``template``: a Markdown file with ``$header``, ``$tables``, ``$figures``, ``$compare``,
-    ``$failed``, ``$cells`` (and ``$title``, ``$description``, ``$summary``,
-    ``$environment``, ``$legend``) fields; default :data:`DEFAULT_TEMPLATE`.
-    """
-    from gmbench import report_figures  # matplotlib: only when figures are drawn
-
-    new_command()
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise GmbenchError(f"run folder '{run_dir}' does not exist; pass the --out folder of 'gmbench run'")
-    frame = load_results(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / "report"
-    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    run = read_run(run_dir) or {"name": run_dir.name, "report": {}}
-    task = run.get("task") or _main_task(frame)
-    specs = (run.get("report") or {}).get("tables") or default_tables(frame, task)
-    paper_tables = load_paper_results()
-
-    environment = read_environment(run_dir)
-    counts = frame["status"].value_counts().to_dict()
-    sections: dict[str, str] = {"title": f"Report: {run.get('name')}", "description": (run.get("description") or "").strip()}
-    lines = [f"# {sections['title']}", ""]
-    if run.get("description"):
-        lines += [run["description"].strip(), ""]
-    sections["summary"] = (
-        f"Run folder `{run_dir}`; {len(frame)} cells: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + (" (smoke run)" if run.get("smoke") else "") + "."
-    )
-    lines += [sections["summary"], ""]
-    sections["environment"] = ""
-    if environment:
-        git = environment.get("git") or {}
-        sections["environment"] = (
-            f"gmbench {environment.get('gmbench')}, commit {str(git.get('commit'))[:10]}{' (modified)' if git.get('dirty') else ''}; "
-            f"torch {environment.get('packages', {}).get('torch')}; device {environment.get('device')} "
-            f"({', '.join(environment.get('gpus') or []) or environment.get('cpu')}); backend {environment.get('backend')}."
-        )
-        lines += [sections["environment"], ""]
-    sections["legend"] = (
-        "Accuracies in percent, mean ± standard deviation over seeds (± only with more than one seed); "
-        "the *paper* columns are the numbers of Celarek et al. (ICLR 2022) from `gmbench/paper_results.yaml`."
-    )
-    lines += [sections["legend"], ""]
-    sections["header"], lines = "\n".join(lines), []
-
-    for spec in specs:
-        name = spec.get("name", "table")
-        paper = paper_tables.get(spec["paper"]) if spec.get("paper") else None
-        if spec.get("paper") and paper is None:
-            raise GmbenchError(f"report table '{name}': no paper table '{spec['paper']}' in {PAPER_RESULTS.name}; known: {', '.join(paper_tables)}")
-        if spec.get("source") == "diagnostics":
-            display, tidy = build_diagnostics_table(run_dir, frame, spec, paper)
-        else:
-            display, tidy = build_table(*report_paper.with_epoch_columns(run_dir, frame, spec), paper)
-        title = spec.get("title", name)
-        if paper and paper.get("source"):
-            title += f" (paper: {paper['source']})"
-        note = report_paper.paper_note(paper)
-        io.write_text(out_dir / "tables" / f"{name}.md", f"## {title}\n\n" + (note + "\n" if note else "") + to_markdown(display))
-        with io.atomic_path(out_dir / "tables" / f"{name}.csv") as tmp:
-            tidy.to_csv(tmp, index=False)
-        io.write_text(out_dir / "tables" / f"{name}.tex", to_latex(display, title))
-        lines += [f"## {title}", "", *([note] if note else []), to_markdown(display), f"[CSV](tables/{name}.csv) · [LaTeX](tables/{name}.tex)", ""]
-    sections["tables"], lines = "\n".join(lines), []
-
-    figures = report_figures.draw_all(run_dir, frame, out_dir / "figures")
-    if figures:
-        lines += ["## Figures", ""]
-        for title, stem in figures:
-            lines += [f"### {title}", "", f"![{title}](figures/{stem}.png)", "", f"[PDF](figures/{stem}.pdf)", ""]
-    sections["figures"], lines = "\n".join(lines), []
-
-    if compare is not None:
-        other = load_results(Path(compare))
-        table = compare_runs(frame, other)
-        with io.atomic_path(out_dir / "tables" / "compare.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        io.write_text(out_dir / "tables" / "compare.md", to_markdown(table))
-        lines += [f"## Compared with `{compare}`", "", f"{len(table)} cells in both runs (matched by cell id); delta = this run - other run.", "", to_markdown(table), ""]
-    sections["compare"], lines = "\n".join(lines), []
-
-    failed = frame[~frame["status"].isin(["ok"])]
-    if len(failed):
-        lines += ["## Cells not finished", "", to_markdown(failed[["cell_id", "label", "status", "error"]].fillna("")), ""]
-    sections["failed"], lines = "\n".join(lines), []
-    results_link = os.path.relpath(run_dir / RESULTS_CSV, out_dir)
-    sections["cells"] = "\n".join(["## All cells", "", f"One row per cell: [results.csv]({results_link}) (also `results.parquet`).", ""])
-    if template is not None:
-        template_path = Path(template)
-        if not template_path.is_file():
-            raise GmbenchError(f"report template '{template_path}' does not exist; pass a Markdown file such as reports/paper-comparison.md")
-        text = template_path.read_text()
-    else:
-        text = DEFAULT_TEMPLATE
-    path = out_dir / "report.md"
-    io.write_text(path, re.sub(r"\n{3,}", "\n\n", string.Template(text).safe_substitute(sections)))
-    return path
