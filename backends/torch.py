@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
-from gmbench.backends import cpu_kernel, cutoff
+from gmbench.backends import cpu_kernel, cutoff, cutoff_native
 from gmbench.plugins import hookimpl
 
 CPU_KERNELS = ("auto", "cpp", "gemm")
@@ -239,6 +239,12 @@ class TorchBackend:
         X = quadratic_features(p_flat - centre)
         if self.cutoff is None:
             out = self._matvec_sets(X, A, c, None)
+        elif self._use_cpu_kernel(X) and cutoff_native.load() is not None:
+            # Pair lists over kd tiles (cutoff_native): one plan for every weight set and for backward.
+            peaks = c if c.dim() == 2 else c.abs().amax(-1)
+            plan = cutoff_native.make_plan(p_flat, gm.positions(m_flat), gm.covariances(m_flat), peaks, self.cutoff)
+            X = cutoff.permute_rows(X, plan.point_order)
+            out = cutoff.unpermute_rows(cutoff_native.matvec_sets(X, A, c, plan), plan.point_order)
         else:
             tile = self._cutoff_tile(X)
             peaks = c if c.dim() == 2 else c.abs().amax(-1)

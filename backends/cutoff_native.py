@@ -1,0 +1,203 @@
+r"""The spatial cut-off on CPU, pair lists instead of tile masks (C++, ``cutoff_kernel.cpp``).
+
+Same truncation as :mod:`gmbench.backends.cutoff` (a pair is dropped when
+:math:`|c_j| e^{-\frac12 d_M^2} < \tau = \mathrm{tol} \max_k |c_k|`), planned
+more tightly, because on real GMCN activations only 3-20 % of the pairs are
+above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
+
+* points are grouped in tiles of ``tile_m`` (8) by a kd split (median along
+  the widest axis), so every tile's bounding box is small;
+* each Gaussian descends the kd tree and is listed for every tile whose box
+  may meet its cut-off ellipsoid: its axis-aligned box first, then a bound in
+  the Gaussian's own whitened coordinates (exact for a box shrunk to a point;
+  see the C++ source); there are no Gaussian tiles, so a Gaussian is never
+  evaluated because a neighbour in its tile was needed;
+* the kernel gathers each tile's listed Gaussians into contiguous scratch
+  once and runs the vectorised exponential loop over them for every point of
+  the tile (forward, and backward with each exponential computed once).
+
+The plan (one native pass: ``O(N log N)`` for the tree plus a descent per
+Gaussian, measured in ``benchmarks/bench_cutoff.py``) is made once per
+evaluation and shared by both weight sets of the dense fit and by backward.
+Without a compiler (or with ``GMBENCH_DISABLE_CPU_KERNEL=1``) callers fall
+back to the tile masks of :mod:`gmbench.backends.cutoff`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gmbench.backends.native import NativeLibrary
+
+SOURCE_FILE = Path(__file__).with_name("cutoff_kernel.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-pthread",
+         "-shared", "-fPIC"]
+# Points per tile: 8 keeps tiles small enough that, on digits / shapes3d / mnist5k
+# GMCN activations, 1.4-3x the pairs above tau are evaluated (16: 1.5-4.6x), while
+# gathering a tile's Gaussians is still shared by 8 points.
+TILE_POINTS = 8
+
+
+def _symbols() -> dict:
+    i64, ptr, cint, dbl = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    symbols = {f"cutoff_plan_d{d}": ([i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i64, ptr, ptr, cint], ptr)
+               for d in (2, 3)}
+    symbols["cutoff_plan_take"] = ([ptr, ptr], None)
+    for suffix in (f"{t}_{f}_w{w}" for t in ("f32", "f64") for f in (6, 10) for w in (1, 2)):
+        symbols[f"sparse_forward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint], None)
+        symbols[f"sparse_backward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint], None)
+    return symbols
+
+
+LIBRARY = NativeLibrary(
+    SOURCE_FILE, _symbols(), FLAGS,
+    description="C++ cut-off kernel", fallback="the cut-off tile masks", disable_env="GMBENCH_DISABLE_CPU_KERNEL",
+)
+
+
+def load() -> ctypes.CDLL | None:
+    return LIBRARY.load()
+
+
+@dataclasses.dataclass
+class PairListPlan:
+    """kd order of the points and, per point tile, the Gaussians to evaluate.
+
+    Shapes: ``point_order [G, M]`` (permutation), ``offsets [G * T + 1]`` int64
+    (CSR over the ``T = ceil(M / tile_m)`` tiles of every mixture),
+    ``index [nnz]`` int32 (Gaussian numbers within their mixture, ascending).
+    """
+
+    point_order: Tensor
+    offsets: Tensor
+    index: Tensor
+    tile_m: int
+    n_gaussians: int
+
+    @property
+    def pairs_evaluated(self) -> int:
+        """Point-Gaussian pairs the kernel evaluates (a full last tile counts its real points only)."""
+        G, M = self.point_order.shape
+        tiles = -(-M // self.tile_m)
+        counts = (self.offsets[1:] - self.offsets[:-1]).reshape(G, tiles)
+        rows = torch.full((tiles,), self.tile_m, dtype=torch.int64)
+        if tiles:
+            rows[-1] = M - (tiles - 1) * self.tile_m
+        return int((counts * rows).sum())
+
+    @property
+    def active_fraction(self) -> float:
+        """Fraction of all ``G M N`` pairs that are evaluated."""
+        total = self.point_order.numel() * self.n_gaussians
+        return self.pairs_evaluated / total if total else 0.0
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def make_plan(points: Tensor, centres: Tensor, covariances: Tensor, peaks: Tensor, tolerance: float,
+              tile_m: int = TILE_POINTS) -> PairListPlan:
+    """Plan the cut-off for ``points [G, M, D]`` against Gaussians ``centres [G, N, D]``.
+
+    ``covariances [G, N, D, D]``, ``peaks [G, N]`` (``c_j``; sign ignored).
+    Conservative: every pair with ``|c_j| g_j(x_i) >= tol * max|c|`` is listed.
+    Needs the compiled library (:func:`load`).
+    """
+    if not tolerance > 0:
+        raise ValueError(f"cut-off tolerance must be positive, got {tolerance}")
+    library = load()
+    if library is None:
+        raise RuntimeError(f"the cut-off kernel is unavailable: {LIBRARY.unavailable_reason()}")
+    G, M, D = points.shape
+    N = centres.shape[1]
+    tiles = -(-M // tile_m)
+    with torch.no_grad():
+        p = points.detach().to(torch.float64).contiguous()
+        b = centres.detach().to(torch.float64).contiguous()
+        C = covariances.detach().to(torch.float64).contiguous()
+        pk = peaks.detach().to(torch.float64).contiguous()
+    order = torch.empty(G, M, dtype=torch.int64)
+    counts = torch.empty(G * tiles, dtype=torch.int64)
+    handle = getattr(library, f"cutoff_plan_d{D}")(
+        G, M, N, _ptr(p), _ptr(b), _ptr(C), _ptr(pk), float(tolerance), tile_m, _ptr(order), _ptr(counts),
+        torch.get_num_threads(),
+    )
+    offsets = torch.zeros(G * tiles + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    index = torch.empty(int(offsets[-1]), dtype=torch.int32)
+    library.cutoff_plan_take(handle, _ptr(index))  # copies the lists and frees the native plan
+    return PairListPlan(order, offsets, index, tile_m, N)
+
+
+def supports(X: Tensor) -> bool:
+    """Whether the kernel handles these features (CPU, float32/float64, 2D or 3D)."""
+    return X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and X.shape[-1] in (6, 10)
+
+
+def _suffix(X: Tensor, sets: int) -> str:
+    return f"{'f32' if X.dtype == torch.float32 else 'f64'}_{X.shape[-1]}_w{sets}"
+
+
+class PairListExpKernelMatVec(torch.autograd.Function):
+    """``f[g, i] = sum_{j listed for i's tile} c[g, j] exp(min(X[g, i] . A[g, j], 0))``.
+
+    Shapes: ``X [G, M, F]`` in the plan's point order, ``A [G, N, F]``,
+    ``c [G, N]`` -> ``[G, M]`` or ``c [G, N, W]`` -> ``[G, M, W]`` (``W <= 2``
+    weight sets sharing every exponential).  Gradients are those of the
+    truncated sum (the clamp treated as the identity, as in the other kernels).
+    """
+
+    @staticmethod
+    def forward(ctx, X: Tensor, A: Tensor, c: Tensor, plan: PairListPlan) -> Tensor:
+        library = load()
+        G, M, _ = X.shape
+        N = A.shape[1]
+        sets = 1 if c.dim() == 2 else c.shape[-1]
+        if sets not in (1, 2):
+            raise ValueError(f"the cut-off kernel takes one or two weight sets, got {sets}")
+        X, A = X.contiguous(), A.contiguous()
+        cs = c.reshape(G, N, sets).contiguous()
+        out = X.new_empty(G, M, sets)
+        getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
+            G, M, N, _ptr(X), _ptr(A), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(X, A, cs)
+        ctx.plan = plan
+        ctx.c_shape = c.shape
+        return out.view(G, M, *c.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        library = load()
+        X, A, cs = ctx.saved_tensors
+        plan = ctx.plan
+        G, M, F = X.shape
+        N, sets = A.shape[1], cs.shape[-1]
+        need_x, need_a, need_c = ctx.needs_input_grad[:3]
+        go = grad_out.to(X.dtype).reshape(G, M, sets).contiguous()
+        grad_x = X.new_empty(G, M, F) if need_x else None
+        grad_a = X.new_empty(G, N, F) if need_a else None
+        grad_c = X.new_empty(G, N, sets) if need_c else None
+        if need_x or need_a or need_c:
+            getattr(library, f"sparse_backward_{_suffix(X, sets)}")(
+                G, M, N, _ptr(X), _ptr(A), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
+                plan.tile_m, _ptr(plan.offsets), _ptr(plan.index), torch.get_num_threads(),
+            )
+        if grad_c is not None:
+            grad_c = grad_c.view(ctx.c_shape)
+        return grad_x, grad_a, grad_c, None
+
+
+def matvec_sets(X: Tensor, A: Tensor, c: Tensor, plan: PairListPlan) -> Tensor:
+    """:class:`PairListExpKernelMatVec` for any number of weight sets (two at a time share each exponential)."""
+    if c.dim() == 3 and c.shape[-1] > 2:
+        return torch.cat([PairListExpKernelMatVec.apply(X, A, c[..., k : k + 2], plan)
+                          for k in range(0, c.shape[-1], 2)], -1)
+    return PairListExpKernelMatVec.apply(X, A, c, plan)
