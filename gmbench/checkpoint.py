@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from gmbench import io
-from gmbench.run.folder import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from gmbench import io
-from gmbench.run.folder import ENVIRONMENT_FILE
 PACKAGES = ("torch", "torch-geometric", "pyg-lib", "torch-cluster", "triton", "numpy", "scipy", "scikit-learn", "pandas", "pyarrow", "pluggy", "matplotlib", "ray")
 
 

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmbench import io
-from gmbench.checkpoint import CHECKPOINT_FILE, resume, rng_state
+from gmbench.checkpoint import resume, rng_state
 from gmbench.errors import GmbenchError
-from gmbench.run.folder import EPOCHS_FILE
+from gmbench.run.folder import CHECKPOINT_FILE, EPOCHS_FILE
 from gmbench.run.ranks import current
 
 

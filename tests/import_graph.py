@@ -161,7 +161,7 @@ class _Collector(ast.NodeVisitor):
         else:
             base = node.module
         for alias in node.names:
-            # `from gmbench import runner` imports the module gmbench.runner, not gmbench/__init__.
+            # `from gmbench import training` imports the module gmbench.training, not gmbench/__init__.
             candidate = f"{base}.{alias.name}"
             self.add(candidate if candidate in self.graph.modules else base, node.lineno)
 
