@@ -16,6 +16,10 @@ GPU.  Without CUDA, ``TRITON_INTERPRET=1`` (set before gmbench imports the
 kernels) runs the very same kernels in Triton's CPU interpreter: slow, meant
 for tests.  Otherwise selecting the backend fails with a one-line message (see
 :meth:`FusedBackend.unavailable_reason`); it never falls back silently.
+
+Triton's cache of compiled kernels and launcher libraries is moved to (or
+checked to be) a folder only the user can write before the first kernel is
+compiled: :mod:`gmbench.backends.triton_cache`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
-from gmbench.backends import cutoff
+from gmbench.backends import cutoff, triton_cache
 from gmbench.backends.torch import TorchBackend
 from gmbench.errors import GmbenchError
 from gmbench.plugins import hookimpl
@@ -40,6 +44,10 @@ def interpreting() -> bool:
 
 
 def _kernels():
+    if not interpreting():
+        reason = triton_cache.prepare_cache()  # before Triton compiles or loads anything
+        if reason:
+            raise GmbenchError(f"backend 'fused' cannot run here: {reason}")
     from gmbench.backends import triton_kernels
 
     return triton_kernels
@@ -189,7 +197,7 @@ class FusedBackend(TorchBackend):
                 "no CUDA GPU (torch.cuda.is_available() is false); use backend 'torch' "
                 "(TRITON_INTERPRET=1 runs the kernels in Triton's slow CPU interpreter, for tests only)"
             )
-        return None
+        return triton_cache.prepare_cache()
 
     def _check_device(self, t: Tensor) -> None:
         if t.device.type != "cuda" and not interpreting():
