@@ -65,10 +65,6 @@ DEFERRED_INTERNAL: dict[str, list[str]] = {
         "gmbench.cache -> gmbench.plugins",
         "gmbench.data.modelnet -> gmbench.cache",
         "gmbench.environment -> gmbench.plugins",
-        "gmbench.report.fitting_figure -> gmbench.io",
-        "gmbench.report.fitting_figure -> gmbench.plugins",
-        "gmbench.report.input_figures -> gmbench.io",
-        "gmbench.report.input_figures -> gmbench.plugins",
         "gmbench.plugin_contracts -> gmbench.plugins",
     ],
 }

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from gmbench import io, plugins
 from gmbench import mixture as gm
 
 
@@ -25,8 +26,6 @@ def random_layer_output(n: int, seed: int) -> torch.Tensor:
 
 def fitting_example_panels(m: torch.Tensor, transfer_fitting: str, reduction: str, n_out: int, resolution: int):
     """``(titles, images [5, R, R], extent)`` of the five panels for a ``[1, 1, N, 7]`` mixture."""
-    from gmbench import plugins
-
     fitting = plugins.create("transfer_fitting", transfer_fitting)
     reducer = plugins.create("reduction", reduction)
     dense = fitting.fit(m)
@@ -60,8 +59,6 @@ def draw_fitting_example(path, m, transfer_fitting="dense", reduction="treehem",
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gmbench import io
 
     titles, images, extent = fitting_example_panels(m, transfer_fitting, reduction, n_out, resolution)
     finite = images[torch.isfinite(images)]

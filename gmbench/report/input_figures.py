@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from gmbench import mixture as gm
+from gmbench import plugins
+from gmbench.io import atomic_path
 
 
 def _pyplot():
@@ -127,8 +129,6 @@ def input_fitting_figure(points: Tensor, weights: Tensor | None, methods: dict[s
     Every method is run with ``normalize=False`` so mixtures overlay the points.  Returns the figure
     (saved to ``path`` when given).
     """
-    from gmbench import plugins
-
     plt = _pyplot()
     s, _, d = points.shape
     figure = plt.figure(figsize=(2.2 * s, 2.2 * len(methods)))
@@ -160,8 +160,6 @@ def save_split_figure(split, method: str, n_components: int, params: dict, path,
     params = {k: v for k, v in params.items() if k != "device"}
     weights = None if split.weights is None else split.weights[:count]
     figure = input_fitting_figure(split.points[:count], weights, {method: params}, n_components)
-    from gmbench.io import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format=str(path).rsplit(".", 1)[-1] if "." in str(path) else "png")
     _pyplot().close(figure)
