@@ -8,7 +8,9 @@ import hashlib
 import json
 from typing import Any
 
-TASKS = ("train", "footprint", "transfer_fitting_timing")
+from gmbench import tasks
+
+TASKS = tuple(tasks.TASKS)  # the task types' one home is gmbench.tasks
 TOP_LEVEL_KEYS = ("name", "description", "task", "plugins", "backend", "backend_params", "cell", "matrix", "exclude", "smoke", "report", "loggers")
 REPORT_TABLE_KEYS = ("name", "title", "rows", "columns", "value", "extra", "where", "paper", "source", "epochs")
 INPUTS = ("gm", "points")

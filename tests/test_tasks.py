@@ -1,0 +1,59 @@
+"""Task objects (gmbench.tasks): what the runner, results, report and progress look up."""
+
+from __future__ import annotations
+
+import pytest
+
+from gmbench.errors import GmbenchError
+from gmbench.report.tables import default_tables
+from gmbench.run.progress import _planned_epochs
+from gmbench.suite import parse_suite
+from gmbench.suite.schema import CELL_FIELDS, PLUGIN_FIELDS, REQUIRED_FIELDS
+from gmbench.suite.schema import TASKS as SUITE_TASKS
+from gmbench.tasks import DEFAULT_TASK, TASKS, get, task_for
+
+
+def test_every_task_has_a_schema_a_run_function_and_a_default_metric():
+    assert SUITE_TASKS == tuple(TASKS)
+    for name, task in TASKS.items():
+        assert set(CELL_FIELDS[name]) >= {"label", "seed"} and name in REQUIRED_FIELDS and name in PLUGIN_FIELDS
+        assert callable(task.run) and task.run.__module__ == f"gmbench.tasks.{task.module}"
+        assert task.default_metric
+
+
+def test_an_unknown_task_is_one_line_naming_the_known_ones():
+    with pytest.raises(GmbenchError, match="unknown task 'bake'; known tasks: train, footprint, transfer_fitting_timing"):
+        get("bake")
+    assert task_for({}) is TASKS[DEFAULT_TASK] is TASKS["train"]
+
+
+def test_planned_epochs_come_from_the_training_section_else_one():
+    suite = parse_suite(
+        "name: e\ncell: {dataset: digits, model: pointnet, input: points, training: {epochs: 7}}\n", "e.yaml")
+    assert _planned_epochs(suite.cells[0]) == 7
+    assert TASKS["train"].planned_epochs({"training": {}}) == 60  # the trainer's default
+    assert TASKS["footprint"].planned_epochs({"layout": "1/8->10"}) == 1
+    assert TASKS["transfer_fitting_timing"].planned_epochs({"training": {"epochs": 9}}) == 1
+
+
+def test_results_columns_and_labels_of_a_training_cell():
+    config = {"task": "train", "model": "gmcn", "input": "points", "input_fitting": "kmeans",
+              "training": {"epochs": 5, "batch_size": 8}, "model_params": {"layout": "1/8->10", "reduction": "treehem"}}
+    fields = TASKS["train"].result_fields(config)
+    assert fields == {"epochs": 5, "batch_size": 8, "layout": "1/8->10", "input_fitting": None, "reduction": "treehem"}
+    assert TASKS["train"].label(config) == "gmcn (points)"
+    assert TASKS["footprint"].result_fields({"layout": "1/8->10"}) == {}
+    assert TASKS["footprint"].label({"task": "footprint", "layout": "1/8->10"}) == "1/8->10"
+    assert TASKS["transfer_fitting_timing"].label({"task": "transfer_fitting_timing", "transfer_fitting": "dense"}) == "dense"
+
+
+@pytest.mark.parametrize(("task", "value", "extra"), [
+    ("train", "test_accuracy", ["params", "train_time_s", "peak_memory_mb"]),
+    ("footprint", "memory_mb", None),
+    ("transfer_fitting_timing", "time_ms", None),
+])
+def test_the_default_report_table_shows_the_tasks_metric(task, value, extra):
+    import pandas as pd
+
+    (spec,) = default_tables(pd.DataFrame({"label": ["a"], "n_gaussians": [4]}), task)
+    assert spec["value"] == value and spec.get("extra") == extra
