@@ -297,23 +297,32 @@ static inline float exp_nonpositive(float x) {
 }
 static inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// The listed Gaussians of one tile, gathered contiguous per feature (a[f * L + k]).
+// The listed Gaussians of one tile, gathered contiguous per feature
+// (a[f * L + k]) from the transposed coefficients At [F, N], c [W, N]: the
+// inner loop is a vector gather with contiguous stores.
 template <typename T, int F, int W>
 struct Gathered {
     std::vector<T> a, c;
     i64 L = 0;
-    void gather(const T* A, const T* C, const i32* idx, i64 count) {
+    void gather(const T* At, const T* C, i64 N, const i32* __restrict idx, i64 count) {
         L = count;
         if ((i64)a.size() < F * L) { a.resize(F * L); c.resize(W * L); }
-        for (i64 k = 0; k < L; ++k) {
-            const T* ak = A + (i64)idx[k] * F;
-            for (int f = 0; f < F; ++f) a[f * L + k] = ak[f];
-            for (int w = 0; w < W; ++w) c[w * L + k] = C[(i64)idx[k] * W + w];
+        for (int f = 0; f < F; ++f) {
+            const T* __restrict src = At + f * N;
+            T* __restrict dst = a.data() + f * L;
+            #pragma omp simd
+            for (i64 k = 0; k < L; ++k) dst[k] = src[idx[k]];
+        }
+        for (int w = 0; w < W; ++w) {
+            const T* __restrict src = C + w * N;
+            T* __restrict dst = c.data() + w * L;
+            #pragma omp simd
+            for (i64 k = 0; k < L; ++k) dst[k] = src[idx[k]];
         }
     }
 };
 
-// X [G, M, F] in tile order, A [G, N, F], c [G, N, W], out [G, M, W];
+// X [G, M, F] in tile order, At [G, F, N], c [G, W, N] (transposed), out [G, M, W];
 // offsets [G * Tm + 1] and index (Gaussian numbers within the mixture).
 template <typename T, int F, int W>
 static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* out, i64 tm, const i64* offsets,
@@ -324,7 +333,7 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
         Gathered<T, F, W> s;
         for (i64 item = next++; item < G * tiles; item = next++) {
             const i64 g = item / tiles, pt = item % tiles;
-            s.gather(A + g * N * F, c + g * N * W, index + offsets[item], offsets[item + 1] - offsets[item]);
+            s.gather(A + g * N * F, c + g * N * W, N, index + offsets[item], offsets[item + 1] - offsets[item]);
             const T* a = s.a.data();
             const T* c0 = s.c.data();
             const T* c1 = c0 + (W - 1) * s.L;
@@ -353,7 +362,8 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
 // Backward: each exponential once for all three gradients.  Work items (tiles)
 // are split contiguously over the threads; each thread accumulates dA and dc
 // of its current mixture privately ([F][N], [W][N]) and adds them to the
-// output under a lock when it moves on.  go [G, M, W], gX [G, M, F],
+// output under a lock when it moves on.  At [G, F, N] and c [G, W, N] as in
+// forward; go [G, M, W], gX [G, M, F],
 // gA [G, N, F], gc [G, N, W].
 template <typename T, int F, int W>
 static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, const T* go, T* gX, T* gA, T* gc,
@@ -386,7 +396,7 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, co
                 current = g;
             }
             const i32* idx = index + offsets[item];
-            s.gather(A + g * N * F, c + g * N * W, idx, offsets[item + 1] - offsets[item]);
+            s.gather(A + g * N * F, c + g * N * W, N, idx, offsets[item + 1] - offsets[item]);
             const i64 L = s.L;
             if ((i64)la.size() < F * L) { la.resize(F * L); lc.resize(W * L); sv.resize(L); }
             std::fill(la.begin(), la.begin() + F * L, T(0));

@@ -5,7 +5,7 @@ Same truncation as :mod:`gmbench.backends.cutoff` (a pair is dropped when
 more tightly, because on real GMCN activations only 3-20 % of the pairs are
 above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
 
-* points are grouped in tiles of ``tile_m`` (8) by a kd split (median along
+* points are grouped in tiles of ``tile_m`` (16) by a kd split (median along
   the widest axis), so every tile's bounding box is small;
 * each Gaussian descends the kd tree and is listed for every tile whose box
   may meet its cut-off ellipsoid: its axis-aligned box first, then a bound in
@@ -16,8 +16,9 @@ above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
   once and runs the vectorised exponential loop over them for every point of
   the tile (forward, and backward with each exponential computed once).
 
-The plan (one native pass: ``O(N log N)`` for the tree plus a descent per
-Gaussian, measured in ``benchmarks/bench_cutoff.py``) is made once per
+The plan (one native pass: the kd split, then each group of 8 tiles and each
+tile tested against the Gaussians in vectorised loops; measured in
+``benchmarks/bench_cutoff.py``) is made once per
 evaluation and shared by both weight sets of the dense fit and by backward.
 Without a compiler (or with ``GMBENCH_DISABLE_CPU_KERNEL=1``) callers fall
 back to the tile masks of :mod:`gmbench.backends.cutoff`.
@@ -37,10 +38,12 @@ from gmbench.backends.native import NativeLibrary
 SOURCE_FILE = Path(__file__).with_name("cutoff_kernel.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-pthread",
          "-shared", "-fPIC"]
-# Points per tile: 8 keeps tiles small enough that, on digits / shapes3d / mnist5k
-# GMCN activations, 1.4-3x the pairs above tau are evaluated (16: 1.5-4.6x), while
-# gathering a tile's Gaussians is still shared by 8 points.
-TILE_POINTS = 8
+# Points per tile.  Measured on digits / mnist5k / shapes3d GMCN activations
+# (benchmarks/bench_cutoff.py): tiles of 8 evaluate 1.4-3.4x the pairs above tau,
+# tiles of 16 1.6-4.7x, but gathering a tile's Gaussians and planning cost half as
+# much per pair, and the dense fit at N = 2560 was faster with 16 (forward+backward
+# 1.74x against 1.47x faster than exact in one run).
+TILE_POINTS = 16
 
 
 def _symbols() -> dict:
@@ -161,14 +164,15 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         sets = 1 if c.dim() == 2 else c.shape[-1]
         if sets not in (1, 2):
             raise ValueError(f"the cut-off kernel takes one or two weight sets, got {sets}")
-        X, A = X.contiguous(), A.contiguous()
-        cs = c.reshape(G, N, sets).contiguous()
+        X = X.contiguous()
+        At = A.transpose(1, 2).contiguous()  # [G, F, N]: the kernel gathers each feature's row
+        cs = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]
         out = X.new_empty(G, M, sets)
         getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
-            G, M, N, _ptr(X), _ptr(A), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
+            G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
             torch.get_num_threads(),
         )
-        ctx.save_for_backward(X, A, cs)
+        ctx.save_for_backward(X, At, cs)
         ctx.plan = plan
         ctx.c_shape = c.shape
         return out.view(G, M, *c.shape[2:])
@@ -176,10 +180,10 @@ class PairListExpKernelMatVec(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         library = load()
-        X, A, cs = ctx.saved_tensors
+        X, At, cs = ctx.saved_tensors
         plan = ctx.plan
         G, M, F = X.shape
-        N, sets = A.shape[1], cs.shape[-1]
+        N, sets = At.shape[2], cs.shape[1]
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
         go = grad_out.to(X.dtype).reshape(G, M, sets).contiguous()
         grad_x = X.new_empty(G, M, F) if need_x else None
@@ -187,7 +191,7 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         grad_c = X.new_empty(G, N, sets) if need_c else None
         if need_x or need_a or need_c:
             getattr(library, f"sparse_backward_{_suffix(X, sets)}")(
-                G, M, N, _ptr(X), _ptr(A), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
+                G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
                 plan.tile_m, _ptr(plan.offsets), _ptr(plan.index), torch.get_num_threads(),
             )
         if grad_c is not None:
