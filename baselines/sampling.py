@@ -37,6 +37,8 @@ import os
 import torch
 from torch import Tensor
 
+from gmbench.errors import GmbenchError
+
 BACKENDS = ("pyg-lib", "torch-cluster", "torch")
 
 # Query rows processed at once by :func:`radius_torch`; bounds the dense
@@ -78,8 +80,6 @@ def sampling_backend() -> str:
     forced = os.environ.get("GMBENCH_SAMPLING_BACKEND")
     if forced:
         if forced not in BACKENDS:
-            from gmbench.errors import GmbenchError
-
             raise GmbenchError(
                 f"GMBENCH_SAMPLING_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}; "
                 "unset it or pick one of those"

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from gmbench import __version__
 from gmbench import mixture as gm
+from gmbench import plugins
 from gmbench.data.records import PointSetSplit
 from gmbench.errors import GmbenchError
 from gmbench.io import load_torch, save_torch
@@ -139,8 +140,6 @@ def fit_cached(split: PointSetSplit, method: str, n_components: int, params: dic
     file that cannot be read or fails verification is re-fitted with a
     :class:`CacheWarning`.
     """
-    from gmbench import plugins
-
     fitter = plugins.create("input_fitting", method, **(params or {}))
     fingerprint = split_fingerprint(split)
     path = cache_path(split, method, n_components, params, cache_dir, fingerprint)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gmbench import io
+from gmbench import __version__, io, plugins
 PACKAGES = ("torch", "torch-geometric", "pyg-lib", "torch-cluster", "triton", "numpy", "scipy", "scikit-learn", "pandas", "pyarrow", "pluggy", "matplotlib", "ray")
 
 
@@ -54,12 +54,9 @@ def environment_record(device: str = "cpu", backend: str | None = None, data_roo
     """
     import torch
 
-    import gmbench
-    from gmbench import plugins
-
     record = {
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "gmbench": gmbench.__version__,
+        "gmbench": __version__,
         "git": _git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

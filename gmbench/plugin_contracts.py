@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from gmbench import hookspecs
+from gmbench import hookspecs, plugins
 
 # Methods a plugin may have, and the arguments gmbench passes when it does.
 OPTIONAL_METHODS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
@@ -27,8 +27,6 @@ OPTIONAL_METHODS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] 
 
 def problems(kind: str, cls: type) -> list[str]:
     """What ``cls`` lacks to be a plugin of ``kind`` (empty when it satisfies the contract)."""
-    from gmbench import plugins
-
     protocol = hookspecs.PROTOCOLS[kind]
     found = []
     if not isinstance(getattr(cls, "name", None), str):

@@ -23,7 +23,7 @@ from typing import Any
 
 import pluggy
 
-from gmbench import hookspecs
+from gmbench import __version__, hookspecs
 from gmbench.errors import PluginError
 from gmbench.parameters import ParameterInfo, PluginParameterError, plugin_parameters, value_text
 
@@ -65,8 +65,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager("gmbench")
         pm.add_hookspecs(hookspecs)
-        from gmbench import __version__
-
         for module_name in BUILTIN_PLUGINS:
             module = importlib.import_module(module_name)
             pm.register(module, name=module_name)

@@ -49,23 +49,8 @@ DEFERRED_INTERNAL: dict[str, list[str]] = {
     "the mixture functions ask the active backend at call time; backend modules import gmbench.mixture": [
         "gmbench.mixture -> gmbench.backends",
     ],
-    "the package itself (always loaded first; only __version__ is read)": [
-        "* -> gmbench",
-    ],
     "start-up time: matplotlib, only when a report draws its figures": [
         "gmbench.report.document -> gmbench.report.figures",
-    ],
-    "start-up time: suite validation loads the paper's numbers (and, through gmbench.report, pandas) "
-    "only for a suite whose report tables name a paper table": [
-        "gmbench.suite.checks -> gmbench.report",
-    ],
-    "no start-up reason (gmbench.plugins, gmbench.io and gmbench.cache are light); to be hoisted "
-    "when the module is next edited": [
-        "gmbench.baselines.sampling -> gmbench.errors",
-        "gmbench.cache -> gmbench.plugins",
-        "gmbench.data.modelnet -> gmbench.cache",
-        "gmbench.environment -> gmbench.plugins",
-        "gmbench.plugin_contracts -> gmbench.plugins",
     ],
 }
 

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from gmbench import __version__
 from gmbench.errors import DataError
 
 CHUNK_BYTES = 1 << 16
@@ -105,8 +106,6 @@ def _transfer(url: str, part: Path, have: int, progress: bool, label: str, timeo
 
     With a known ``size`` at most one byte more is kept: enough for the size check to fail,
     without filling the disk from a server that sends something else."""
-    from gmbench import __version__
-
     headers = {"User-Agent": f"gmbench/{__version__} (python urllib)"}
     if have:
         headers["Range"] = f"bytes={have}-"

@@ -31,6 +31,8 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 
+from gmbench import __version__
+from gmbench.cache import default_cache_dir
 from gmbench.data import paths
 from gmbench.data.off import parse_off, read_off
 from gmbench.data.records import PointSetSplit
@@ -135,9 +137,6 @@ class ModelNet:
         """Sampled clouds are cached too: parsing thousands of meshes takes minutes, and the
         runner loads the data set for every cell.  The key covers every parameter and the
         size and modification time of every data file."""
-        from gmbench import __version__
-        from gmbench.cache import default_cache_dir
-
         digest = hashlib.sha256()
         digest.update(json.dumps([self.dataset_name, split, str(root.resolve()), self.seed, self.n_points,
                                   self.samples_per_class, self.source, self.normalize, __version__]).encode())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gmbench import io
 from gmbench.errors import GmbenchError
+from gmbench.paper_numbers import PAPER_RESULTS
 from gmbench.report import paper as paper_numbers
 from gmbench.report.paper import load_paper_results
 from gmbench.report.tables import build_diagnostics_table, build_table, compare_runs, default_tables, main_task, to_latex, to_markdown

@@ -24,13 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import yaml
-
 from gmbench.metrics import tensorboard_smoothed
+from gmbench.paper_numbers import PAPER_RESULTS, load_paper_results  # noqa: F401 (re-exported by gmbench.report)
 from gmbench.run.folder import cell_dir, read_epochs
-
-# The paper's numbers as data, each table citing its source (package data).
-PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 
 EPOCH_COLUMN = "smoothed_test_accuracy_epoch_{}"
 PAPER_PREFIX = "paper_"
@@ -126,11 +122,6 @@ def paper_note(paper: dict | None) -> str:
     """The paper table's ``note`` as a Markdown quote (empty without one)."""
     note = (paper or {}).get("note")
     return f"> **Note on the paper's numbers:** {' '.join(str(note).split())}\n" if note else ""
-
-
-def load_paper_results(path: str | Path = PAPER_RESULTS) -> dict:
-    with open(path) as handle:
-        return yaml.safe_load(handle)["tables"]
 
 
 def record_matches(record: dict, key: dict) -> bool:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from gmbench.errors import SuiteError
+from gmbench.paper_numbers import load_paper_results
 from gmbench.suite.schema import CELL_FIELDS, MAX_GAUSSIANS, REPORT_TABLE_KEYS
 from gmbench.suite.yaml_lines import line_of, plain
 
@@ -80,9 +81,6 @@ def check_report(ctx: Context, report: dict) -> None:
                 raise ctx.fail(line_of(table, key, line), f"unknown report table key '{key}'; allowed: {', '.join(REPORT_TABLE_KEYS)}")
         if table.get("paper") is not None:
             if paper is None:
-                # Deferred: the report module pulls in pandas, needed only for suites with paper tables.
-                from gmbench.report import load_paper_results
-
                 paper = load_paper_results()
             if table["paper"] not in paper:
                 raise ctx.fail(line_of(table, "paper", line), f"unknown paper table '{table['paper']}'; known: {', '.join(paper)}")
