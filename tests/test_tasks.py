@@ -8,17 +8,39 @@ from gmbench.errors import GmbenchError
 from gmbench.report.tables import default_tables
 from gmbench.run.progress import _planned_epochs
 from gmbench.suite import parse_suite
-from gmbench.suite.schema import CELL_FIELDS, PLUGIN_FIELDS, REQUIRED_FIELDS
+from gmbench.suite.cell_checks import CHECKS
+from gmbench.suite.schema import CELL_FIELDS, REQUIRED_FIELDS
 from gmbench.suite.schema import TASKS as SUITE_TASKS
-from gmbench.tasks import DEFAULT_TASK, TASKS, get, task_for
+from gmbench.tasks import DEFAULT_TASK, TASKS, Task, get, task_for
+from gmbench.tasks.fields import SEED, Field
 
 
 def test_every_task_has_a_schema_a_run_function_and_a_default_metric():
     assert SUITE_TASKS == tuple(TASKS)
     for name, task in TASKS.items():
-        assert set(CELL_FIELDS[name]) >= {"label", "seed"} and name in REQUIRED_FIELDS and name in PLUGIN_FIELDS
+        assert set(task.fields) >= {"label", "seed"} and CELL_FIELDS[name] is task.fields
+        assert REQUIRED_FIELDS[name] == task.required and set(task.required) <= set(task.fields)
+        assert {f for _, plugin, params in task.plugin_fields for f in (plugin, params)} <= set(task.fields)
+        assert set(task.suite_checks) <= set(CHECKS), f"{name}: unknown suite checks"
         assert callable(task.run) and task.run.__module__ == f"gmbench.tasks.{task.module}"
         assert task.default_metric
+
+
+def test_a_task_defined_only_in_gmbench_tasks_is_validated_expanded_and_shrunk_by_the_suite(monkeypatch):
+    def smoke(config, factor):
+        config["size"] = 1
+
+    toy = Task("toy", "footprint", "memory_mb", fields={"label": Field((str, type(None)), None), "seed": SEED,
+                                                          "size": Field((int,), 10, minimum=1, maximum=100)},
+               required=(), suite_checks=(), smoke=smoke)
+    monkeypatch.setitem(TASKS, "toy", toy)
+    suite = parse_suite("name: t\ntask: toy\ncell: {size: 5}\nmatrix: {seed: [0, 1]}\n", "t.yaml")
+    assert [c.config for c in suite.cells] == [{"label": None, "seed": s, "size": 5, "task": "toy"} for s in (0, 1)]
+    assert parse_suite("name: t\ntask: toy\n", "t.yaml", smoke=True).cells[0].config["size"] == 1
+    with pytest.raises(GmbenchError, match=r"t.yaml:3: .*'size'.* between 1 and 100"):
+        parse_suite("name: t\ntask: toy\ncell: {size: 500}\n", "t.yaml")
+    with pytest.raises(GmbenchError, match="unknown cell field 'layout' for task 'toy'; allowed: label, seed, size"):
+        parse_suite("name: t\ntask: toy\ncell: {layout: x}\n", "t.yaml")
 
 
 def test_an_unknown_task_is_one_line_naming_the_known_ones():

@@ -31,8 +31,12 @@ Every string inside ``model_params`` may use the placeholders ``{n_gaussians}``
 (resolved at expansion) and ``{num_classes}`` (resolved by the runner once the
 data set is loaded), so one layout string serves several input sizes (Table 9).
 
+Each task's cell fields (types, defaults, ranges), required fields, plugin choices, checks
+and ``--smoke`` shrinking belong to its :class:`gmbench.tasks.Task`; this package looks
+them up by the suite's ``task:``.
+
 Modules: :mod:`~gmbench.suite.yaml_lines` (reading), :mod:`~gmbench.suite.schema`
-(fields, defaults, ranges, records), :mod:`~gmbench.suite.expansion` (matrix),
+(top-level keys, bounds, records), :mod:`~gmbench.suite.expansion` (matrix),
 :mod:`~gmbench.suite.smoke` (``--smoke``), :mod:`~gmbench.suite.checks`,
 :mod:`~gmbench.suite.plugin_checks` and :mod:`~gmbench.suite.cell_checks`
 (validation), :mod:`~gmbench.suite.overrides` (``gmbench run --set PATH=VALUE``: a value for

@@ -1,5 +1,10 @@
 """One expanded cell made complete and checked: defaults, required fields, ranges,
-plugins, training hyper-parameters, GMCN layouts and Gaussian counts against the data."""
+plugins, training hyper-parameters, GMCN layouts and Gaussian counts against the data.
+
+A task names the checks its cells get (:attr:`gmbench.tasks.Task.suite_checks`), in
+order, from :data:`CHECKS`; the task's fields, required fields and plugin choices come
+from its :class:`~gmbench.tasks.Task` too.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,15 @@ import math
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
-from gmbench import plugins
+from gmbench import plugins, tasks
 from gmbench.errors import GmbenchError
 from gmbench.layout import parse_layout
 from gmbench.suite.checks import Context, check_fields, check_ranges, describe, short
 from gmbench.suite.expansion import substitute
 from gmbench.suite.plugin_checks import check_plugin
-from gmbench.suite.schema import CELL_FIELDS, MAX_GAUSSIANS, PLUGIN_FIELDS, REQUIRED_FIELDS, RUNNER_TRAINING_FIELDS
+from gmbench.suite.schema import MAX_GAUSSIANS, RUNNER_TRAINING_FIELDS
 from gmbench.suite.yaml_lines import line_of, plain
 from gmbench.training import TrainConfig
 
@@ -28,55 +33,65 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 def resolve(ctx: Context, config: dict, cell_line: int) -> dict:
-    """Fill defaults, check required fields, ranges and plugin parameters (recursively)."""
-    fields = CELL_FIELDS[ctx.task]
-    for key, field in fields.items():
+    """Fill defaults, check required fields, ranges, then the task's checks (plugins and
+    their parameters, recursively; layouts; training)."""
+    task = tasks.get(ctx.task)
+    for key, field in task.fields.items():
         if key not in config:
             config[key] = copy.deepcopy(field.default)
     ctx.cell = describe(config)
-    for key in REQUIRED_FIELDS[ctx.task]:
+    for key in task.required:
         if not config.get(key):
             raise ctx.fail(cell_line, f"every cell needs '{key}' (set it under 'cell:' or in a matrix axis); cell: {describe(config)}")
     check_fields(ctx, config, "cell")
     config["task"] = ctx.task  # part of the identity: run_cell dispatches on it
     check_ranges(ctx, config)
-    if ctx.task == "train":
-        _resolve_train(ctx, config)
-    elif ctx.task == "footprint":
-        try:
-            parse_layout(config["layout"])
-        except GmbenchError as error:
-            raise ctx.fail(line_of(config, "layout", 1), f"layout: {error}") from None
-    else:
-        _check_plugins(ctx, config)
+    infos: dict[str, plugins.PluginInfo] = {}  # filled by the "plugins" check, read by later ones
+    for name in task.suite_checks:
+        CHECKS[name](ctx, config, infos)
     return config
 
 
-def _check_plugins(ctx: Context, config: dict) -> dict[str, plugins.PluginInfo]:
-    infos = {}
-    for kind, name_key, params_key in PLUGIN_FIELDS[ctx.task]:
+# A check of a resolved cell: (ctx, config, plugin infos by kind) -> None, raising ctx.fail.
+Check = Callable[[Context, dict, dict], None]
+
+
+def _check_plugins(ctx: Context, config: dict, infos: dict) -> None:
+    """Every plugin choice of the task (:attr:`~gmbench.tasks.Task.plugin_fields`) exists and
+    takes the cell's parameters."""
+    for kind, name_key, params_key in tasks.get(ctx.task).plugin_fields:
         name_line = line_of(config, name_key, 1)
         infos[kind] = check_plugin(
             ctx, kind, config[name_key], name_line, config.get(params_key), line_of(config, params_key, name_line), params_key,
         )
-    return infos
 
 
-def _resolve_train(ctx: Context, config: dict) -> None:
+def _check_layout_field(ctx: Context, config: dict, infos: dict) -> None:
+    """The cell's ``layout`` field is a GMCN layout string."""
+    try:
+        parse_layout(config["layout"])
+    except GmbenchError as error:
+        raise ctx.fail(line_of(config, "layout", 1), f"layout: {error}") from None
+
+
+def _resolve_model_params(ctx: Context, config: dict, infos: dict) -> None:
+    """``{n_gaussians}`` filled in; any other placeholder left must be one the runner fills."""
     params = config["model_params"]
     if "in_features" in params:
         raise ctx.fail(line_of(params, "in_features", 1), "model_params.in_features is set by the runner from 'input'; remove it")
     config["model_params"] = substitute(params, {"n_gaussians": config["n_gaussians"]})
     _check_placeholders(ctx, config["model_params"], "model_params", line_of(config, "model_params", 1))
-    infos = _check_plugins(ctx, config)
-    model = infos["model"]
-    if config["input"] == "points" and "in_features" not in {p.name for p in model.parameters}:
+
+
+def _check_model_input(ctx: Context, config: dict, infos: dict) -> None:
+    if config["input"] == "points" and "in_features" not in {p.name for p in infos["model"].parameters}:
         raise ctx.fail(
             line_of(config, "input", 1),
             f"model '{config['model']}' takes mixtures, not points (it has no 'in_features' parameter); use input: gm",
         )
-    _check_layout(ctx, config, model)
-    _check_point_count(ctx, config, infos["dataset"])
+
+
+def _check_training_field(ctx: Context, config: dict, infos: dict) -> None:
     check_training(ctx, config["training"], config["seed"], line_of(config, "training", 1))
 
 
@@ -96,9 +111,10 @@ def _check_placeholders(ctx: Context, value: Any, field: str, line: int) -> None
             _check_placeholders(ctx, item, f"{field}[{index}]", line_of(value, index, line))
 
 
-def _check_layout(ctx: Context, config: dict, model: plugins.PluginInfo) -> None:
+def _check_layout(ctx: Context, config: dict, infos: dict) -> None:
     """A model whose ``layout`` parameter is a GMCN layout string (gmcn): every cell's layout
     parses, starts with the one input channel and with the cell's ``n_gaussians``."""
+    model = infos["model"]
     parameter = next((p for p in model.parameters if p.name == "layout"), None)
     if parameter is None or not _is_layout(parameter.default):
         return
@@ -137,9 +153,10 @@ def _is_layout(value: Any) -> bool:
     return True
 
 
-def _check_point_count(ctx: Context, config: dict, dataset: plugins.PluginInfo) -> None:
+def _check_point_count(ctx: Context, config: dict, infos: dict) -> None:
     """Fitting N Gaussians to a sample needs at least N of its points; a data set with an
     integer ``n_points`` parameter says how many each sample has."""
+    dataset = infos["dataset"]
     if config["input"] != "gm":
         return
     parameter = next((p for p in dataset.parameters if p.name == "n_points"), None)
@@ -205,3 +222,15 @@ def _expected(value: Any, hint: Any) -> str:
         if member is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return ""
     return " or ".join(words[member] for member in members)
+
+
+# The checks a task may name in Task.suite_checks.
+CHECKS: dict[str, Check] = {
+    "plugins": _check_plugins,
+    "layout": _check_layout_field,
+    "model_params_placeholders": _resolve_model_params,
+    "model_input": _check_model_input,
+    "gmcn_layout": _check_layout,
+    "point_count": _check_point_count,
+    "training": _check_training_field,
+}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gmbench import tasks
 from gmbench.errors import SuiteError
 from gmbench.paper_numbers import load_paper_results
-from gmbench.suite.schema import CELL_FIELDS, MAX_GAUSSIANS, REPORT_TABLE_KEYS
+from gmbench.suite.schema import MAX_GAUSSIANS, REPORT_TABLE_KEYS
 from gmbench.suite.yaml_lines import line_of, plain
 
 
@@ -34,7 +35,7 @@ class Context:
 
 def check_fields(ctx: Context, mapping: dict, what: str) -> None:
     """Every key of ``mapping`` is a cell field of the task, of an allowed type."""
-    fields = CELL_FIELDS[ctx.task]
+    fields = tasks.get(ctx.task).fields
     for key, value in mapping.items():
         line = line_of(mapping, key, 1)
         if key not in fields:
@@ -48,7 +49,7 @@ def check_fields(ctx: Context, mapping: dict, what: str) -> None:
 
 def check_ranges(ctx: Context, config: dict) -> None:
     """Every set field of an expanded cell lies in its range (:class:`~gmbench.suite.schema.Field`)."""
-    fields = CELL_FIELDS[ctx.task]
+    fields = tasks.get(ctx.task).fields
     for key, value in config.items():
         field = fields.get(key)
         if field is None or field.in_range(value):

@@ -10,8 +10,9 @@ import itertools
 import math
 from typing import Any, Iterator
 
+from gmbench import tasks
 from gmbench.suite.checks import Context, check_fields, short
-from gmbench.suite.schema import CELL_FIELDS, MAX_CELLS
+from gmbench.suite.schema import MAX_CELLS
 from gmbench.suite.yaml_lines import LDict, LList, line_of, plain
 
 
@@ -25,7 +26,7 @@ def expand(ctx: Context, base: dict, block: dict, limit: int = MAX_CELLS) -> Ite
     is an error raised before any cell is built.
     """
     axes = []
-    fields = CELL_FIELDS[ctx.task]
+    fields = tasks.get(ctx.task).fields
     for axis, values in block.items():
         line = line_of(block, axis, 1)
         if not isinstance(values, list) or not values:
@@ -73,7 +74,7 @@ def excluded(ctx: Context, config: dict, exclude: list) -> bool:
 def _matches(ctx: Context, config: dict, entry: Any, line: int) -> bool:
     if not isinstance(entry, dict):
         raise ctx.fail(line, "each 'exclude' entry must be a mapping of cell fields (or dotted paths) to values")
-    fields = CELL_FIELDS[ctx.task]
+    fields = tasks.get(ctx.task).fields
     for key, value in entry.items():
         if key.split(".")[0] not in fields:
             raise ctx.fail(line_of(entry, key, line), f"exclude: unknown cell field '{key}'; allowed: {', '.join(fields)}")

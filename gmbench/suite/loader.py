@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gmbench import plugins
+from gmbench import plugins, tasks
 from gmbench.errors import GmbenchError, SuiteError
 from gmbench.suite.cell_checks import resolve
 from gmbench.suite.checks import Context, check_fields, check_ranges, check_report, kind_of, short, type_names
@@ -13,7 +13,7 @@ from gmbench.suite.expansion import excluded, expand
 from gmbench.suite.logger_checks import check_loggers
 from gmbench.suite.overrides import apply_overrides, parse_overrides, recorded_text
 from gmbench.suite.plugin_checks import check_plugin
-from gmbench.suite.schema import MAX_CELLS, TASKS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
+from gmbench.suite.schema import MAX_CELLS, TOP_LEVEL_KEYS, Cell, Suite, cell_id
 from gmbench.suite.smoke import apply_smoke, shrink_report_filters, smoke_factor
 from gmbench.suite.yaml_lines import LDict, line_of, load_yaml_with_lines, plain, read_suite_text
 
@@ -47,8 +47,8 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, override
     if not name:
         raise ctx.fail(1, "the suite needs a 'name:' (used for the run folder and reports)")
     ctx.task = top("task", (str,), "train")
-    if ctx.task not in TASKS:
-        raise ctx.fail(data.lines["task"], f"unknown task '{ctx.task}'; allowed: {', '.join(TASKS)}")
+    if ctx.task not in tasks.TASKS:
+        raise ctx.fail(data.lines["task"], f"unknown task '{ctx.task}'; allowed: {', '.join(tasks.TASKS)}")
     modules = top("plugins", (list,), [])
     for index, module in enumerate(modules):
         if not isinstance(module, str):
@@ -87,7 +87,7 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, override
             if not excluded(ctx, config, exclude):
                 check_ranges(ctx, config)  # before --smoke shrinks a size that cannot work
                 expanded.append(config)
-    factor = smoke_factor(expanded) if smoke and ctx.task == "train" else 1
+    factor = smoke_factor(expanded, ctx.task) if smoke and tasks.get(ctx.task).smoke_divides_gaussians else 1
     if factor > 1:
         shrink_report_filters(report, factor)
     cells: list[Cell] = []

@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gmbench import tasks
 from gmbench.errors import SuiteError
 from gmbench.suite.checks import Context, check_fields, describe, short
 from gmbench.suite.expansion import deep_copy, merge
-from gmbench.suite.schema import CELL_FIELDS, TOP_LEVEL_KEYS
+from gmbench.suite.schema import TOP_LEVEL_KEYS
 from gmbench.suite.yaml_lines import LDict, LList, load_yaml_with_lines
 
 OPTION = "--set"
@@ -58,7 +59,7 @@ class Override:
 def parse_overrides(ctx: Context, items: list[str] | tuple[str, ...]) -> list[Override]:
     """``PATH=VALUE`` items checked against the task's cell fields (unknown field, a dotted
     path into a field that is not a mapping, a value of the wrong type) and read as YAML."""
-    fields = CELL_FIELDS[ctx.task]
+    fields = tasks.get(ctx.task).fields
     overrides = []
     for item in items:
         raw_path, sep, text = item.partition("=")
@@ -148,7 +149,7 @@ def _with_lines(value: Any, line: OverrideLine) -> Any:
 
 
 def _unknown_field(ctx: Context, head: str) -> str:
-    fields = ", ".join(CELL_FIELDS[ctx.task])
+    fields = ", ".join(tasks.get(ctx.task).fields)
     if head in TOP_LEVEL_KEYS:
         where = {"backend": " (use --backend)", "matrix": " (edit the matrix in the suite file; --set of a cell field replaces an axis on it)"}.get(head, "")
         return f"'{head}' is a top-level suite key, not a cell field; {OPTION} sets cell fields only{where}: {fields}"
