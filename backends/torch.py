@@ -28,7 +28,6 @@ for ill-conditioned covariances far from the centre.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -48,14 +47,6 @@ CPU_TILE_M, CPU_TILE_N = 64, 256
 CPU_CUTOFF_TILE = 16
 
 
-def quadratic_features(x: Tensor) -> Tensor:
-    """``[..., D] -> [..., F]`` with ``F = D(D+1)/2 + D + 1``: ``[x_a x_b (a<=b), x, 1]``."""
-    d = x.shape[-1]
-    rows, cols = torch.triu_indices(d, d, device=x.device)
-    quad = x[..., rows] * x[..., cols]
-    return torch.cat([quad, x, torch.ones_like(x[..., :1])], dim=-1)
-
-
 def gaussian_coefficients(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-Gaussian ``A`` ``[..., N, F]`` and ``c`` ``[..., N]`` so that ``g(x) = c exp(X(x) . A)``.
 
@@ -65,15 +56,8 @@ def gaussian_coefficients(m: Tensor, centre: Tensor, weight_sets: Tensor | None 
     """
     d = gm.n_dims(m)
     precision, logdet = gm.symmetric_inverse_and_logdet(gm.covariances(m))
-    b = gm.positions(m) - centre
-    pb = (precision @ b.unsqueeze(-1)).squeeze(-1)
-    rows, cols = torch.triu_indices(d, d, device=m.device)
-    # Off-diagonal entries appear twice in x^T P x.
-    off_diagonal = torch.where(rows == cols, 1.0, 2.0).to(m.dtype)
-    quad = precision[..., rows, cols] * off_diagonal
-    constant = (b * pb).sum(-1, keepdim=True)
-    coefficients = -0.5 * torch.cat([quad, -2.0 * pb, constant], dim=-1)
-    peak = torch.exp(-0.5 * (logdet + d * math.log(2 * math.pi)))
+    coefficients = gm.quadratic_coefficients(precision, gm.positions(m) - centre)
+    peak = torch.exp(gm.log_normaliser(logdet, d))
     if weight_sets is not None:
         return coefficients, weight_sets * peak.unsqueeze(-1)
     return coefficients, gm.weights(m) * peak
@@ -236,7 +220,7 @@ class TorchBackend:
         # cancellation of x^T P x - 2 x^T P b + b^T P b far from the origin.
         centre = gm.positions(m_flat).mean(-2, keepdim=True).detach()
         A, c = gaussian_coefficients(m_flat, centre, sets_flat)
-        X = quadratic_features(p_flat - centre)
+        X = gm.quadratic_features(p_flat - centre)
         if self.cutoff is None:
             out = self._matvec_sets(X, A, c, None)
         elif self._use_cpu_kernel(X) and cutoff_native.load() is not None:

@@ -108,7 +108,7 @@ def inner_products(m1: Tensor, m2: Tensor, chunk: int = 256) -> Tensor:
         precision, logdet = gm.symmetric_inverse_and_logdet(cov)
         diff = gm.positions(part).unsqueeze(-2) - gm.positions(m2).unsqueeze(-3)
         exponent = -0.5 * torch.einsum("...a,...ab,...b->...", diff, precision, diff)
-        density = torch.exp(exponent - 0.5 * (logdet + d * math.log(2 * math.pi)))
+        density = torch.exp(exponent + gm.log_normaliser(logdet, d))
         total = total + torch.einsum("...i,...ij,...j->...", gm.weights(part), density, gm.weights(m2))
     return total
 

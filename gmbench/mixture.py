@@ -114,11 +114,46 @@ def symmetric_inverse_and_logdet(cov: Tensor) -> tuple[Tensor, Tensor]:
     return adj / det[..., None, None], torch.log(det)
 
 
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normaliser(logdet: Tensor, d: int) -> Tensor:
+    """``log(1 / sqrt((2 pi)^D det C))`` from ``log det C``: the log peak of a normalised Gaussian."""
+    return -0.5 * (logdet + d * LOG_2PI)
+
+
 def normalisation_factors(m: Tensor) -> Tensor:
     """``[..., N]``: ``a_i / sqrt((2 pi)^D det C_i)``, the Gaussians' peak values."""
     d = n_dims(m)
     _, logdet = symmetric_inverse_and_logdet(covariances(m))
-    return weights(m) * torch.exp(-0.5 * (logdet + d * math.log(2 * math.pi)))
+    return weights(m) * torch.exp(log_normaliser(logdet, d))
+
+
+def quadratic_features(x: Tensor) -> Tensor:
+    """``[..., D] -> [..., F]`` with ``F = D(D+1)/2 + D + 1``: ``[x_a x_b (a <= b), x, 1]``.
+
+    With :func:`quadratic_coefficients` a Gaussian's exponent at ``x`` is one dot product
+    (a matrix product for many points and Gaussians).
+    """
+    d = x.shape[-1]
+    rows, cols = torch.triu_indices(d, d, device=x.device)
+    return torch.cat([x[..., rows] * x[..., cols], x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def quadratic_coefficients(precision: Tensor, mean: Tensor, logdet: Tensor | None = None) -> Tensor:
+    """``[..., F]`` so that ``quadratic_features(x) . A = -(x - mean)^T P (x - mean) / 2``
+    for precision matrices ``P`` ``[..., D, D]`` and means ``[..., D]``; with ``logdet``
+    (``log det C``, ``[...]``) the constant takes :func:`log_normaliser` too, so the dot
+    product is ``log g(x; mean, C)`` of the normalised Gaussian."""
+    d = mean.shape[-1]
+    pmu = (precision @ mean.unsqueeze(-1)).squeeze(-1)
+    rows, cols = torch.triu_indices(d, d, device=mean.device)
+    # Off-diagonal entries appear twice in x^T P x.
+    off_diagonal = torch.where(rows == cols, 1.0, 2.0).to(mean.dtype)
+    constant = (mean * pmu).sum(-1, keepdim=True)
+    if logdet is not None:  # -2 log_normaliser(logdet, d), added before the common factor -1/2
+        constant = constant + logdet.unsqueeze(-1) + d * LOG_2PI
+    return -0.5 * torch.cat([precision[..., rows, cols] * off_diagonal, -2.0 * pmu, constant], dim=-1)
 
 
 def evaluate(m: Tensor, points: Tensor) -> Tensor:

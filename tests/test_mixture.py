@@ -271,3 +271,18 @@ def test_check_finite_names_the_problem():
     m[0, 0, 1, 0] = math.nan
     with pytest.raises(ValueError, match="1 non-finite"):
         gm.check_finite(m, "input")
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_quadratic_features_and_coefficients_give_the_log_density_of_a_normalised_gaussian(d):
+    """The one form every exponent-as-a-dot-product path uses (EM fitting, the torch backend)."""
+    g = torch.Generator().manual_seed(d)
+    mean = torch.randn(5, d, generator=g, dtype=torch.float64)
+    cov = gm.covariance_from_factor(torch.randn(5, d, d, generator=g, dtype=torch.float64), 0.1)
+    x = torch.randn(7, d, generator=g, dtype=torch.float64)
+    precision, logdet = gm.symmetric_inverse_and_logdet(cov)
+    expected = torch.distributions.MultivariateNormal(mean, cov).log_prob(x[:, None, :])  # [7, 5]
+    with_normaliser = gm.quadratic_features(x) @ gm.quadratic_coefficients(precision, mean, logdet).T
+    torch.testing.assert_close(with_normaliser, expected, rtol=1e-12, atol=1e-12)
+    exponent_only = gm.quadratic_features(x) @ gm.quadratic_coefficients(precision, mean).T
+    torch.testing.assert_close(exponent_only + gm.log_normaliser(logdet, d), expected, rtol=1e-12, atol=1e-12)

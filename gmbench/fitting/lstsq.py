@@ -47,7 +47,7 @@ def unit_gaussian_matrix(m: Tensor, points: Tensor) -> Tensor:
     precision, logdet = gm.symmetric_inverse_and_logdet(gm.covariances(m))
     diff = points.unsqueeze(-2) - gm.positions(m).unsqueeze(-3)  # [G, M, N, D]
     exponent = -0.5 * torch.einsum("gmna,gnab,gmnb->gmn", diff, precision, diff)
-    norm = torch.exp(-0.5 * (logdet + d * math.log(2 * math.pi)))
+    norm = torch.exp(gm.log_normaliser(logdet, d))
     return torch.exp(exponent) * norm.unsqueeze(-2)
 
 

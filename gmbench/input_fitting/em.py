@@ -81,23 +81,10 @@ def unstandardize(params: MixtureParameters, centre: Tensor, scale: Tensor) -> M
     return MixtureParameters(params.pi, params.mu * s + centre, params.cov * (s * s)[..., None])
 
 
-def quadratic_features(x: Tensor) -> Tensor:
-    """``[..., D] -> [..., D(D+1)/2 + D + 1]``: ``[x_a x_b (a <= b), x, 1]``."""
-    d = x.shape[-1]
-    rows, cols = torch.triu_indices(d, d, device=x.device)
-    return torch.cat([x[..., rows] * x[..., cols], x, torch.ones_like(x[..., :1])], dim=-1)
-
-
 def _log_density_coefficients(mu: Tensor, cov: Tensor, log_pi: Tensor | None = None) -> Tensor:
     """``[B, N, F]`` so that ``quadratic_features(x) @ A^T = log pi_k + log g(x; mu_k, C_k)``."""
-    d = mu.shape[-1]
     precision, logdet = gm.symmetric_inverse_and_logdet(cov)
-    pmu = (precision @ mu.unsqueeze(-1)).squeeze(-1)
-    rows, cols = torch.triu_indices(d, d, device=mu.device)
-    # Off-diagonal precision entries appear twice in x^T P x.
-    twice = torch.where(rows == cols, 1.0, 2.0).to(mu.dtype)
-    constant = (mu * pmu).sum(-1) + logdet + d * math.log(2 * math.pi)
-    coefficients = -0.5 * torch.cat([precision[..., rows, cols] * twice, -2.0 * pmu, constant.unsqueeze(-1)], -1)
+    coefficients = gm.quadratic_coefficients(precision, mu, logdet)
     if log_pi is not None:
         coefficients[..., -1] += log_pi
     return coefficients
@@ -105,7 +92,7 @@ def _log_density_coefficients(mu: Tensor, cov: Tensor, log_pi: Tensor | None = N
 
 def log_gaussians(x: Tensor, mu: Tensor, cov: Tensor) -> Tensor:
     """``[B, P, N]``: :math:`\\log g(x_p; \\mu_k, C_k)` (normalised Gaussians, paper Eq. 1)."""
-    return torch.bmm(quadratic_features(x), _log_density_coefficients(mu, cov).transpose(1, 2))
+    return torch.bmm(gm.quadratic_features(x), _log_density_coefficients(mu, cov).transpose(1, 2))
 
 
 def moment_features(x: Tensor) -> Tensor:
@@ -122,7 +109,7 @@ def e_step(x: Tensor, params: MixtureParameters, features: Tensor | None = None)
     """
     tiny = torch.finfo(x.dtype).tiny
     coefficients = _log_density_coefficients(params.mu, params.cov, torch.log(params.pi.clamp_min(tiny)))
-    features = quadratic_features(x) if features is None else features
+    features = gm.quadratic_features(x) if features is None else features
     joint = torch.bmm(features, coefficients.transpose(1, 2))
     peak = joint.amax(-1, keepdim=True)
     # exp of very negative arguments takes a slow path (about 10x); below this bound
@@ -232,7 +219,7 @@ def run_em(
     steps = torch.zeros(b, dtype=torch.long, device=x.device)
     previous = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
     # Fixed across iterations.
-    features = quadratic_features(x)
+    features = gm.quadratic_features(x)
     statistics = torch.cat([torch.ones_like(x[..., :1]), moment_features(x)], -1)
     n = params.mu.shape[1]
     # With few Gaussians (Eckart's nodes) many tiny GEMMs cost more than cache misses: longer blocks.

@@ -30,8 +30,6 @@ therefore preserved whenever the responsibilities sum to one.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -81,7 +79,7 @@ def responsibilities(
     total = abs_w_i.sum(-1, keepdim=True)
     virtual = virtual_points * abs_w_i / torch.where(total > 0, total, torch.ones_like(total))
     # log[g(mu_i | s) exp(-tr/2)] = -(maha + tr + log det Sigma_s + D log 2 pi) / 2
-    log_likelihood = -0.5 * (quadratic + logdet_s.unsqueeze(-2) + d * math.log(2 * math.pi))
+    log_likelihood = -0.5 * quadratic + gm.log_normaliser(logdet_s.unsqueeze(-2), d)
     log_prior = torch.log(w_s.abs().clamp_min(torch.finfo(w_s.dtype).tiny)).unsqueeze(-2)
     logits = virtual.unsqueeze(-1) * log_likelihood + log_prior
 
