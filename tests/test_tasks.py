@@ -11,7 +11,7 @@ from gmbench.suite import parse_suite
 from gmbench.suite.cell_checks import CHECKS
 from gmbench.suite.schema import CELL_FIELDS, REQUIRED_FIELDS
 from gmbench.suite.schema import TASKS as SUITE_TASKS
-from gmbench.tasks import DEFAULT_TASK, TASKS, Task, get, task_for
+from gmbench.tasks import DEFAULT_TASK, TASKS, Task, dataset_parameters, get, task_for
 from gmbench.tasks.fields import SEED, Field
 
 
@@ -79,3 +79,10 @@ def test_the_default_report_table_shows_the_tasks_metric(task, value, extra):
 
     (spec,) = default_tables(pd.DataFrame({"label": ["a"], "n_gaussians": [4]}), task)
     assert spec["value"] == value and spec.get("extra") == extra
+
+
+def test_dataset_parameters_take_the_runs_data_root_over_the_cells_without_changing_the_cell():
+    cell_params = {"data_root": "/from/the/suite", "n_points": 512}
+    assert dataset_parameters(cell_params, "/from/the/command/line") == {"data_root": "/from/the/command/line", "n_points": 512}
+    assert dataset_parameters(cell_params, None) == cell_params and dataset_parameters(cell_params, None) is not cell_params
+    assert cell_params["data_root"] == "/from/the/suite"

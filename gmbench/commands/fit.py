@@ -69,6 +69,7 @@ def run(args) -> int:
     from gmbench.cache import cache_path, fit_cached
 
     from gmbench.suite import MAX_GAUSSIANS
+    from gmbench.tasks import dataset_parameters
 
     if not 1 <= args.gaussians <= MAX_GAUSSIANS:
         raise GmbenchError(f"--gaussians must be between 1 and {MAX_GAUSSIANS:,} (see docs/suites.md, 'Ranges'), got {args.gaussians:,}")
@@ -80,9 +81,7 @@ def run(args) -> int:
             if not torch.cuda.is_available():
                 raise GmbenchError(f"--device {args.device}: CUDA is not available here; use --device cpu")
         params["device"] = args.device
-    dataset_params = parse_assignments(args.dataset_param, "--dataset-param")
-    if args.data_root:
-        dataset_params["data_root"] = args.data_root
+    dataset_params = dataset_parameters(parse_assignments(args.dataset_param, "--dataset-param"), args.data_root or None)
     # Fail on a bad name or parameter before loading any data.
     check_assignments("dataset", args.dataset, dataset_params, "--dataset-param")
     check_assignments("input_fitting", args.method, params, "--param")

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from gmbench import io, plugins  # noqa: E402
 from gmbench.report.input_figures import save_split_figure  # noqa: E402
 from gmbench.run.folder import DIAGNOSTICS_FILE, cell_dir, read_config, read_environment, read_epochs  # noqa: E402
-from gmbench.tasks import TASKS  # noqa: E402
+from gmbench.tasks import TASKS, dataset_parameters  # noqa: E402
 
 
 def _save(fig, folder: Path, stem: str) -> None:
@@ -173,9 +173,7 @@ def input_fitting_examples(run_dir: Path, frame: pd.DataFrame, folder: Path) -> 
             continue
         seen.add(key)
         stem = f"input_{config['dataset']}_{config.get('input_fitting')}_{config.get('n_gaussians')}"
-        params = dict(config["dataset_params"])
-        if data_root is not None:  # the run's --data-root, as the runner passed it to the cells
-            params["data_root"] = data_root
+        params = dataset_parameters(config["dataset_params"], data_root)  # as the runner passed them
         try:
             split = plugins.create("dataset", config["dataset"], **params).load("test")
             for suffix in ("png", "pdf"):

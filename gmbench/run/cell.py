@@ -23,7 +23,7 @@ from gmbench import plugins
 from gmbench.cell_environment import cell_environment
 from gmbench.loggers import CellLoggers
 from gmbench.run import folder
-from gmbench.tasks import task_for
+from gmbench.tasks import dataset_parameters, task_for
 from gmbench.training import TrainingDiverged
 
 
@@ -77,14 +77,6 @@ def failure_status(error: BaseException) -> str:
     return "failed"
 
 
-def dataset_parameters(config: dict, options: RunOptions) -> dict:
-    """A training cell's dataset parameters with ``--data-root`` (which is not part of its id)."""
-    params = dict(config["dataset_params"])
-    if options.data_root is not None:
-        params["data_root"] = options.data_root
-    return params
-
-
 def check_data(cells, options: RunOptions) -> None:
     """Fail before any cell runs when a data set's local files are missing.
 
@@ -97,7 +89,7 @@ def check_data(cells, options: RunOptions) -> None:
         config = cell.config
         if not task_for(config).uses_dataset:
             continue
-        params = dataset_parameters(config, options)
+        params = dataset_parameters(config["dataset_params"], options.data_root)
         key = (config["dataset"], json.dumps(params, sort_keys=True, default=str))
         if key in seen:
             continue

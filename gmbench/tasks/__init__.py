@@ -195,6 +195,17 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
+def dataset_parameters(dataset_params: dict, data_root: Any = None) -> dict:
+    """A copy of a cell's (or ``gmbench fit``'s) dataset parameters with the run's
+    ``--data-root``, which overrides theirs.  The folder comes from the command line (or a
+    run's environment record), not the suite, so cell ids do not depend on where the data
+    lives; the runner, the trainer, ``gmbench fit`` and the report's figures all merge it here."""
+    params = dict(dataset_params)
+    if data_root is not None:
+        params["data_root"] = data_root
+    return params
+
+
 # A suite (and a cell) without ``task:`` trains.
 DEFAULT_TASK = "train"
 

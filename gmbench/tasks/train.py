@@ -15,6 +15,7 @@ from gmbench.diagnostics import fitting_diagnostics
 from gmbench.metrics import accuracy_summary
 from gmbench.run import folder
 from gmbench.suite import substitute_placeholders
+from gmbench.tasks import dataset_parameters
 from gmbench.training import TrainConfig, train
 
 # Subsets for train_samples/test_samples are drawn with this fixed seed, so every
@@ -49,9 +50,7 @@ def _plugin_choice(model_info, params: dict, kind: str) -> str | None:
 
 def run(config: dict, cell_dir: Path, options, on_epoch) -> dict:
     """Train one model on one data set (Tables 1-4, 8-11); metrics of the trained model."""
-    params = dict(config["dataset_params"])
-    if options.data_root is not None:  # --data-root is not part of the cell's id
-        params["data_root"] = options.data_root
+    params = dataset_parameters(config["dataset_params"], options.data_root)
     dataset = plugins.create("dataset", config["dataset"], **params)
     train_split = _subset(dataset.load("train"), config["train_samples"])
     test_split = _subset(dataset.load("test"), config["test_samples"])
