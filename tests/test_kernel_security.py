@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gmbench.backends import cpu_kernel, native
+from gmbench.backends.private_folder import _is_private_group
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="needs Linux (memfd, /proc/self/fd, POSIX permissions)"),
@@ -211,7 +212,7 @@ def test_group_writable_folder_is_refused_unless_the_group_is_private(isolated, 
     with pytest.raises(native.UnsafeLibraryError, match=r"writable by group or others \(mode 0770\)"):
         build_answer(answer_source)
     os.chown(folder, -1, os.getegid())
-    if not native._is_private_group(os.getegid(), os.geteuid()):
+    if not _is_private_group(os.getegid(), os.geteuid()):
         pytest.skip("the current user's primary group has other members")
     assert build_answer(answer_source).gmbench_test_answer() == 42  # user private group: only we are in it
 
