@@ -32,10 +32,11 @@ def test_a_task_defined_only_in_gmbench_tasks_is_validated_expanded_and_shrunk_b
 
     toy = Task("toy", "footprint", "memory_mb", fields={"label": Field((str, type(None)), None), "seed": SEED,
                                                           "size": Field((int,), 10, minimum=1, maximum=100)},
-               required=(), suite_checks=(), smoke=smoke)
+               required=(), suite_checks=(), smoke=smoke, title_parts=lambda config: [f"size={config['size']}"])
     monkeypatch.setitem(TASKS, "toy", toy)
     suite = parse_suite("name: t\ntask: toy\ncell: {size: 5}\nmatrix: {seed: [0, 1]}\n", "t.yaml")
     assert [c.config for c in suite.cells] == [{"label": None, "seed": s, "size": 5, "task": "toy"} for s in (0, 1)]
+    assert suite.cells[1].title == "None size=5 seed=1"
     assert parse_suite("name: t\ntask: toy\n", "t.yaml", smoke=True).cells[0].config["size"] == 1
     with pytest.raises(GmbenchError, match=r"t.yaml:3: .*'size'.* between 1 and 100"):
         parse_suite("name: t\ntask: toy\ncell: {size: 500}\n", "t.yaml")

@@ -40,12 +40,7 @@ class Cell:
     def title(self) -> str:
         c = self.config
         label = c.get("label") or c.get("model") or c.get("transfer_fitting") or c.get("layout")
-        parts = [str(label)]
-        layout = (c.get("model_params") or {}).get("layout") if c.get("task") == "train" else None
-        if not c.get("label") and layout:
-            parts.append(str(layout))
-        if c.get("task") == "footprint":
-            parts.append(f"integrated={c.get('integrated')} dims={c.get('dims')}")
+        parts = [str(label), *tasks.task_for(c).title_parts(c)]
         for key in ("dataset", "n_gaussians", "seed"):
             if key in c:
                 parts.append(f"{key}={c[key]}" if key != "dataset" else str(c[key]))

@@ -48,6 +48,7 @@ class Task:
     # results.csv columns taken from a cell's configuration, beyond those every task copies.
     result_fields: Callable[[dict], dict[str, Any]] = lambda config: {}
     label: Callable[[dict], str] = lambda config: ""  # a cell's label when the suite gives none
+    title_parts: Callable[[dict], list[str]] = lambda config: []  # after the label in a cell's title
     # Suite fields: field -> Field.  Cell ids hash the resolved fields, so a default changed
     # here changes the ids of every cell that relies on it (old run folders no longer resume).
     fields: dict[str, Field] = dataclasses.field(default_factory=dict)
@@ -92,6 +93,11 @@ def _train_result_fields(config: dict) -> dict[str, Any]:
 
 def _train_label(config: dict) -> str:
     return f"{config.get('model')} ({config.get('input')})"
+
+
+def _train_title_parts(config: dict) -> list[str]:
+    layout = (config.get("model_params") or {}).get("layout")
+    return [str(layout)] if not config.get("label") and layout else []
 
 
 def _named_label(config: dict) -> str:
@@ -139,7 +145,7 @@ def _train_smoke(config: dict, factor: int) -> None:
 
 
 TRAIN = Task("train", "train", "test_accuracy", report_extra=("params", "train_time_s", "peak_memory_mb"), uses_dataset=True, data_parallel=True, epochs_field=("training", "epochs"), default_epochs=60,
-             result_fields=_train_result_fields, label=_train_label,
+             result_fields=_train_result_fields, label=_train_label, title_parts=_train_title_parts,
              fields=TRAIN_FIELDS, required=("dataset", "model"),
              plugin_fields=(("dataset", "dataset", "dataset_params"), ("input_fitting", "input_fitting", "input_fitting_params"), ("model", "model", "model_params")),
              suite_checks=("model_params_placeholders", "plugins", "model_input", "gmcn_layout", "point_count", "training"),
@@ -147,6 +153,7 @@ TRAIN = Task("train", "train", "test_accuracy", report_extra=("params", "train_t
 
 FOOTPRINT = Task(
     "footprint", "footprint", "memory_mb", label=_named_label,
+    title_parts=lambda config: [f"integrated={config.get('integrated')} dims={config.get('dims')}"],
     fields={
         "label": LABEL,
         "layout": Field((str,), None),
