@@ -17,7 +17,7 @@ class Context:
     """Where errors point (the suite's path) and the task whose fields apply."""
 
     where: str
-    task: str = "train"
+    task: str = tasks.DEFAULT_TASK
     # (kind, plugin, canonical parameters) -> PluginInfo of the plugin choices found valid:
     # the cells of a matrix mostly repeat them, and each is checked once per suite.
     checked: dict = dataclasses.field(default_factory=dict)

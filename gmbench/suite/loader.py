@@ -46,7 +46,7 @@ def parse_suite(text: str, where: str = "<suite>", smoke: bool = False, override
     name = top("name", (str,), None)
     if not name:
         raise ctx.fail(1, "the suite needs a 'name:' (used for the run folder and reports)")
-    ctx.task = top("task", (str,), "train")
+    ctx.task = top("task", (str,), tasks.DEFAULT_TASK)
     if ctx.task not in tasks.TASKS:
         raise ctx.fail(data.lines["task"], f"unknown task '{ctx.task}'; allowed: {', '.join(tasks.TASKS)}")
     modules = top("plugins", (list,), [])
