@@ -121,10 +121,36 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for :func:`peak_memory_mb`.
+
+    CUDA: the allocator's peak statistics. CPU on Linux: the kernel's peak RSS
+    (``VmHWM``; writing 5 to ``/proc/self/clear_refs`` resets it), so cells run one
+    after another in one process each report their own peak instead of the
+    process's lifetime maximum. Elsewhere the CPU peak stays the lifetime maximum.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass  # not Linux (or not permitted): the documented lifetime maximum remains
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated on ``device`` since the last reset; CPU: the process's peak RSS."""
+    """CUDA: max allocated on ``device`` since the last reset; CPU: peak RSS since the last
+    :func:`reset_peak_memory` on Linux, the process's lifetime peak RSS elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kilobytes on Linux, bytes on macOS.
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
@@ -250,8 +276,7 @@ def train(
     eval_batch_size = config.eval_batch_size or config.batch_size
     n_train = len(train_x)
     for epoch in range(len(history) + 1, config.epochs + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         trained.train()
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gmbench import mixture, plugins
-from gmbench.training import peak_memory_mb
+from gmbench.training import peak_memory_mb, reset_peak_memory
 
 
 def random_test_mixtures(n_mixtures: int, n_gaussians: int, dims: int, seed: int) -> torch.Tensor:
@@ -34,8 +34,7 @@ def run(config: dict, cell_dir: Path, options, on_epoch) -> dict:
     device = torch.device(options.device)
     m = random_test_mixtures(config["n_mixtures"], config["n_gaussians"], config["dims"], config["seed"]).to(device)
     method = plugins.create("transfer_fitting", config["transfer_fitting"], **config["transfer_fitting_params"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     with torch.no_grad():
         method.fit(m[:2])  # warm-up (lazy initialisation, kernel compilation)
         times = []
