@@ -1,4 +1,4 @@
-"""Shared by the suite tests: run ``gmbench run`` in-process on a suite that must be rejected."""
+"""Shared by the suite tests: a base suite text, and ``gmbench run`` in-process on a suite that must be rejected."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ from pathlib import Path
 from gmbench import cli
 
 PREFIX = "gmbench run: error: "
+
+# A GMCN cell on digits, 7 lines: the suite tests append their case (the validation tests
+# count on it starting on line 8).
+GMCN_DIGITS_BASE = """\
+name: t
+cell:
+  dataset: digits
+  model: gmcn
+  n_gaussians: 16
+  model_params:
+    layout: "1/{n_gaussians}->8/8->{num_classes}"
+"""
 
 
 def rejected(suite: Path, capsys, tmp_path: Path, dry_run: bool) -> str:

@@ -127,13 +127,9 @@ def test_the_jsonl_results_are_written_the_same_with_and_without_a_logger(tmp_pa
     assert not (plain / "tensorboard").exists() and (tracked / "tensorboard").is_dir()
 
 
-class _Interrupt(BaseException):
-    """Stands for Ctrl-C after an epoch (not an Exception: run_cell records those as failures)."""
-
-
-def _interrupted_then_resumed(tmp_path: Path, choices: tuple[LoggerChoice, ...], stop_after: int) -> Path:
-    """Run one cell's first ``stop_after`` epochs, stop the process's work there, run it again."""
-    from gmbench.run.cell import RunOptions, run_cell
+def _first_cell_of_a_new_run(tmp_path: Path):
+    """The suite of ``_write_suite``, its first cell, a new run folder (``run.json`` written, the
+    suite's plugins loaded) and the cell's folder in it, for tests that call ``run_cell`` directly."""
     from gmbench.suite import load_suite
 
     suite = load_suite(_write_suite(tmp_path))
@@ -141,8 +137,19 @@ def _interrupted_then_resumed(tmp_path: Path, choices: tuple[LoggerChoice, ...],
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps(suite.to_json()))
-    cell_dir = run_dir / "cells" / cell.id
     plugins.load_modules(suite.plugins)
+    return suite, cell, run_dir, run_dir / "cells" / cell.id
+
+
+class _Interrupt(BaseException):
+    """Stands for Ctrl-C after an epoch (not an Exception: run_cell records those as failures)."""
+
+
+def _interrupted_then_resumed(tmp_path: Path, choices: tuple[LoggerChoice, ...], stop_after: int) -> Path:
+    """Run one cell's first ``stop_after`` epochs, stop the process's work there, run it again."""
+    from gmbench.run.cell import RunOptions, run_cell
+
+    suite, cell, _, cell_dir = _first_cell_of_a_new_run(tmp_path)
     options = RunOptions(plugins=tuple(suite.plugins), loggers=choices)
 
     def stop(record: dict) -> None:
@@ -359,17 +366,10 @@ def test_a_cell_that_trains_again_from_scratch_replaces_its_logged_epochs(tmp_pa
     tracking = _mlflow()
     _tensorboard()
     from gmbench.run.cell import RunOptions, run_cell
-    from gmbench.suite import load_suite
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store = (tmp_path / "mlruns").as_uri()
-    suite = load_suite(_write_suite(tmp_path))
-    cell = suite.cells[0]
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "run.json").write_text(json.dumps(suite.to_json()))
-    cell_dir = run_dir / "cells" / cell.id
-    plugins.load_modules(suite.plugins)
+    suite, cell, run_dir, cell_dir = _first_cell_of_a_new_run(tmp_path)
     options = RunOptions(plugins=tuple(suite.plugins), loggers=choose((), ["tensorboard", "mlflow"], store))
     assert run_cell(cell.config, cell_dir, options)["status"] == "ok"
     first_run = json.loads((cell_dir / "mlflow.json").read_text())["run_id"]

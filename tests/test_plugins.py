@@ -229,27 +229,25 @@ def test_gmbench_plugins_json_gives_choices_and_descriptions(capsys):
     assert variant["description"]
 
 
-def test_every_built_in_plugin_parameter_has_a_one_line_description():
-    undocumented = [
-        f"{info.kind} {info.name}: {p.name}"
+def _built_in_parameters():
+    """``("kind name: parameter", parameter)`` for every parameter of every built-in plugin."""
+    return [
+        (f"{info.kind} {info.name}: {p.name}", p)
         for info in plugins.describe_all()
         if info.origin.endswith("(built-in)")
         for p in info.parameters
-        if not p.description or "\n" in p.description
     ]
+
+
+def test_every_built_in_plugin_parameter_has_a_one_line_description():
+    undocumented = [label for label, p in _built_in_parameters() if not p.description or "\n" in p.description]
     assert undocumented == []
 
 
 def test_every_built_in_plugin_parameter_is_annotated_with_a_checkable_type():
     from typing import Any
 
-    unchecked = [
-        f"{info.kind} {info.name}: {p.name}"
-        for info in plugins.describe_all()
-        if info.origin.endswith("(built-in)")
-        for p in info.parameters
-        if p.type is Any
-    ]
+    unchecked = [label for label, p in _built_in_parameters() if p.type is Any]
     assert unchecked == []
 
 

@@ -6,20 +6,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from suite_cli import GMCN_DIGITS_BASE
 
 from gmbench.errors import SuiteError
 from gmbench.suite import cell_id, load_suite, parse_suite, shrink_layout
 
 SUITES = sorted((Path(__file__).resolve().parent.parent / "suites").glob("*.yaml"))
 
-BASE = """\
-name: t
-cell:
-  dataset: digits
-  model: gmcn
-  n_gaussians: 16
-  model_params:
-    layout: "1/{n_gaussians}->8/8->{num_classes}"
+BASE = GMCN_DIGITS_BASE + """\
     reduction: treehem
     reduction_params: {T: 2}
 """

@@ -8,20 +8,12 @@ line ``file:line: field: ...`` on stderr, no traceback, no run folder.
 from __future__ import annotations
 
 import pytest
-from suite_cli import rejected
+from suite_cli import GMCN_DIGITS_BASE, rejected
 
 from gmbench.errors import SuiteError
 from gmbench.suite import parse_suite
 
-BASE = """\
-name: t
-cell:
-  dataset: digits
-  model: gmcn
-  n_gaussians: 16
-  model_params:
-    layout: "1/{n_gaussians}->8/8->{num_classes}"
-"""  # 7 lines: what a case appends starts on line 8
+BASE = GMCN_DIGITS_BASE  # 7 lines: what a case appends starts on line 8
 
 
 def check(tmp_path, capsys, text: str, line: int, *parts: str, dry_run: bool = True) -> str:
