@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
+
 typedef int64_t i64;
 
 // Runs body(worker, workers) on `threads` std::threads.  Plain threads rather
@@ -27,28 +29,6 @@ static void run_parallel(int threads, Body body) {
     body(0, threads);
     for (auto& thread : pool) thread.join();
 }
-
-// exp for x <= 0 (or NaN), written out so that GCC vectorises it: Cody-Waite
-// range reduction, a degree-7 polynomial (Cephes expf, about 1 ulp), and the
-// power of two assembled in the exponent bits.  Below -87 it returns about
-// 1e-38 instead of underflowing; NaN stays NaN.
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-static inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // Forward: one task per (mixture, point tile); Gaussian coefficients are
 // stored transposed (At [G, F, N], c [G, W, N]) so the inner loop over

@@ -35,25 +35,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gmbench.backends.native import NativeLibrary
+from gmbench.backends.native import VECTOR_KERNEL_FLAGS, NativeLibrary, mat_vec_variant_symbols
 
 SOURCE_FILE = Path(__file__).with_name("cpu_kernel.cpp")
 
-# -ffast-math lets GCC reassociate the reductions into vector lanes;
-# -fno-finite-math-only keeps inf/NaN semantics so a diverging model still shows
-# up as NaN; -fopenmp-simd honours `omp simd` without linking an OpenMP runtime.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-pthread",
-         "-shared", "-fPIC"]
+FLAGS = list(VECTOR_KERNEL_FLAGS)
 
 
 def _symbols() -> dict:
     """ctypes signatures of the exported functions (one forward and one backward per variant)."""
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    symbols = {}
-    for suffix in (f"{t}_{f}_w{w}" for t in ("f32", "f64") for f in (6, 10) for w in (1, 2)):
-        symbols[f"ekmv_forward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, cint], None)
-        symbols[f"ekmv_backward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, cint], None)
-    return symbols
+    return mat_vec_variant_symbols({
+        "ekmv_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, cint],
+        "ekmv_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, cint],
+    })
 
 
 LIBRARY = NativeLibrary(

@@ -30,6 +30,8 @@
 #include <thread>
 #include <vector>
 
+#include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
+
 typedef int64_t i64;
 typedef int32_t i32;
 
@@ -277,25 +279,6 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
 }
 
 // ---------------------------------------------------------------- evaluation
-
-// exp for x <= 0 (or NaN), vectorisable: the same polynomial as cpu_kernel.cpp.
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-static inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // The listed Gaussians of one tile, gathered contiguous per feature
 // (a[f * L + k]) from the transposed coefficients At [F, N], c [W, N]: the

@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gmbench.backends.native import NativeLibrary
+from gmbench.backends.native import VECTOR_KERNEL_FLAGS, NativeLibrary, mat_vec_variant_symbols
 
 SOURCE_FILE = Path(__file__).with_name("cutoff_kernel.cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-pthread",
-         "-shared", "-fPIC"]
+FLAGS = list(VECTOR_KERNEL_FLAGS)
 # Points per tile.  Measured on digits / mnist5k / shapes3d GMCN activations
 # (benchmarks/bench_cutoff.py): tiles of 8 evaluate 1.4-3.4x the pairs above tau,
 # tiles of 16 1.6-4.7x, but gathering a tile's Gaussians and planning cost half as
@@ -51,9 +50,10 @@ def _symbols() -> dict:
     symbols = {f"cutoff_plan_d{d}": ([i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i64, ptr, ptr, cint], ptr)
                for d in (2, 3)}
     symbols["cutoff_plan_take"] = ([ptr, ptr], None)
-    for suffix in (f"{t}_{f}_w{w}" for t in ("f32", "f64") for f in (6, 10) for w in (1, 2)):
-        symbols[f"sparse_forward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint], None)
-        symbols[f"sparse_backward_{suffix}"] = ([i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint], None)
+    symbols.update(mat_vec_variant_symbols({
+        "sparse_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint],
+        "sparse_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint],
+    }))
     return symbols
 
 

@@ -23,8 +23,10 @@ loaded only under these rules:
 
 :class:`NativeLibrary` wraps this for a module: lazy build on first use,
 ``load()`` / ``unavailable_reason()``, an environment variable that disables
-it.  Sources are single self-contained ``.cpp`` files shipped next to the
-module (package data); only system headers may be included.
+it.  Sources are ``.cpp`` files shipped next to the module (package data).
+Besides system headers they may include headers of their own folder with
+``#include "name.h"``: :func:`read_source` pastes those in, so the key, the
+hash and the compiled private copy all cover the exact bytes of every file.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -67,6 +70,27 @@ log = logging.getLogger("gmbench.backends")
 Signature = tuple[Sequence[Any], Any]
 
 
+# Compiler flags of the vectorised mat-vec kernels (cpu_kernel.cpp, cutoff_kernel.cpp):
+# -ffast-math lets GCC reassociate the reductions into vector lanes;
+# -fno-finite-math-only keeps inf/NaN semantics so a diverging model still shows
+# up as NaN; -fopenmp-simd honours `omp simd` without linking an OpenMP runtime.
+VECTOR_KERNEL_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "-pthread",
+                       "-shared", "-fPIC")
+
+
+def mat_vec_variant_symbols(argtypes_by_prefix: Mapping[str, Sequence[Any]]) -> dict[str, Signature]:
+    """``{prefix_SUFFIX: (argtypes, None)}`` for every compiled variant of a mat-vec kernel.
+
+    SUFFIX is ``{f32|f64}_{6|10}_w{1|2}``: the dtype, the number of features
+    (2-D or 3-D Gaussians) and the weight sets sharing each exponential, as the
+    kernels' ``extern "C"`` macros spell it.
+    """
+    return {
+        f"{prefix}_{t}_{f}_w{w}": (list(argtypes), None)
+        for t in ("f32", "f64") for f in (6, 10) for w in (1, 2) for prefix, argtypes in argtypes_by_prefix.items()
+    }
+
+
 class CompileError(RuntimeError):
     """No compiler, or the compiler failed: the caller silently uses its fallback."""
 
@@ -92,6 +116,40 @@ def find_compiler() -> str:
     if not compiler:
         raise CompileError("no C++ compiler (g++) on PATH; install one or set CXX")
     return compiler
+
+
+# ``#include "name.h"`` of a header next to the source (no folders in the name).
+_LOCAL_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*"([^"/\\]+)"[^\n]*$', re.MULTILINE)
+
+
+def read_source(source: str | os.PathLike) -> bytes:
+    """The bytes compiled for ``source``: its own headers (``#include "x.h"``) pasted in place, once each.
+
+    Pasting rather than ``-I``: the compiler reads only the private copy of
+    these bytes, so the library key covers the headers, and a header changed
+    after the key was computed cannot slip into the build.
+    """
+    source = Path(source)
+    pasted: set[str] = set()
+
+    def expand(path: Path) -> bytes:
+        code = path.read_bytes()
+
+        def paste(match: re.Match) -> bytes:
+            name = match.group(1).decode()
+            header = source.parent / name
+            if not header.is_file():
+                raise CompileError(f'{path}: #include "{name}" names no file in {source.parent}')
+            if name in pasted:
+                return b""
+            pasted.add(name)
+            line = code.count(b"\n", 0, match.end()) + 2
+            return (f'#line 1 "{header}"\n'.encode() + expand(header).rstrip(b"\n")
+                    + f'\n#line {line} "{path}"'.encode())
+
+        return _LOCAL_INCLUDE.sub(paste, code)
+
+    return expand(source)
 
 
 def library_name(source: Path, code: bytes, flags: Sequence[str], compiler: str) -> str:
@@ -266,7 +324,7 @@ def _compile(compiler: str, flags: Sequence[str], source: Path, code: bytes, fol
 def build_library(
     source: str | os.PathLike, symbols: Mapping[str, Signature], flags: Sequence[str], description: str = "C++ library"
 ) -> ctypes.CDLL:
-    """Build ``source`` (one ``.cpp`` file) in :func:`kernel_dir` if needed, verify it, load it.
+    """Build ``source`` (a ``.cpp`` file, see :func:`read_source`) in :func:`kernel_dir` if needed, verify it, load it.
 
     ``symbols`` maps each exported ``extern "C"`` function to its ctypes
     ``(argtypes, restype)``.  Raises :class:`CompileError` (no compiler, compile
@@ -276,7 +334,7 @@ def build_library(
     """
     source = Path(source)
     compiler = find_compiler()
-    code = source.read_bytes()
+    code = read_source(source)
     folder = kernel_dir()
     ensure_private_folder(folder)
     name = library_name(source, code, flags, compiler)

@@ -23,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
+
 typedef int64_t i64;
 
 namespace {
@@ -109,29 +111,6 @@ template <typename T> struct Inverse<T, 3> {
         gC[8] += gA * e - gB * b + gE * a;
     }
 };
-
-// exp(x) for x <= 0 (or NaN) that GCC vectorises: Cody-Waite range reduction,
-// the degree-7 polynomial of Cephes expf (about 1 ulp, as the reference's
-// vectorised expf), the power of two assembled in the exponent bits; exactly
-// 0 below -87.3 (where expf underflows to denormals) and NaN stays NaN.
-inline float exp_nonpositive(float x) {
-    const bool underflow = x < -87.3f;
-    const float y = x < -87.0f ? -87.0f : x;
-    const float n = __builtin_rintf(y * 1.44269504088896341f);
-    const float r = y - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return underflow ? 0.0f : p * scale;
-}
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T, int D>
 T log_det_clamped(const T* C) {
@@ -305,7 +284,7 @@ struct EMStep {
         T* ex = e.data();
         #pragma omp simd reduction(+ : z)
         for (i64 s = 0; s < Q; ++s) {
-            const T v = exp_nonpositive(lg[s] - top);
+            const T v = exp_nonpositive_flushed(lg[s] - top);
             ex[s] = al[s] ? v : T(0);
             z += ex[s];
         }

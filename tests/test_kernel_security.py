@@ -238,6 +238,35 @@ def test_compile_error_is_reported_without_a_warning(isolated, tmp_path, caplog)
     assert not kernel_warnings(caplog)
 
 
+def test_own_header_is_pasted_in_and_a_changed_header_rebuilds(isolated, tmp_path):
+    (tmp_path / "answer.h").write_text("#include <cstdint>\nstatic int answer() { return 42; }\n")
+    source = tmp_path / "uses_header.cpp"
+    source.write_text('#include "answer.h"\n#include "answer.h"\nextern "C" int gmbench_test_answer() { return answer(); }\n')
+    code = native.read_source(source)
+    assert b"#include <cstdint>" in code and code.count(b"return 42") == 1 and b'#include "answer.h"' not in code
+    assert build_answer(source).gmbench_test_answer() == 42
+    first = only_library(native.kernel_dir()).name
+    (tmp_path / "answer.h").write_text("static int answer() { return 43; }\n")
+    assert native.library_name(source, native.read_source(source), QUICK_FLAGS, native.find_compiler()) != first
+    assert build_answer(source).gmbench_test_answer() == 43  # rebuilt under a new name (this process loads a new file)
+
+
+def test_include_of_a_missing_own_header_is_a_compile_error(isolated, tmp_path):
+    source = tmp_path / "missing.cpp"
+    source.write_text('#include "nowhere.h"\nextern "C" int gmbench_test_answer() { return 1; }\n')
+    kernel = native.NativeLibrary(source, ANSWER_SYMBOLS, QUICK_FLAGS, description="test kernel", fallback="Python")
+    assert kernel.load() is None
+    assert 'nowhere.h" names no file in' in kernel.unavailable_reason()
+
+
+def test_compile_errors_in_a_pasted_header_name_the_header(isolated, tmp_path):
+    (tmp_path / "broken.h").write_text("int ok;\nthis is not C++;\n")
+    source = tmp_path / "includes_broken.cpp"
+    source.write_text('#include "broken.h"\nextern "C" int gmbench_test_answer() { return 1; }\n')
+    with pytest.raises(native.CompileError, match=r"broken\.h:2"):
+        build_answer(source)
+
+
 # End to end: the real CPU kernel in fresh processes (what a second `gmbench run` would see).
 
 EVALUATE = textwrap.dedent(
@@ -294,7 +323,7 @@ def planted_then_run(tmp_path_factory):
     shared = root / "shared-cache" / "kernels"
     shared.mkdir(parents=True)
     marker = root / "marker"
-    code = cpu_kernel.SOURCE_FILE.read_bytes()
+    code = native.read_source(cpu_kernel.SOURCE_FILE)
     name = native.library_name(cpu_kernel.SOURCE_FILE, code, cpu_kernel.FLAGS, native.find_compiler())
     compile_planted(folder / name, marker)
     for planted in (shared / name, shared / "ekmv_0123456789abcdef.so"):

@@ -98,6 +98,6 @@ def test_wheel_ships_every_module_under_its_import_name(tmp_path):
     shipped = set(zipfile.ZipFile(wheel).namelist())
     expected = set()
     for package, folder in module_folders().items():
-        for module in [*folder.glob("*.py"), *folder.glob("*.cpp")]:  # .cpp: kernel sources (package data)
+        for module in [*folder.glob("*.py"), *folder.glob("*.cpp"), *folder.glob("*.h")]:  # kernel sources (package data)
             expected.add("/".join([*package.split("."), module.name]))
     assert not sorted(expected - shipped), f"modules missing from the wheel: {sorted(expected - shipped)}"
