@@ -161,14 +161,20 @@ def _load_json(path: Path) -> tuple[object, str | None]:
         return None, where
 
 
+def _load_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """As :func:`_load_json`, and valid JSON that is not an object is a problem too."""
+    value, problem = _load_json(path)
+    if problem is None and not isinstance(value, dict):
+        return None, f"holds a JSON {type(value).__name__.replace('NoneType', 'null')}, not an object"
+    return value, problem
+
+
 def read_json_object(path: str | os.PathLike, what_to_do: str) -> dict | None:
     """A JSON object file; ``None`` (missing or, with a warning naming it, damaged)."""
     path = Path(path)
     if not path.is_file():
         return None
-    value, problem = _load_json(path)
-    if problem is None and not isinstance(value, dict):
-        problem = f"holds a JSON {type(value).__name__.replace('NoneType', 'null')}, not an object"
+    value, problem = _load_json_object(path)
     if problem is not None:
         warn_once(f"{path} {problem}; {what_to_do}")
         return None
@@ -275,9 +281,7 @@ def read_metrics_file(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    value, problem = _load_json(path)
-    if problem is None and not isinstance(value, dict):
-        problem = f"holds a JSON {type(value).__name__.replace('NoneType', 'null')}, not an object"
+    value, problem = _load_json_object(path)
     if problem is None and not isinstance(value.get("status"), str):
         problem = "has no 'status' field"
     if problem is None:
