@@ -5,14 +5,13 @@ from __future__ import annotations
 import io as bytes_io
 import json
 import logging
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from suite_texts import TESTS, blobs_suite, subprocess_env
 
 from gmbench import io
 from gmbench.checkpoint import REJECTED_SUFFIX
@@ -20,7 +19,6 @@ from gmbench.cli import main
 from gmbench.training import CHECKPOINT_FILE, EPOCHS_FILE, TrainConfig, train
 from test_training import ConstantClassifier, blobs, fresh_model, metrics
 
-TESTS = Path(__file__).resolve().parent
 CONFIG = dict(batch_size=8, progress=False)
 
 
@@ -146,16 +144,7 @@ def test_a_valid_checkpoint_still_resumes_without_a_warning(tmp_path, valid_chec
     assert not (tmp_path / f"{CHECKPOINT_FILE}{REJECTED_SUFFIX}").exists()
 
 
-SUITE = """\
-name: ckpt
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  training: {epochs: 2, batch_size: 10}
-"""
+SUITE = blobs_suite("ckpt", epochs=2, batch_size=10)
 
 
 @pytest.mark.slow
@@ -168,7 +157,7 @@ def test_gmbench_run_with_a_bad_checkpoint_warns_once_and_the_cell_finishes_ok(t
     (cell,) = (out / "cells").iterdir()
     (cell / "metrics.json").unlink()  # as if the run had been killed in epoch 2
     (cell / CHECKPOINT_FILE).write_bytes(saved([1, 2, 3]))
-    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     rerun = subprocess.run([sys.executable, "-m", "gmbench", "run", str(suite), "--out", str(out), "--no-report",
                             "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from suite_texts import DIGITS_SMOKE_CELL, TESTS, blobs_suite, subprocess_env
 
 from gmbench.cli import main
 from gmbench.run.results import COLUMNS
 
-TESTS = Path(__file__).resolve().parent
-
-DIGITS_SUITE = """\
-name: digits-e2e
-cell:
-  dataset: digits
-  n_gaussians: 4
-  train_samples: 42
-  test_samples: 21
-  training: {epochs: 2, batch_size: 21}
+DIGITS_SUITE = "name: digits-e2e\ncell:\n" + DIGITS_SMOKE_CELL + """\
 matrix:
   variant:
     - {label: GMCN, model: gmcn, input: gm, model_params: {layout: "1/{n_gaussians}->4/2->{num_classes}", kernel_gaussians: 2}}
@@ -35,19 +27,7 @@ report:
     - {name: accuracy, title: accuracy, rows: [label, input], value: test_accuracy, extra: [params]}
 """
 
-SLOW_SUITE = """\
-name: slow
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  model_params: {sleep_s: 0.15}
-  training: {epochs: 4, batch_size: 10}
-matrix:
-  seed: [0, 1, 2]
-"""
+SLOW_SUITE = blobs_suite("slow", epochs=4, batch_size=10, sleep_s=0.15, matrix="matrix:\n  seed: [0, 1, 2]\n")
 
 
 @pytest.mark.slow
@@ -104,8 +84,7 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
 
 
 def _cli(args, **kwargs):
-    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "gmbench", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "gmbench", *args], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def _epochs(folder: Path) -> list[int]:

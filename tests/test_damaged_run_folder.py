@@ -10,24 +10,14 @@ import textwrap
 
 import pandas as pd
 import pytest
+from suite_texts import blobs_suite
 
 from gmbench.cli import main
 from gmbench.run.cell import RunOptions
 from gmbench.run.suite_runner import run_suite
 from gmbench.suite import parse_suite
 
-SUITE = """\
-name: tiny
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  training: {epochs: 2, batch_size: 20}
-matrix:
-  seed: [0, 1]
-"""
+SUITE = blobs_suite("tiny", epochs=2, batch_size=20, matrix="matrix:\n  seed: [0, 1]\n")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import textwrap
 
 import pandas as pd
 import torch
+from suite_texts import DIGITS_SMOKE_CELL
 
 from gmbench import io
 from gmbench.run.cell import RunOptions
@@ -19,14 +20,7 @@ from gmbench.run.suite_runner import run_suite
 from gmbench.suite import parse_suite
 
 # A --smoke-sized GMCN cell: k-means input fitting, two convolution layers, two epochs.
-GMCN_SUITE = """\
-name: determinism
-cell:
-  dataset: digits
-  n_gaussians: 4
-  train_samples: 42
-  test_samples: 21
-  training: {epochs: 2, batch_size: 21}
+GMCN_SUITE = "name: determinism\ncell:\n" + DIGITS_SMOKE_CELL + """\
   model: gmcn
   input: gm
   model_params: {layout: "1/{n_gaussians}->4/2->{num_classes}", kernel_gaussians: 2}

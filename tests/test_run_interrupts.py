@@ -19,42 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from suite_texts import blobs_suite, subprocess_env
 
 from gmbench.cli import main
 
-TESTS = Path(__file__).resolve().parent
-
 # Cells that need about 15 s each unless stopped (30 epochs of 3 batches x 0.15 s).
-LONG_SUITE = """\
-name: long
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  model_params: {sleep_s: 0.15}
-  training: {epochs: 30, batch_size: 20}
-matrix:
-  seed: [0, 1, 2]
-"""
-
-QUICK_SUITE = """\
-name: quick
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  training: {epochs: 2, batch_size: 20}
-matrix:
-  seed: [0, 1]
-"""
+LONG_SUITE = blobs_suite("long", epochs=30, batch_size=20, sleep_s=0.15, matrix="matrix:\n  seed: [0, 1, 2]\n")
+QUICK_SUITE = blobs_suite("quick", epochs=2, batch_size=20, matrix="matrix:\n  seed: [0, 1]\n")
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess_env(PYTHONUNBUFFERED="1")
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

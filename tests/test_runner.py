@@ -8,6 +8,7 @@ import textwrap
 import pandas as pd
 import pytest
 import torch
+from suite_texts import blobs_suite
 
 from gmbench import mixture
 from gmbench.run.executors import LocalExecutor, create_executor
@@ -20,21 +21,13 @@ from gmbench.run.suite_runner import run_suite
 from gmbench.tasks.transfer_fitting_timing import random_test_mixtures
 from gmbench.suite import parse_suite
 
-TINY = """\
-name: tiny
-plugins: [runner_plugins]
-cell:
-  dataset: test_blobs
-  model: test_meanpool
-  input: points
-  n_gaussians: 8
-  training: {epochs: 2, batch_size: 10}
+TINY = blobs_suite("tiny", epochs=2, batch_size=10, matrix="""\
 matrix:
   variant:
     - {label: good}
     - {label: broken, model_params: {fail: true}}
     - {label: nan, model_params: {diverge: true}}
-"""
+""")
 
 
 def tiny_suite(text: str = TINY):
