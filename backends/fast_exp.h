@@ -33,7 +33,11 @@ static inline double exp_nonpositive(double x) { return std::exp(x); }
 
 // As exp_nonpositive, but exactly 0 below -87.3 (where expf underflows to
 // denormals); NaN stays NaN.
-static inline float exp_nonpositive_flushed(float x) { return x < -87.3f ? 0.0f : exp_nonpositive(x); }
+static inline float exp_nonpositive_flushed(float x) {
+    const bool underflow = x < -87.3f;
+    const float e = exp_nonpositive(x);
+    return underflow ? 0.0f : e;
+}
 static inline double exp_nonpositive_flushed(double x) { return std::exp(x); }
 
 #endif  // GMBENCH_FAST_EXP_H
