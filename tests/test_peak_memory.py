@@ -12,7 +12,8 @@ CPU = torch.device("cpu")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak RSS is reset through Linux's /proc/self/clear_refs")
 def test_a_reset_starts_a_new_peak_window_below_an_earlier_large_allocation():
-    baseline = peak_memory_mb(CPU)
+    reset_peak_memory(CPU)
+    baseline = peak_memory_mb(CPU)  # right after a reset: what is resident now
     big = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched, so resident
     assert peak_memory_mb(CPU) >= baseline + 400
     del big
