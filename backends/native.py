@@ -242,7 +242,12 @@ _loaded_images: list[int] = []
 
 
 def _dlopen_bytes(data: bytes, name: str, folder: Path) -> ctypes.CDLL:
-    """Load exactly ``data``: from a sealed memfd, else from a private temporary copy."""
+    """Load exactly ``data``: from a sealed memfd, else from a private temporary copy.
+
+    Safe to dlopen: ``data`` are bytes whose SHA-256 matched the manifest written at build
+    time in the private folder; no file that another user or a data source can write is
+    ever handed to the loader.
+    """
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         try:
             fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
