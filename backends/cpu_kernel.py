@@ -58,7 +58,11 @@ LIBRARY = NativeLibrary(
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled library, or ``None`` (see :func:`unavailable_reason`)."""
+    """The compiled library, or ``None`` (see :func:`unavailable_reason`).
+
+    Loaded only through :mod:`gmbench.backends.native`: built in the private per-user
+    folder and dlopen'ed from hash-verified bytes, never from the shared data cache.
+    """
     return LIBRARY.load()
 
 

@@ -64,6 +64,8 @@ LIBRARY = NativeLibrary(
 
 
 def load() -> ctypes.CDLL | None:
+    """The pair-list library, or ``None``; loaded only through native's private-folder,
+    hash-verified loader (never from the shared data cache)."""
     return LIBRARY.load()
 
 
