@@ -39,7 +39,7 @@ REJECTED_SUFFIX = ".rejected"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "config")
 # Fields that must match between a checkpoint and the config resuming it:
 # changing any of them would make the resumed run a different experiment.
-RESUME_FIELDS = ("batch_size", "lr", "seed", "lr_factor", "lr_patience", "lr_cooldown", "grad_clip")
+RESUME_FIELDS = ("batch_size", "lr", "seed", "lr_factor", "lr_patience", "lr_cooldown", "grad_clip", "precise_bn_samples")
 # Keys _result and the epoch loop read from every history record.
 HISTORY_KEYS = ("epoch", "test_accuracy", "epoch_time_s", "samples_per_s", "peak_memory_mb")
 

@@ -63,6 +63,12 @@ class TrainConfig:
     ``grad_clip``: maximum total gradient norm (``None``: no clipping).
     ``eval_batch_size``: batch size for the test pass (``None``: ``batch_size``).
     ``progress``: tqdm bars with loss and accuracy, shown only on a terminal.
+    ``precise_bn_samples``: after each epoch, before the test pass, re-estimate every
+    normalisation layer's running statistics (batch norm; GMCN pooling traces) as plain
+    averages over this many training samples with the weights fixed ("precise batch
+    norm", Wu & Johnson 2021; see :func:`recalibrate_normalization`).  ``None``: evaluate
+    with the exponential running averages of training, which lag while the weights
+    change quickly (high learning rates, short runs).
     """
 
     epochs: int = 60
@@ -76,6 +82,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     eval_batch_size: int | None = None
+    precise_bn_samples: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -87,6 +94,7 @@ class TrainConfig:
             ("lr_cooldown", self.lr_cooldown >= 0, "non-negative"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "positive or null"),
             ("eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1, "at least 1 or null"),
+            ("precise_bn_samples", self.precise_bn_samples is None or self.precise_bn_samples >= 2, "at least 2 or null"),
         ]
         for field, ok, requirement in checks:
             if not ok:
@@ -182,6 +190,39 @@ def _regularization(model: nn.Module, lr: float) -> Tensor | None:
     if "learning_rate" in inspect.signature(method).parameters:
         return method(learning_rate=lr)
     return method()
+
+
+def recalibrate_normalization(model: nn.Module, x: Tensor, samples: int, batch_size: int, seed: int, device: torch.device) -> int:
+    """Re-estimate the running statistics of ``model``'s normalisation layers from data.
+
+    Every module with ``reset_running_stats()`` and a ``momentum`` (``torch.nn``'s batch
+    norms, :class:`~gmbench.models.pooling.ScaleNormalization`) is reset and switched to
+    the cumulative average (``momentum = None``); ``samples`` samples of ``x`` (a fixed
+    random choice drawn with ``seed``) then run forward in training mode without
+    gradients, in batches of ``batch_size``, so each running value becomes the plain
+    mean of the batch statistics at the current weights ("precise batch norm", Wu &
+    Johnson 2021; ``torch.optim.swa_utils.update_bn`` does this for batch norms only).
+    Momenta and the training flag are restored.  Returns the number of layers updated.
+    """
+    layers = [m for m in model.modules() if callable(getattr(m, "reset_running_stats", None)) and hasattr(m, "momentum")]
+    if not layers:
+        return 0
+    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:samples]
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    try:
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None
+        model.train()
+        with torch.no_grad():
+            for start, stop in _batches(len(index), batch_size):
+                model(x[index[start:stop]].to(device))
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+    return len(layers)
 
 
 def evaluate_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, distributed=None) -> float:
@@ -313,6 +354,9 @@ def train(
                 bar.set_postfix(loss=f"{loss_sum / stop:.3f}", acc=f"{correct / stop:.3f}")
         train_time = time.perf_counter() - started
         loss_sum, correct = distributed.sum([loss_sum, correct])
+        if config.precise_bn_samples is not None:
+            # Every rank averages the same samples, so their statistics stay equal.
+            recalibrate_normalization(model, train_x, config.precise_bn_samples, config.batch_size, config.seed, device)
         test_accuracy = evaluate_accuracy(model, test_x, test_y, eval_batch_size, device, distributed)
         scheduler.step(test_accuracy)
         epoch_time = time.perf_counter() - started

@@ -61,3 +61,13 @@ def test_diagnostics_leave_the_model_mode_and_running_statistics_untouched():
     assert model.training
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_a_train_cell_diagnoses_test_samples_from_every_part_of_a_class_sorted_split():
+    from gmbench.tasks.train import _diagnostics_samples
+
+    labels = torch.arange(10).repeat_interleave(100)  # stored class by class, as mnist5k is
+    chosen = _diagnostics_samples(torch.arange(1000), 21)
+    assert len(set(chosen.tolist())) == 21 and torch.equal(chosen, _diagnostics_samples(torch.arange(1000), 21))
+    assert len(set(labels[chosen].tolist())) >= 8  # the first 21 would all be class 0
+    assert torch.equal(_diagnostics_samples(torch.arange(5), 21), torch.arange(5))

@@ -120,6 +120,20 @@ def test_pooling_can_use_the_running_average_in_training_as_the_authors_did():
     torch.testing.assert_close(out, gm.scale(m, torch.sqrt(3.0 / running).expand(3, 2)))
 
 
+
+def test_pooling_without_momentum_averages_the_batch_means_since_its_reset():
+    pool = ScaleNormalization(3, dims=2, momentum=0.25)
+    batches = [random_mixtures(4, 3, 6, 2, seed=seed) for seed in range(3)]
+    pool(batches[0])  # an exponential update that the reset forgets
+    pool.reset_running_stats()
+    torch.testing.assert_close(pool.running_trace, torch.full((3,), 2.0))
+    pool.momentum = None
+    for m in batches:
+        pool(m)
+    expected = torch.stack([gm.mean_covariance_trace(m).mean(0) for m in batches]).mean(0)
+    torch.testing.assert_close(pool.running_trace, expected)
+    assert "batches_tracked" not in pool.state_dict()  # checkpoints keep their keys
+
 # ---------------------------------------------------------------- the network
 
 TABLE_8 = [  # (layout, kernels, kernel parameters) of the paper's Table 8 (3D, N_k = 5)

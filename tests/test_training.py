@@ -13,9 +13,11 @@ from gmbench.training import (
     EPOCHS_FILE,
     TrainConfig,
     TrainingDiverged,
+    recalibrate_normalization,
     seed_everything,
     train,
 )
+from gmbench.models.pooling import ScaleNormalization
 
 RECORD_KEYS = {
     "epoch", "train_loss", "train_accuracy", "test_accuracy", "lr",
@@ -212,3 +214,54 @@ def test_gradient_clipping_bounds_every_update():
         handle.remove()
     assert len(clipped) == 3 and max(clipped) <= 1e-3 * (1 + 1e-5)
     assert min(norms) > 1e-2  # unclipped gradients are far larger, so the clip did act
+
+
+# ---------------------------------------------------------------- precise batch-norm statistics
+
+def test_recalibration_sets_running_statistics_to_the_mean_of_the_batch_statistics():
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1)) * torch.tensor([1.0, 3.0, 0.5]) + 2.0
+    norm = nn.BatchNorm1d(3, momentum=0.3)
+    model = nn.Sequential(norm).eval()
+    model(x)  # eval mode: nothing learned yet; the running values are the initial 0 / 1
+    assert recalibrate_normalization(model, x, samples=40, batch_size=8, seed=7, device=torch.device("cpu")) == 1
+    index = torch.randperm(40, generator=torch.Generator().manual_seed(7))
+    batches = [x[index[start : start + 8]] for start in range(0, 40, 8)]
+    torch.testing.assert_close(norm.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([b.var(0) for b in batches]).mean(0))
+    assert norm.momentum == 0.3 and not model.training  # restored
+
+
+def test_recalibration_covers_the_gmcn_pooling_traces_and_uses_only_the_requested_samples():
+    from gmbench import mixture as gm
+    from test_gmcn import random_mixtures
+
+    m = torch.cat([random_mixtures(1, 2, 5, 2, seed=seed) for seed in range(12)])
+    pool = ScaleNormalization(2, dims=2, momentum=0.1)
+    model = nn.Sequential(pool).train()
+    recalibrate_normalization(model, m, samples=6, batch_size=3, seed=0, device=torch.device("cpu"))
+    index = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:6]
+    traces = [gm.mean_covariance_trace(m[index[start : start + 3]]).mean(0) for start in (0, 3)]
+    torch.testing.assert_close(pool.running_trace, torch.stack(traces).mean(0))
+    assert pool.momentum == 0.1 and model.training
+
+
+def test_training_with_precise_statistics_evaluates_with_statistics_of_the_final_weights():
+    data = blobs(10)
+    precise = train(fresh_model(), *data, TrainConfig(epochs=2, batch_size=6, lr=0.05, precise_bn_samples=30, progress=False))
+    model = fresh_model()
+    train(model, *data, TrainConfig(epochs=2, batch_size=6, lr=0.05, precise_bn_samples=30, progress=False))
+    norm = model.net[1]
+    trained_mean, trained_var = norm.running_mean.clone(), norm.running_var.clone()
+    recalibrate_normalization(model, data[0], samples=30, batch_size=6, seed=0, device=torch.device("cpu"))
+    torch.testing.assert_close(norm.running_mean, trained_mean, rtol=0, atol=0)
+    torch.testing.assert_close(norm.running_var, trained_var, rtol=0, atol=0)
+    # Without it the exponential averages of training remain, which differ.
+    plain = fresh_model()
+    train(plain, *data, TrainConfig(epochs=2, batch_size=6, lr=0.05, progress=False))
+    assert not torch.allclose(plain.net[1].running_mean, trained_mean)
+    assert precise.epochs_completed == 2
+
+
+def test_precise_statistics_need_at_least_two_samples():
+    with pytest.raises(GmbenchError, match="precise_bn_samples"):
+        TrainConfig(precise_bn_samples=1)

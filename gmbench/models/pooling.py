@@ -12,6 +12,10 @@ norm, :math:`\bar t_c` is the mean over the batch and the Gaussians while
 training, and a running average of those batch means at evaluation.  The
 authors used the running average in training too
 (``use_running_average=True``).
+
+Like :class:`torch.nn.BatchNorm1d`, ``momentum = None`` makes the running value
+the plain average of all batch means since :meth:`reset_running_stats`; the
+trainer's precise statistics (``training.precise_bn_samples``) use that.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class ScaleNormalization(nn.Module):
 
     Shapes: ``forward(m [B, C, N, 1+D+D*D]) -> [B, C, N, 1+D+D*D]``; weights unchanged.
     Buffer ``running_trace [C]`` starts at D (scale 1) and follows
-    ``(1 - momentum) * running + momentum * batch_mean`` in training.
+    ``(1 - momentum) * running + momentum * batch_mean`` in training
+    (``momentum`` None: the average of the batch means since the last reset).
     """
 
     def __init__(self, channels: int, dims: int, momentum: float = 0.1, use_running_average: bool = False):
@@ -39,6 +44,13 @@ class ScaleNormalization(nn.Module):
         self.momentum = momentum
         self.use_running_average = use_running_average
         self.register_buffer("running_trace", torch.full((channels,), float(dims)))
+        # Batches averaged while momentum is None; not saved (a count, not a statistic).
+        self.batches_tracked = 0
+
+    def reset_running_stats(self) -> None:
+        """Back to scale 1 (``running_trace`` = D) and no batches averaged."""
+        self.running_trace.fill_(float(self.dims))
+        self.batches_tracked = 0
 
     def batch_trace(self, m: Tensor) -> Tensor:
         """``[C]``: the mean covariance trace of each channel over batch and Gaussians."""
@@ -48,7 +60,9 @@ class ScaleNormalization(nn.Module):
         if self.training:
             trace = self.batch_trace(m)
             with torch.no_grad():
-                self.running_trace.lerp_(trace.detach().to(self.running_trace.dtype), self.momentum)
+                self.batches_tracked += 1
+                weight = 1.0 / self.batches_tracked if self.momentum is None else self.momentum
+                self.running_trace.lerp_(trace.detach().to(self.running_trace.dtype), weight)
             if self.use_running_average:
                 trace = self.running_trace
         else:

@@ -102,8 +102,17 @@ def run(config: dict, cell_dir: Path, options, on_epoch) -> dict:
     if callable(getattr(model, "kernel_count", None)):
         metrics["kernels"] = model.kernel_count()
     if config["diagnostics"]:
-        metrics.update(_diagnostics(model, test_x[: config["diagnostics_samples"]], cell_dir, config))
+        metrics.update(_diagnostics(model, _diagnostics_samples(test_x, config["diagnostics_samples"]), cell_dir, config))
     return metrics
+
+
+def _diagnostics_samples(x, n: int):
+    """A fixed random choice of ``n`` test samples (seed SUBSET_SEED): splits are often
+    stored class by class (mnist5k, ModelNet), so the first ``n`` would be one class."""
+    if n >= len(x):
+        return x
+    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values
+    return x[index]
 
 
 def _diagnostics(model, x, cell_dir: Path, config: dict) -> dict:
