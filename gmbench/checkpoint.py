@@ -20,6 +20,7 @@ bad checkpoint costs the epochs it held, never a permanent failure of the cell.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -39,7 +40,9 @@ REJECTED_SUFFIX = ".rejected"
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "history", "config")
 # Fields that must match between a checkpoint and the config resuming it:
 # changing any of them would make the resumed run a different experiment.
-RESUME_FIELDS = ("batch_size", "lr", "seed", "lr_factor", "lr_patience", "lr_cooldown", "grad_clip", "precise_bn_samples")
+RESUME_FIELDS = (
+    "batch_size", "lr", "seed", "lr_factor", "lr_patience", "lr_cooldown", "grad_clip", "precise_bn_samples", "lr_schedule",
+)
 # Keys _result and the epoch loop read from every history record.
 HISTORY_KEYS = ("epoch", "test_accuracy", "epoch_time_s", "samples_per_s", "peak_memory_mb")
 
@@ -168,9 +171,12 @@ def check_fits(checkpoint: Any, config, model: nn.Module, optimizer, scheduler) 
     if missing:
         raise CheckpointMismatch(f"it lacks {', '.join(repr(k) for k in missing)}")
     saved = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+    # A field added to TrainConfig after a checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
     for field in RESUME_FIELDS:
-        if saved.get(field) != getattr(config, field):
-            raise CheckpointMismatch(f"it was written with {field}={saved.get(field)!r}, the cell has "
+        written = saved.get(field, defaults.get(field))
+        if written != getattr(config, field):
+            raise CheckpointMismatch(f"it was written with {field}={written!r}, the cell has "
                                      f"{field}={getattr(config, field)!r}")
     _check_model(checkpoint["model"], model)
     _check_optimizer(checkpoint["optimizer"], optimizer)

@@ -2,7 +2,8 @@
 
 Paper Section 5: Adam with an initial learning rate of 1e-3, the rate reduced
 once the accuracy plateaus (``ReduceLROnPlateau`` in mode ``max`` on the test
-accuracy, factor 0.1, patience 5, cooldown 8), negative log-likelihood loss
+accuracy, factor 0.1, patience 5, cooldown 8; ``lr_schedule: cosine`` instead
+anneals it over the planned epochs without looking at the test set), negative log-likelihood loss
 plus the model's optional ``regularization_loss()``, batch size 21, 60 epochs.
 The authors' code attached two plateau schedulers to one optimiser, which cut
 the rate twice per plateau; here there is exactly one.
@@ -52,6 +53,9 @@ from gmbench.run.folder import CHECKPOINT_FILE, EPOCHS_FILE
 from gmbench.run.ranks import current
 
 
+LR_SCHEDULES = ("plateau", "cosine")
+
+
 class TrainingDiverged(GmbenchError):
     """The loss became NaN or infinite; the epochs finished before are on disk."""
 
@@ -63,6 +67,10 @@ class TrainConfig:
     ``grad_clip``: maximum total gradient norm (``None``: no clipping).
     ``eval_batch_size``: batch size for the test pass (``None``: ``batch_size``).
     ``progress``: tqdm bars with loss and accuracy, shown only on a terminal.
+    ``lr_schedule``: ``"plateau"`` (the paper: ``ReduceLROnPlateau`` on the test accuracy
+    with ``lr_factor``, ``lr_patience``, ``lr_cooldown``) or ``"cosine"`` (epoch ``e`` of
+    ``epochs`` trains at ``lr * (1 + cos(pi (e - 1) / epochs)) / 2``; the plateau fields
+    are unused).
     ``precise_bn_samples``: after each epoch, before the test pass, re-estimate every
     normalisation layer's running statistics (batch norm; GMCN pooling traces) as plain
     averages over this many training samples with the weights fixed ("precise batch
@@ -82,6 +90,7 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     eval_batch_size: int | None = None
+    lr_schedule: str = "plateau"
     precise_bn_samples: int | None = None
 
     def __post_init__(self):
@@ -94,6 +103,7 @@ class TrainConfig:
             ("lr_cooldown", self.lr_cooldown >= 0, "non-negative"),
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "positive or null"),
             ("eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1, "at least 1 or null"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
             ("precise_bn_samples", self.precise_bn_samples is None or self.precise_bn_samples >= 2, "at least 2 or null"),
         ]
         for field, ok, requirement in checks:
@@ -179,6 +189,19 @@ def _progress_bar(total: int, description: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The learning-rate schedule of ``config.lr_schedule``, stepped once per epoch."""
+    if config.lr_schedule == "cosine":
+        # The curve is not part of the checkpoint (LambdaLR saves its step count only): a
+        # run resumed with more epochs continues on the curve of its new epoch count.
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: 0.5 * (1.0 + math.cos(math.pi * done / config.epochs))
+        )
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience, cooldown=config.lr_cooldown
+    )
 
 
 def _regularization(model: nn.Module, lr: float) -> Tensor | None:
@@ -289,9 +312,7 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=config.lr_factor, patience=config.lr_patience, cooldown=config.lr_cooldown
-    )
+    scheduler = _scheduler(optimizer, config)
     history: list[dict] = []
 
     checkpoint_path = run_dir / CHECKPOINT_FILE if run_dir is not None else None
@@ -358,7 +379,10 @@ def train(
             # Every rank averages the same samples, so their statistics stay equal.
             recalibrate_normalization(model, train_x, config.precise_bn_samples, config.batch_size, config.seed, device)
         test_accuracy = evaluate_accuracy(model, test_x, test_y, eval_batch_size, device, distributed)
-        scheduler.step(test_accuracy)
+        if config.lr_schedule == "plateau":
+            scheduler.step(test_accuracy)
+        else:
+            scheduler.step()
         epoch_time = time.perf_counter() - started
         record = {
             "epoch": epoch,

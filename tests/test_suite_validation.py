@@ -37,6 +37,7 @@ def check(tmp_path, capsys, text: str, line: int, *parts: str, dry_run: bool = T
     ("{lr_patience: 1.5}", "lr_patience"), ("{lr_cooldown: -1}", "lr_cooldown"), ("{grad_clip: 0}", "grad_clip"),
     ("{grad_clip: -1.0}", "grad_clip"), ("{eval_batch_size: 0}", "eval_batch_size"), ("{lr: .inf}", "lr"),
     ("{lr: .nan}", "lr"), ("{epochs: true}", "epochs"), ("{batch_size: many}", "batch_size"),
+    ("{lr_schedule: linear}", "lr_schedule"), ("{lr_schedule: 3}", "lr_schedule"),
     ("{precise_bn_samples: 1}", "precise_bn_samples"), ("{precise_bn_samples: 2.5}", "precise_bn_samples"),
 ])
 def test_training_field_out_of_range_or_of_the_wrong_type(tmp_path, capsys, training, field, dry_run):
@@ -52,7 +53,7 @@ def test_training_error_in_a_matrix_value_points_at_the_matrix_line(tmp_path, ca
 
 
 def test_training_fields_within_their_ranges_are_accepted():
-    training = "{epochs: 1, batch_size: 1, lr: 1.0e6, lr_factor: 0.5, lr_patience: 0, lr_cooldown: 0, grad_clip: null, eval_batch_size: 7, precise_bn_samples: 500}"
+    training = "{epochs: 1, batch_size: 1, lr: 1.0e6, lr_factor: 0.5, lr_patience: 0, lr_cooldown: 0, grad_clip: null, eval_batch_size: 7, precise_bn_samples: 500, lr_schedule: cosine}"
     config = parse_suite(BASE + f"  training: {training}\n", "s.yaml").cells[0].config
     assert config["training"]["lr"] == 1.0e6 and config["training"]["eval_batch_size"] == 7
     assert config["training"]["precise_bn_samples"] == 500

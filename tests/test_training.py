@@ -148,6 +148,38 @@ def test_one_scheduler_cuts_the_rate_once_per_plateau():
     assert lrs == pytest.approx([1e-3] * 3 + [1e-4] * 4 + [1e-5])
 
 
+
+def test_cosine_schedule_anneals_the_rate_over_the_planned_epochs_whatever_the_accuracy():
+    import math
+
+    config = TrainConfig(epochs=5, batch_size=10, lr=1e-2, lr_schedule="cosine", progress=False)
+    result = train(ConstantClassifier(), *blobs(5), config)
+    expected = [1e-2 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
+    assert [r["lr"] for r in result.history] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_cosine_run_resumed_after_a_kill_is_bit_identical(tmp_path):
+    data = blobs()
+    config = TrainConfig(epochs=3, batch_size=8, lr=0.05, lr_schedule="cosine", precise_bn_samples=40, progress=False)
+    straight = train(fresh_model(), *data, config, run_dir=tmp_path / "straight")
+
+    def kill_after_second_epoch(record):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(fresh_model(), *data, config, run_dir=tmp_path / "resumed", on_epoch=kill_after_second_epoch)
+    seed_everything(123)
+    resumed = train(SmallNet(), *data, config, run_dir=tmp_path / "resumed")
+    assert metrics(resumed.history) == metrics(straight.history)
+
+
+def test_a_checkpoint_written_with_the_plateau_schedule_does_not_resume_a_cosine_cell(tmp_path, caplog):
+    data = blobs(5)
+    train(fresh_model(), *data, TrainConfig(epochs=1, batch_size=6, progress=False), run_dir=tmp_path)
+    train(fresh_model(), *data, TrainConfig(epochs=2, batch_size=6, lr_schedule="cosine", progress=False), run_dir=tmp_path)
+    assert "written with lr_schedule='plateau', the cell has lr_schedule='cosine'" in caplog.text
+
 def test_regularization_receives_the_current_learning_rate():
     model = fresh_model()
     train(model, *blobs(5), TrainConfig(epochs=1, batch_size=5, lr=3e-3, progress=False))
@@ -191,7 +223,7 @@ def test_resuming_with_a_different_batch_size_sets_the_checkpoint_aside(tmp_path
     assert (tmp_path / (CHECKPOINT_FILE + ".rejected")).is_file()
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("lr_factor", 1.5), ("grad_clip", 0.0)])
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("lr", -1.0), ("lr_factor", 1.5), ("grad_clip", 0.0), ("lr_schedule", "step")])
 def test_bad_config_values_are_user_errors(field, value):
     with pytest.raises(GmbenchError, match=field):
         TrainConfig(**{field: value})
@@ -265,3 +297,16 @@ def test_training_with_precise_statistics_evaluates_with_statistics_of_the_final
 def test_precise_statistics_need_at_least_two_samples():
     with pytest.raises(GmbenchError, match="precise_bn_samples"):
         TrainConfig(precise_bn_samples=1)
+
+
+def test_a_checkpoint_from_before_a_training_field_existed_resumes_at_that_fields_default(tmp_path):
+    data = blobs(5)
+    train(fresh_model(), *data, TrainConfig(epochs=1, batch_size=6, progress=False), run_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    for field in ("lr_schedule", "precise_bn_samples"):  # fields newer than format_version 2
+        del checkpoint["config"][field]
+    torch.save(checkpoint, tmp_path / CHECKPOINT_FILE)
+    resumed = train(fresh_model(), *data, TrainConfig(epochs=2, batch_size=6, progress=False), run_dir=tmp_path)
+    straight = train(fresh_model(), *data, TrainConfig(epochs=2, batch_size=6, progress=False))
+    assert not (tmp_path / (CHECKPOINT_FILE + ".rejected")).exists()
+    assert metrics(resumed.history) == metrics(straight.history)
