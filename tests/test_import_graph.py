@@ -43,6 +43,8 @@ DEFERRED_INTERNAL: dict[str, list[str]] = {
     "the PointNet++ sampling backend, every fitting/reduction plugin behind the fitting layer)": [
         "gmbench.backends.fused -> gmbench.backends.triton_kernels",
         "gmbench.reduction.implementation -> gmbench.backends.node_fit_cpu",
+        "gmbench.reduction.implementation -> gmbench.backends.node_fit_triton",
+        "gmbench.backends.node_fit_triton -> gmbench.backends.node_fit_triton_kernels",
         "gmbench.environment -> gmbench.baselines.sampling",
         "gmbench.models.gmcn -> gmbench.layers",
     ],

@@ -37,7 +37,8 @@ class ModifiedEMReduction:
     ``weight_threshold`` Gaussians with smaller ``|w|`` are ignored;
     ``normalize_scale`` pre-scale each mixture to mean covariance trace D;
     ``implementation`` of the E and M step: ``auto`` (the fused C++ kernel on
-    CPU where it builds, else PyTorch), ``native`` or ``torch`` (see
+    CPU where it builds, the Triton kernel on CUDA where triton is installed,
+    else PyTorch), ``native``, ``triton`` or ``torch`` (see
     :mod:`gmbench.reduction.implementation`).
     """
 
@@ -50,7 +51,8 @@ class ModifiedEMReduction:
         weight_threshold: Annotated[float, "Gaussians with a smaller |weight| are ignored"] = 1e-7,
         normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
         implementation: Annotated[
-            Literal["auto", "native", "torch"], "E and M step: auto (the C++ kernel on CPU where it builds, else PyTorch), native or torch"
+            Literal["auto", "native", "torch", "triton"],
+            "E and M step: auto (the C++ kernel on CPU where it builds, Triton on CUDA where installed, else PyTorch), native, triton or torch",
         ] = "auto",
     ):
         if virtual_points <= 0:

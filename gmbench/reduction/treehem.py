@@ -75,9 +75,10 @@ class TreeHEMReduction:
     ``recompute`` recompute the per-node EM steps in backward instead of
     keeping their intermediates (several times less training memory, about
     one more forward pass of time; not in the authors' code; the native
-    kernel always recomputes);
+    and Triton kernels always recompute);
     ``implementation`` of the node fits: ``auto`` (the fused C++ kernel on
-    CPU where it builds, else PyTorch), ``native`` or ``torch`` (see
+    CPU where it builds, the Triton kernels on CUDA where triton is
+    installed, else PyTorch), ``native``, ``triton`` or ``torch`` (see
     :mod:`gmbench.reduction.implementation`).
     """
 
@@ -93,7 +94,8 @@ class TreeHEMReduction:
         normalize_scale: Annotated[bool, "pre-scale each mixture to mean covariance trace D"] = True,
         recompute: Annotated[bool, "recompute the node fits in backward instead of keeping them (less memory, about one more forward pass)"] = True,
         implementation: Annotated[
-            Literal["auto", "native", "torch"], "node fits: auto (the C++ kernel on CPU where it builds, else PyTorch), native or torch"
+            Literal["auto", "native", "torch", "triton"],
+            "node fits: auto (the C++ kernel on CPU where it builds, Triton on CUDA where installed, else PyTorch), native, triton or torch",
         ] = "auto",
     ):
         if not isinstance(T, int) or T < 2 or T & (T - 1):
@@ -142,7 +144,7 @@ class TreeHEMReduction:
         valid = torch.cat([valid, valid.new_zeros(g, width - n)], dim=1)
         return m.view(g, n_leaves, self.T, k), valid.view(g, n_leaves, self.T), n_leaves
 
-    def _build_tree(self, m: Tensor) -> tuple[Tensor, Tensor]:
+    def _build_tree(self, m: Tensor, fit=fit_nodes) -> tuple[Tensor, Tensor]:
         """Node caches in heap order (root 0, children 2i+1, 2i+2): ``[G, 2L-1, T, K]`` and mask."""
         T = self.T
         level, valid, _ = self._sorted_leaves(m)
@@ -161,7 +163,7 @@ class TreeHEMReduction:
             collected = level[:, : 2 * active].reshape(g * active, 2 * T, k)
             collected_valid = valid[:, : 2 * active].reshape(g * active, 2 * T)
             n_out = torch.full((g * active,), T, dtype=torch.long, device=m.device)
-            fitted, fitted_valid = fit_nodes(
+            fitted, fitted_valid = fit(
                 collected, collected_valid, n_out, T, self.virtual_points, self.kl_threshold, self.recompute
             )
             use_fit = collected_valid.sum(-1) > T
@@ -182,11 +184,12 @@ class TreeHEMReduction:
     def _reduce_flat(self, m: Tensor, n_out: int) -> Tensor:
         T = self.T
         kernel = native_kernel(self.implementation, m)
-        if kernel is not None:  # the leaves, the tree, the cut and the partial fit in one native call
+        if kernel is not None and hasattr(kernel, "treehem"):  # native: leaves, tree, cut, partial fit in one call
             order, valid, n_leaves = self._morton_order(m)
             out, _ = kernel.treehem(m, valid, order, n_leaves, T, n_out, self.virtual_points, self.kl_threshold)
             return out
-        nodes, valid = self._build_tree(m)
+        fit = kernel.fit_nodes if kernel is not None else fit_nodes  # Triton: one launch per level
+        nodes, valid = self._build_tree(m, fit)
         g, n_nodes, _, k = nodes.shape
         n_internal = (n_nodes - 1) // 2
         device = m.device
@@ -219,7 +222,7 @@ class TreeHEMReduction:
         children = torch.stack([2 * partial + 1, 2 * partial + 2], -1)  # [G, 2]
         child_nodes = take(nodes, children).reshape(g, 2 * T, k)
         child_valid = valid.gather(1, children[..., None].expand(g, 2, T)).reshape(g, 2 * T)
-        partial_fit, partial_valid = fit_nodes(
+        partial_fit, partial_valid = fit(
             child_nodes, child_valid, partial_count, 2 * T, self.virtual_points, self.kl_threshold
         )
         partial_valid = partial_valid & has_partial.unsqueeze(-1)

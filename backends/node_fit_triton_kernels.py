@@ -1,0 +1,134 @@
+r"""Triton kernels of the reduction node fits (imported only when they run; needs ``triton``).
+
+* :func:`initial_order_kernel`  TreeHEM's initial Gaussians of one node per
+  program (:func:`gmbench.reduction.node_fit.initial_gaussians`): Kruskal's
+  single linkage on the ``S`` centroids (``S x S`` distance tile in registers,
+  at most ``S - 1`` merges), the heaviest Gaussian of each cluster, and their
+  stable order by ``|w|``; writes the order ``[M, S]`` and validity.
+* :func:`em_step_kernel`  the E step (Eq. 15 with the sign and KL gates) and
+  the M step's sums (Eq. 16) of one problem per program
+  (:func:`gmbench.reduction.em.em_step`): the ``S x Q`` responsibilities are
+  computed ``BLOCK_S`` target rows at a time and never stored; out come
+  ``w_s = sum_i r_is w_i`` and ``U_s = sum_i r_is w_i f_i`` for the features
+  ``f_i = (Sigma_i + m_i m_i^T, m_i, 1)`` of the problem-centred targets.
+
+Both compute in the dtype of their inputs (float32 or float64, ``DTYPE``
+follows the pointers).  The per-Gaussian features (precisions, log
+determinants, virtual sample counts) are prepared by
+:mod:`gmbench.backends.node_fit_triton` with the reference's formulas.
+
+Whether the kernels compile for CUDA or run in Triton's CPU interpreter is
+decided when this module is imported (``TRITON_INTERPRET=1`` must be set before).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def initial_order_kernel(TARGET, VALID, N_OUT, ORDER, ORDER_VALID, S: tl.constexpr, D: tl.constexpr):
+    node = tl.program_id(0)
+    K: tl.constexpr = 1 + D + D * D
+    i = tl.arange(0, S)
+    base = TARGET + (node * S + i) * K
+    w = tl.load(base)
+    v = tl.load(VALID + node * S + i) != 0
+    dist = tl.zeros((S, S), dtype=w.dtype)
+    for a in tl.static_range(D):
+        p = tl.load(base + 1 + a)
+        diff = p[:, None] - p[None, :]
+        dist += diff * diff
+    # Pairs that may merge: both valid, same sign, not the same Gaussian.
+    positive = w >= 0
+    mergeable = v[:, None] & v[None, :] & (positive[:, None] == positive[None, :]) & (i[:, None] != i[None, :])
+    labels = i
+    remaining = tl.sum(v.to(tl.int32), axis=0)
+    n_clusters = tl.load(N_OUT + node).to(tl.int32)
+    flat = i[:, None] * S + i[None, :]
+    inf = float("inf")
+    for _ in tl.static_range(S - 1):
+        candidates = mergeable & (labels[:, None] != labels[None, :])
+        value = tl.where(candidates, dist, inf)
+        lowest = tl.min(tl.min(value, axis=1), axis=0)
+        best = tl.min(tl.min(tl.where(value == lowest, flat, S * S), axis=1), axis=0)  # first minimum
+        merge = (remaining > n_clusters) & (lowest < inf)
+        label_i = tl.sum(tl.where(i == best // S, labels, 0), axis=0)
+        label_j = tl.sum(tl.where(i == best % S, labels, 0), axis=0)
+        labels = tl.where(merge & (labels == label_j), label_i, labels)
+        remaining -= merge.to(tl.int32)
+    # The heaviest of each cluster: j beats i with larger |w|, or equal |w| and lower index.
+    magnitude = tl.where(v, tl.abs(w), -1.0)
+    mag_i, mag_j = magnitude[:, None], magnitude[None, :]
+    heavier = (mag_j > mag_i) | ((mag_j == mag_i) & (i[None, :] < i[:, None]))
+    same = (labels[:, None] == labels[None, :]) & v[:, None] & v[None, :]
+    beaten = tl.max((same & heavier).to(tl.int32), axis=1) > 0
+    score = tl.where(v & ~beaten, magnitude, -1.0)
+    # Stable argsort of -score: the rank of j counts the k that come before it.
+    s_k, s_j = score[:, None], score[None, :]
+    before = (s_k > s_j) | ((s_k == s_j) & (i[:, None] < i[None, :]))
+    rank = tl.sum(before.to(tl.int32), axis=0)
+    slot_of = rank[None, :] == i[:, None]  # [slot, j]
+    order = tl.sum(tl.where(slot_of, i[None, :], 0), axis=1)
+    sorted_score = tl.sum(tl.where(slot_of, score[None, :], 0.0), axis=1)
+    ok = (sorted_score >= 0) & (i < n_clusters)
+    tl.store(ORDER + node * S + i, order.to(tl.int32))
+    tl.store(ORDER_VALID + node * S + i, ok.to(tl.uint8))
+
+
+@triton.jit
+def em_step_kernel(
+    TF, TW, TV, TLD, TVIRT, FF, FLN, FLD, FLP, FW, FV, KL, OUT_W, OUT_U, S, Q,
+    USE_KL: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    p = tl.program_id(0)
+    q = tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    c = tl.arange(0, FP)
+    fs = tl.load(FF + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
+    lnorm = tl.load(FLN + p * Q + q, mask=q_ok, other=0.0)
+    lds = tl.load(FLD + p * Q + q, mask=q_ok, other=0.0)
+    lprior = tl.load(FLP + p * Q + q, mask=q_ok, other=0.0)
+    w_s = tl.load(FW + p * Q + q, mask=q_ok, other=0.0)
+    fv = (tl.load(FV + p * Q + q, mask=q_ok, other=0) != 0) & q_ok
+    threshold = tl.load(KL)
+    ws = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
+    u = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
+    inf = float("inf")
+    for s0 in range(0, S, BLOCK_S):
+        i = s0 + tl.arange(0, BLOCK_S)
+        i_ok = i < S
+        ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
+        w_i = tl.load(TW + p * S + i, mask=i_ok, other=0.0)
+        tv = (tl.load(TV + p * S + i, mask=i_ok, other=0) != 0) & i_ok
+        ldi = tl.load(TLD + p * S + i, mask=i_ok, other=0.0)
+        virtual = tl.load(TVIRT + p * S + i, mask=i_ok, other=0.0)
+        # Mahalanobis + trace term of every pair: one dot product of the features.
+        quadratic = tl.sum(ft[:, None, :] * fs[None, :, :], axis=2)
+        logits = virtual[:, None] * (-0.5 * quadratic + lnorm[None, :]) + lprior[None, :]
+        kl = 0.5 * (((quadratic - D) - ldi[:, None]) + lds[None, :])
+        pair_valid = tv[:, None] & fv[None, :]
+        same_sign = (w_i[:, None] >= 0) == (w_s[None, :] >= 0)
+        candidates = pair_valid & same_sign
+        any_candidate = tl.max(candidates.to(tl.int32), axis=1) > 0
+        candidates = tl.where(any_candidate[:, None], candidates, pair_valid)
+        value = tl.where(candidates & q_ok[None, :], kl, inf)
+        lowest = tl.min(value, axis=1)
+        best = tl.min(tl.where(value == lowest[:, None], q[None, :], BLOCK_Q), axis=1)  # first minimum
+        if USE_KL:
+            allowed = candidates & (kl < threshold)
+        else:
+            allowed = candidates
+        allowed = (allowed | (q[None, :] == best[:, None])) & pair_valid
+        has_any = tl.max(allowed.to(tl.int32), axis=1) > 0
+        top = tl.max(tl.where(allowed, logits, -inf), axis=1)
+        top = tl.where(has_any, top, 0.0)
+        e = tl.exp(tl.where(allowed, logits - top[:, None], -inf))  # no overflow in the masked lanes
+        z = tl.sum(e, axis=1)
+        r = e / tl.where(has_any, z, 1.0)[:, None]
+        rw = r * w_i[:, None]
+        ws += tl.sum(rw, axis=0)
+        u += tl.sum(rw[:, :, None] * ft[:, None, :], axis=0)
+    tl.store(OUT_W + p * Q + q, ws, mask=q_ok)
+    tl.store(OUT_U + (p * Q + q)[:, None] * FP + c[None, :], u, mask=q_ok[:, None])
