@@ -19,7 +19,9 @@ It prints one table per section and writes every number to ``--out`` (JSON):
   ``F = 10`` features, clamp, exp, multiply-add; exp counted as one) and three
   times that in forward+backward (recomputed exponent, two gradient products);
 * ``dense_fit``    the dense ReLU fit (shared weight-set pass) at N = 2560;
-* ``reduction``    MEM and TreeHEM T=2 on CUDA, 2560 -> 32, forward+backward;
+* ``reduction``    MEM and TreeHEM T=2 on CUDA, 2560 -> 32, forward and
+  forward+backward, node fits by the PyTorch reference and by the Triton
+  kernels (``implementation: torch`` / ``triton``) and their largest difference;
 * ``training``     one training step of the paper's ModelNet10 GMCN layout at
   batch 21, torch vs fused: median step time, peak memory, against the
   paper's ~6 s and 5.6 GB (goals: at most 0.3 s, under 1 GB).
@@ -188,18 +190,37 @@ def dense_fit_cases(device: torch.device, n: int, repeats: int) -> list[dict]:
     return rows
 
 
-def reduction_cases(device: torch.device, n: int, repeats: int) -> list[dict]:
+def reduction_cases(device: torch.device, n: int, repeats: int, smoke: bool = False) -> list[dict]:
+    """MEM and TreeHEM T=2, 8 x 8 mixtures ``n -> 32``: the Triton node fits against the PyTorch reference.
+
+    Each method runs with ``implementation: torch`` and ``triton`` on the same
+    input (forward, and forward+backward); ``max_rel_diff`` is the largest
+    difference of the triton output from torch's, relative to its largest entry.
+    """
     rows = []
     m = plugins.create("transfer_fitting", "dense").fit(layer_output(n, device)).detach()
+    if smoke:  # the interpreter runs each kernel program in NumPy: two mixtures are enough to check the script
+        m = m[:1, :2]
     for label, name, params in (("mem", "mem", {}), ("treehem-T2", "treehem", {"T": 2})):
-        reduction = plugins.create("reduction", name, **params)
-        x = m.clone().requires_grad_(True)
+        outputs = {}
+        for choice in ("torch", "triton"):
+            reduction = plugins.create("reduction", name, **params, implementation=choice)
+            with torch.no_grad():
+                outputs[choice] = reduction.reduce(m, 32)
+            for mode in ("forward", "forward+backward"):
+                x = m.clone().requires_grad_(mode != "forward")
 
-        def run():
-            reduction.reduce(x, 32).sum().backward()
+                def run():
+                    with torch.set_grad_enabled(mode != "forward"):
+                        out = reduction.reduce(x, 32)
+                        if mode != "forward":
+                            out.sum().backward()
 
-        rows.append({"method": label, "n": n, "mode": "forward+backward",
-                     "seconds": timed(run, device, repeats), "peak_memory_mb": peak_memory_mb(run, device)})
+                rows.append({"method": label, "implementation": choice, "n": n, "mode": mode,
+                             "seconds": timed(run, device, repeats), "peak_memory_mb": peak_memory_mb(run, device)})
+        difference = (outputs["triton"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max().clamp_min(1e-30)
+        for row in rows[-4:]:
+            row["max_rel_diff"] = float(difference)
     return rows
 
 
@@ -263,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [
         ("evaluate", "evaluate_at_centroids, 8 x 8 mixtures, 3D, float32", lambda: evaluate_cases(device, sizes, repeats, peak)),
         ("dense_fit", "dense ReLU fit (shared pass)", lambda: dense_fit_cases(device, n, repeats)),
-        ("reduction", f"reduction 8 x 8, {n} -> 32", lambda: reduction_cases(device, n, repeats)),
+        ("reduction", f"reduction 8 x 8, {n} -> 32, node fits torch vs triton", lambda: reduction_cases(device, n, repeats, args.smoke)),
         ("training", f"training step, layout {layout}, batch {batch}", lambda: training_cases(device, layout, batch, repeats)),
     ]
     for key, title, measure in sections:
