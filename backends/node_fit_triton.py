@@ -1,8 +1,8 @@
 r"""The reduction methods' node fits (E and M steps) as Triton kernels for CUDA tensors.
 
 :func:`em_step` computes :func:`gmbench.reduction.em.em_step` (MEM's one
-call: all ``N_o x N_p`` pairs of a mixture in one program, ``BLOCK_S``
-target rows at a time); :func:`fit_nodes` computes
+call: the ``N_o x N_p`` pairs of a mixture in programs of
+:data:`ROWS_PER_PROGRAM` target rows, ``BLOCK_S`` rows at a time); :func:`fit_nodes` computes
 :func:`gmbench.reduction.node_fit.fit_nodes` (TreeHEM's node fits: one
 kernel launch picks the initial Gaussians of every node of a tree level,
 one more runs the E and M step of all of them).  The kernels are in
@@ -48,6 +48,9 @@ from gmbench.reduction.node_fit import take
 
 # Elements of the [BLOCK_S, BLOCK_Q, FP] tile of pair terms one program holds.
 TILE_ELEMENTS = 4096
+# Target rows per program of the E+M kernel: a MEM mixture of 2560 Gaussians is split over 10
+# programs (its partial sums added afterwards), so 8 x 8 mixtures fill a GPU's SMs several times.
+ROWS_PER_PROGRAM = 256
 
 
 def interpreting() -> bool:
@@ -153,12 +156,15 @@ def _em_step_forward(target, target_valid, fitting, fitting_valid, virtual_point
     q = fitting.shape[1]
     config = em_launch_config(s, q, d)
     centre, target_part, fitting_part = _features(target, target_valid, fitting, fitting_valid, virtual_points)
-    out_w = target.new_empty(m, q)
-    out_u = target.new_empty(m, q, config["FP"])
+    rows = max(ROWS_PER_PROGRAM, config["BLOCK_S"])
+    chunks = -(-s // rows)
+    out_w = target.new_empty(m, chunks, q)
+    out_u = target.new_empty(m, chunks, q, config["FP"])
     threshold = target.new_full((1,), kl_threshold if kl_threshold is not None else 0.0)
-    k.em_step_kernel[(m,)](
-        *target_part, *fitting_part, threshold, out_w, out_u, s, q, USE_KL=kl_threshold is not None, **config
+    k.em_step_kernel[(m, chunks)](
+        *target_part, *fitting_part, threshold, out_w, out_u, s, q, rows, USE_KL=kl_threshold is not None, **config
     )
+    out_w, out_u = (out_w[:, 0], out_u[:, 0]) if chunks == 1 else (out_w.sum(1), out_u.sum(1))
     # M step (Eq. 16) from the sums, as em.m_step forms it.
     nonzero = out_w.abs() > torch.finfo(out_w.dtype).tiny * 1e6
     safe_w = torch.where(nonzero, out_w, torch.ones_like(out_w)).unsqueeze(-1)

@@ -6,11 +6,13 @@ r"""Triton kernels of the reduction node fits (imported only when they run; need
   at most ``S - 1`` merges), the heaviest Gaussian of each cluster, and their
   stable order by ``|w|``; writes the order ``[M, S]`` and validity.
 * :func:`em_step_kernel`  the E step (Eq. 15 with the sign and KL gates) and
-  the M step's sums (Eq. 16) of one problem per program
-  (:func:`gmbench.reduction.em.em_step`): the ``S x Q`` responsibilities are
-  computed ``BLOCK_S`` target rows at a time and never stored; out come
+  the M step's sums (Eq. 16) (:func:`gmbench.reduction.em.em_step`); grid
+  ``(problems, chunks)``, a program takes ``rows_per_program`` target rows of
+  one problem: the ``S x Q`` responsibilities are computed ``BLOCK_S`` target
+  rows at a time and never stored; out come the chunk's partial sums
   ``w_s = sum_i r_is w_i`` and ``U_s = sum_i r_is w_i f_i`` for the features
-  ``f_i = (Sigma_i + m_i m_i^T, m_i, 1)`` of the problem-centred targets.
+  ``f_i = (Sigma_i + m_i m_i^T, m_i, 1)`` of the problem-centred targets
+  (added over the chunks afterwards: deterministic, no atomics).
 
 Both compute in the dtype of their inputs (float32 or float64, ``DTYPE``
 follows the pointers).  The per-Gaussian features (precisions, log
@@ -79,10 +81,12 @@ def initial_order_kernel(TARGET, VALID, N_OUT, ORDER, ORDER_VALID, S: tl.constex
 
 @triton.jit
 def em_step_kernel(
-    TF, TW, TV, TLD, TVIRT, FF, FLN, FLD, FLP, FW, FV, KL, OUT_W, OUT_U, S, Q,
+    TF, TW, TV, TLD, TVIRT, FF, FLN, FLD, FLP, FW, FV, KL, OUT_W, OUT_U, S, Q, rows_per_program,
     USE_KL: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     p = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
     q = tl.arange(0, BLOCK_Q)
     q_ok = q < Q
     c = tl.arange(0, FP)
@@ -96,7 +100,8 @@ def em_step_kernel(
     ws = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
     u = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
     inf = float("inf")
-    for s0 in range(0, S, BLOCK_S):
+    first = chunk * rows_per_program
+    for s0 in range(first, tl.minimum(first + rows_per_program, S), BLOCK_S):
         i = s0 + tl.arange(0, BLOCK_S)
         i_ok = i < S
         ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
@@ -130,5 +135,6 @@ def em_step_kernel(
         rw = r * w_i[:, None]
         ws += tl.sum(rw, axis=0)
         u += tl.sum(rw[:, :, None] * ft[:, None, :], axis=0)
-    tl.store(OUT_W + p * Q + q, ws, mask=q_ok)
-    tl.store(OUT_U + (p * Q + q)[:, None] * FP + c[None, :], u, mask=q_ok[:, None])
+    out = (p * n_chunks + chunk) * Q + q
+    tl.store(OUT_W + out, ws, mask=q_ok)
+    tl.store(OUT_U + out[:, None] * FP + c[None, :], u, mask=q_ok[:, None])

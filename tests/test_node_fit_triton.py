@@ -79,6 +79,23 @@ def test_em_step_matches_the_reference(interpreter, dtype, dims, kl_threshold):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_em_step_split_over_programs_matches_the_reference(interpreter, monkeypatch, dtype):
+    # Blocks of 8 rows, 16 rows per program: 40 targets in 3 programs (the last ragged), summed after.
+    monkeypatch.setattr(interpreter, "TILE_ELEMENTS", 8 * 8 * 16)
+    monkeypatch.setattr(interpreter, "ROWS_PER_PROGRAM", 16)
+    assert interpreter.em_launch_config(40, 7, 3)["BLOCK_S"] == 8
+    target = awkward(random_mixture(3, 40, 3, seed=5, signed=True)).to(dtype)
+    valid = gm.weights(target) != 0
+    inputs = (target, valid, target[:, 30:37].clone(), valid[:, 30:37].clone())
+
+    def run(step):
+        return lambda t, tv, f, fv: step(t, tv, f, fv, 20.0, 1.0)
+
+    assert_same(values_and_grads(run(em.em_step), inputs, (0, 2)),
+                values_and_grads(run(interpreter.em_step), inputs, (0, 2)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("width,max_out", [(4, 2), (8, 4), (6, 6)])
 def test_fit_nodes_matches_the_reference(interpreter, dtype, dims, width, max_out):
@@ -221,7 +238,7 @@ def signature(kernel, dtype):
     if kernel == "em_step_kernel":
         names = ["TF", "TW", "TV", "TLD", "TVIRT", "FF", "FLN", "FLD", "FLP", "FW", "FV", "KL", "OUT_W", "OUT_U"]
         sig = {n: "*u8" if n in ("TV", "FV") else P for n in names}
-        return {**sig, "S": "i32", "Q": "i32"}
+        return {**sig, "S": "i32", "Q": "i32", "rows_per_program": "i32"}
     return {"TARGET": P, "VALID": "*u8", "N_OUT": "*i64", "ORDER": "*i32", "ORDER_VALID": "*u8"}
 
 def quick(variant):
