@@ -133,7 +133,7 @@ def em_launch_config(s: int, q: int, d: int) -> dict:
     return dict(D=d, FP=fp, BLOCK_S=block_s, BLOCK_Q=block_q, num_warps=4 if block_s * block_q * fp >= 2048 else 1)
 
 
-def launch_variants(node_sizes=(2, 4), mem_components=(32,)) -> list[tuple[str, str, dict]]:
+def launch_variants(node_sizes=(2, 4, 8), mem_components=(32,)) -> list[tuple[str, str, dict]]:
     """``(kernel, dtype, constants with num_warps)`` the reductions launch: TreeHEM with ``T`` in
     ``node_sizes`` (levels and partial fit), MEM onto ``mem_components`` Gaussians; for compile checks."""
     variants = []
@@ -145,7 +145,7 @@ def launch_variants(node_sizes=(2, 4), mem_components=(32,)) -> list[tuple[str, 
                 for use_kl in (True, False):
                     variants.append(("em_step_kernel", dtype, dict(USE_KL=use_kl, **em_launch_config(s, q, d))))
             for t in node_sizes:
-                variants.append(("initial_order_kernel", dtype, dict(S=2 * t, D=d, num_warps=1)))
+                variants.append(("initial_order_kernel", dtype, dict(S=2 * t, D=d, num_warps=initial_order_warps(2 * t))))
     return variants
 
 
@@ -215,6 +215,10 @@ def em_step(
     return _EMStep.apply(target, target_valid, fitting, fitting_valid, float(virtual_points), kl_threshold)
 
 
+def initial_order_warps(s: int) -> int:
+    return 1 if s <= 8 else 4  # an S x S tile of distances and comparisons per node
+
+
 @torch.no_grad()
 def initial_order(target: Tensor, valid: Tensor, n_out: Tensor, max_out: int) -> tuple[Tensor, Tensor]:
     """:func:`node_fit.initial_gaussians`'s choice as indices: ``(order [M, max_out], valid [M, max_out])``."""
@@ -228,7 +232,7 @@ def initial_order(target: Tensor, valid: Tensor, n_out: Tensor, max_out: int) ->
     order_valid = torch.empty(m, width, dtype=torch.uint8, device=target.device)
     k.initial_order_kernel[(m,)](
         target.contiguous(), valid.to(torch.uint8).contiguous(), n_out.to(torch.int64).contiguous(), order, order_valid,
-        S=width, D=gm.n_dims(target), num_warps=1,
+        S=width, D=gm.n_dims(target), num_warps=initial_order_warps(width),
     )
     return order[:, :max_out].long(), order_valid[:, :max_out].bool()
 

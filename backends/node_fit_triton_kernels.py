@@ -50,7 +50,7 @@ def initial_order_kernel(TARGET, VALID, N_OUT, ORDER, ORDER_VALID, S: tl.constex
     n_clusters = tl.load(N_OUT + node).to(tl.int32)
     flat = i[:, None] * S + i[None, :]
     inf = float("inf")
-    for _ in tl.static_range(S - 1):
+    for _ in range(S - 1):  # at most S - 1 merges; a loop, not unrolled (S = 2T may be large)
         candidates = mergeable & (labels[:, None] != labels[None, :])
         value = tl.where(candidates, dist, inf)
         lowest = tl.min(tl.min(value, axis=1), axis=0)

@@ -112,16 +112,18 @@ def test_fit_nodes_matches_the_reference(interpreter, dtype, dims, width, max_ou
                 values_and_grads(run(interpreter.fit_nodes), (target, valid), (0,)), dtype)
 
 
-def test_initial_order_picks_the_references_initial_gaussians_with_ties(interpreter):
+@pytest.mark.parametrize("width", [8, 16])
+def test_initial_order_picks_the_references_initial_gaussians_with_ties(interpreter, width):
     # Duplicates (distance 0, equal |w|) and a whole node of one Gaussian repeated: ties everywhere.
-    target = random_mixture(5, 8, 2, seed=3, signed=True)
-    target[1] = target[1, :1].expand(8, -1)
-    target[2, 4:] = target[2, :4]
-    valid = torch.ones(5, 8, dtype=torch.bool)
+    # Width 16: TreeHEM T = 8's partial fit (a four-warp tile).
+    target = random_mixture(5, width, 2, seed=3, signed=True)
+    target[1] = target[1, :1].expand(width, -1)
+    target[2, width // 2 :] = target[2, : width // 2]
+    valid = torch.ones(5, width, dtype=torch.bool)
     valid[3, ::2] = False
-    n_out = torch.tensor([1, 3, 4, 8, 2])
-    expected, expected_valid = node_fit.initial_gaussians(target, valid, n_out, 8)
-    order, order_valid = interpreter.initial_order(target, valid, n_out, 8)
+    n_out = torch.tensor([1, 3, 4, width, 2])
+    expected, expected_valid = node_fit.initial_gaussians(target, valid, n_out, width)
+    order, order_valid = interpreter.initial_order(target, valid, n_out, width)
     assert torch.equal(order_valid, expected_valid)
     assert torch.equal(node_fit.take(target, order)[order_valid], expected[expected_valid])
 
@@ -242,9 +244,9 @@ def signature(kernel, dtype):
     return {"TARGET": P, "VALID": "*u8", "N_OUT": "*i64", "ORDER": "*i32", "ORDER_VALID": "*u8"}
 
 def quick(variant):
-    kernel, _, c = variant
+    kernel, dtype, c = variant
     if kernel == "initial_order_kernel":
-        return c["S"] == 4
+        return c["S"] == 4 or (c["S"] == 16 and dtype == "fp32")
     return (c["BLOCK_S"], c["BLOCK_Q"]) == (4, 2) or (c["BLOCK_Q"] == 32 and c["USE_KL"])
 
 VARIANTS = [v for v in nt.launch_variants() if sys.argv[1] == "full" or quick(v)]
@@ -290,15 +292,16 @@ def test_each_kernel_branch_compiles_to_cuda_binaries_without_a_gpu(tmp_path):
     # The interpreter does not check what the compiler does (types, layouts of the 3D tiles,
     # constexpr branches): compile both kernels for A100 (sm_80) and H100 (sm_90) with Triton's
     # bundled ptxas, float32/float64, 2D/3D, the KL gate on and off, the one-warp TreeHEM node
-    # tile (T = 2) and the four-warp MEM tile (onto 32 Gaussians).
+    # tile (T = 2) and the four-warp MEM tile (onto 32 Gaussians); the four-warp clustering tile
+    # (T = 8's partial fit) in float32.
     built = compile_variants(tmp_path, "quick")
-    assert len(built) == 2 * 4 * 4  # (2 archs) x (2 dtypes x 2 dims) x (3 em_step + 1 initial_order)
+    assert len(built) == 2 * (4 * 4 + 2)  # 2 archs x (2 dtypes x 2 dims x (3 em_step + 1 initial_order) + 2)
 
 
 @needs_triton
 @pytest.mark.slow
 def test_every_launched_kernel_variant_compiles_to_cuda_binaries_without_a_gpu(tmp_path):
-    # All the reductions launch: TreeHEM T = 2 and 4 (levels and partial fits), MEM onto 32 (about a minute).
+    # All the reductions launch: TreeHEM T = 2, 4, 8 (levels and partial fits), MEM onto 32 (a minute or two).
     from gmbench.backends import node_fit_triton
 
     built = compile_variants(tmp_path, "full")
