@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from gmbench import mixture as gm
 from gmbench.backends import triton_cache
+from gmbench.errors import GmbenchError
 from gmbench.reduction import em
 from gmbench.reduction.node_fit import take
 
@@ -80,7 +81,7 @@ def _kernels():
     if not interpreting():
         reason = triton_cache.prepare_cache()  # before Triton compiles or loads anything
         if reason:
-            raise RuntimeError(f"the Triton node fits cannot run here: {reason}")
+            raise GmbenchError(f"the Triton node fits cannot run here: {reason}; use implementation: auto or torch")
     from gmbench.backends import node_fit_triton_kernels
 
     return node_fit_triton_kernels
