@@ -14,10 +14,16 @@ Gaussians to ``T``), so the PyTorch form is about a hundred tensor operations
 per tree level, each costing more in dispatch than in arithmetic.  The kernel
 (``node_fit_kernel.cpp``, package data, built by
 :mod:`gmbench.backends.native`) runs one problem per loop iteration on
-``torch.get_num_threads()`` threads.  Backward recomputes each problem's
-forward from its inputs (like TreeHEM's ``recompute``; :func:`treehem` keeps
-the node caches, the inputs of its node fits) and applies the chain rule
-written out in C++.
+``torch.get_num_threads()`` threads.  When a gradient is needed, forward
+keeps each problem's E step (responsibilities and log-likelihoods, ``2 S Q + S``
+values per problem: for MEM 8 x 8 mixtures 2560 -> 32 in float32 41 MiB;
+for TreeHEM T = 2 100 bytes per internal tree node, 12.5 MiB for 8 x 8
+mixtures of 2560, beside its 26 MiB of node caches) and TreeHEM its
+initial-Gaussian choices, so backward redoes only the cheap rest of each
+forward (features and M-step sums) before the chain rule written out in C++;
+``save_state=False`` recomputes the whole forward in backward instead (the
+same gradients, bit for bit: ``tests/test_node_fit_cpu.py``).  :func:`treehem`
+keeps the node caches, the inputs of its node fits.
 
 Available on CPU for float32 and float64, 2D and 3D; not twice
 differentiable.  ``GMBENCH_DISABLE_NODE_FIT_KERNEL=1`` disables it (the
@@ -51,17 +57,18 @@ _i64, _ptr, _int, _double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctype
 _SETTINGS = [_double, _int, _double]
 _SYMBOLS = {}
 for _suffix in SUFFIXES:
-    _SYMBOLS[f"em_step_forward_{_suffix}"] = ([_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"em_step_forward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _int], None)
     _SYMBOLS[f"em_step_backward_{_suffix}"] = (
-        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _int], None)
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
     _SYMBOLS[f"fit_nodes_forward_{_suffix}"] = (
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"fit_nodes_backward_{_suffix}"] = (
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"treehem_forward_{_suffix}"] = (
-        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 9, _int], None)
+        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 10, _int], None)
     _SYMBOLS[f"treehem_backward_{_suffix}"] = (
-        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 8, _int], None)
+        [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 9, _int], None)
 
 LIBRARY = NativeLibrary(
     SOURCE, _SYMBOLS, FLAGS, description="C++ node-fit kernel", fallback="the PyTorch node fits",
@@ -94,9 +101,49 @@ def _mask(valid: Tensor) -> Tensor:
     return valid.to(torch.uint8).contiguous()
 
 
+def em_state_size(s: int, q: int) -> int:
+    """Values of one E step's saved state (node_fit_kernel.cpp's ``EMStep::state_size``): r, ll ``[S, Q]``, has_any ``[S]``."""
+    return 2 * s * q + s
+
+
+def _em_state(save_state: bool, like: Tensor, m: int, s: int, q: int) -> tuple[Tensor | None, Tensor | None]:
+    """MEM's state in two buffers, ``(r and has_any [M, S Q + S], ll [M, S, Q])``, or ``(None, None)``.
+
+    Two halves rather than one block: each stays under glibc's largest mmap
+    threshold (32 MiB) for twice the problem size, so a training loop gets
+    the freed pages of the previous step back instead of faulting in fresh ones.
+    """
+    if not save_state:
+        return None, None
+    return like.new_empty(m, s * q + s), like.new_empty(m, s, q)
+
+
+def treehem_state_size(n_leaves: int, t: int) -> int:
+    """Values of one mixture's saved TreeHEM state (``TreeHEMWork::state_size``): ``L - 1`` node fits, the partial fit.
+
+    A node fit keeps its pass-through flag, initial-Gaussian order and mask
+    (``1 + 2Q``) and its E step.
+    """
+    return (n_leaves - 1) * (1 + 2 * t + em_state_size(2 * t, t)) + 1 + 4 * t + em_state_size(2 * t, 2 * t)
+
+
+def _wants_state(save_state: bool, *inputs: Tensor) -> bool:
+    """Whether a forward keeps its state: asked for, and a backward can follow (grad mode, an input needing one)."""
+    return save_state and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
+def _state(save_state: bool, like: Tensor, *shape: int) -> Tensor | None:
+    """An uninitialised state buffer for forward to fill (``None``: nothing is kept)."""
+    return like.new_empty(*shape) if save_state else None
+
+
+def _ptr_or_null(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class _EMStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, target, target_valid, fitting, fitting_valid, settings):
+    def forward(ctx, target, target_valid, fitting, fitting_valid, settings, save_state):
         library = LIBRARY.load()
         target, fitting = target.contiguous(), fitting.contiguous()
         tv, fv = _mask(target_valid), _mask(fitting_valid)
@@ -104,11 +151,12 @@ class _EMStep(torch.autograd.Function):
         q = fitting.shape[1]
         out = target.new_empty(m, q, k)
         out_valid = torch.empty(m, q, dtype=torch.uint8)
+        state, state_ll = _em_state(save_state, target, m, s, q)
         getattr(library, f"em_step_forward_{_suffix(target)}")(
             m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *settings,
-            out.data_ptr(), out_valid.data_ptr(), torch.get_num_threads(),
+            out.data_ptr(), out_valid.data_ptr(), _ptr_or_null(state), _ptr_or_null(state_ll), torch.get_num_threads(),
         )
-        ctx.save_for_backward(target, tv, fitting, fv)
+        ctx.save_for_backward(target, tv, fitting, fv, state, state_ll)
         ctx.settings = settings
         ctx.mark_non_differentiable(out_valid)
         return out, out_valid.bool()
@@ -116,16 +164,17 @@ class _EMStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_valid):
-        target, tv, fitting, fv = ctx.saved_tensors
+        target, tv, fitting, fv, state, state_ll = ctx.saved_tensors
         m, s, _ = target.shape
         q = fitting.shape[1]
         grad_out = grad_out.to(target.dtype).contiguous()
         grad_target, grad_fitting = torch.empty_like(target), torch.empty_like(fitting)
         getattr(LIBRARY.load(), f"em_step_backward_{_suffix(target)}")(
             m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *ctx.settings,
-            grad_out.data_ptr(), grad_target.data_ptr(), grad_fitting.data_ptr(), torch.get_num_threads(),
+            grad_out.data_ptr(), grad_target.data_ptr(), grad_fitting.data_ptr(), _ptr_or_null(state),
+            _ptr_or_null(state_ll), torch.get_num_threads(),
         )
-        return grad_target, None, grad_fitting, None, None
+        return grad_target, None, grad_fitting, None, None, None
 
 
 class _FitNodes(torch.autograd.Function):
@@ -164,7 +213,7 @@ class _FitNodes(torch.autograd.Function):
 
 class _TreeHEM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, m, valid, order, n_leaves, t, n_valid, n_out, settings):
+    def forward(ctx, m, valid, order, n_leaves, t, n_valid, n_out, settings, save_state):
         library = LIBRARY.load()
         g, n, k = m.shape
         m = m.contiguous()
@@ -176,12 +225,13 @@ class _TreeHEM(torch.autograd.Function):
         partial = torch.empty(g, 2, dtype=torch.int64)
         out = m.new_empty(g, n_out, k)
         out_valid = torch.empty(g, n_out, dtype=torch.uint8)
+        state = _state(save_state, m, g, treehem_state_size(n_leaves, t))
         getattr(library, f"treehem_forward_{_suffix(m)}")(
             g, n, n_leaves, t, n_valid, n_out, *settings, m.data_ptr(), m_valid.data_ptr(), order.data_ptr(),
             nodes.data_ptr(), nodes_valid.data_ptr(), chosen.data_ptr(), partial.data_ptr(), out.data_ptr(),
-            out_valid.data_ptr(), torch.get_num_threads(),
+            out_valid.data_ptr(), _ptr_or_null(state), torch.get_num_threads(),
         )
-        ctx.save_for_backward(order, nodes, nodes_valid, chosen, partial, out_valid)
+        ctx.save_for_backward(order, nodes, nodes_valid, chosen, partial, out_valid, state)
         ctx.args = (n, n_valid, n_out, settings)
         ctx.mark_non_differentiable(out_valid)
         return out, out_valid.bool()
@@ -189,7 +239,7 @@ class _TreeHEM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_valid):
-        order, nodes, nodes_valid, chosen, partial, out_valid = ctx.saved_tensors
+        order, nodes, nodes_valid, chosen, partial, out_valid, state = ctx.saved_tensors
         n, n_valid, n_out, settings = ctx.args
         g, n_nodes, t, k = nodes.shape
         grad_out = grad_out.to(nodes.dtype).contiguous()
@@ -197,14 +247,14 @@ class _TreeHEM(torch.autograd.Function):
         getattr(LIBRARY.load(), f"treehem_backward_{_suffix(nodes)}")(
             g, n, (n_nodes + 1) // 2, t, n_valid, n_out, *settings, order.data_ptr(), nodes.data_ptr(),
             nodes_valid.data_ptr(), chosen.data_ptr(), partial.data_ptr(), out_valid.data_ptr(), grad_out.data_ptr(),
-            grad_m.data_ptr(), torch.get_num_threads(),
+            grad_m.data_ptr(), _ptr_or_null(state), torch.get_num_threads(),
         )
-        return grad_m, None, None, None, None, None, None, None
+        return grad_m, None, None, None, None, None, None, None, None
 
 
 def treehem(
     m: Tensor, valid: Tensor, order: Tensor, n_leaves: int, T: int, n_out: int, virtual_points: float,
-    kl_threshold: float | None,
+    kl_threshold: float | None, *, save_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """TreeHEM after the Morton argsort (``TreeHEMReduction._sorted_leaves``, ``_build_tree`` and the cut) in one call.
 
@@ -213,23 +263,34 @@ def treehem(
     leaves of ``T`` Gaussians hold them, padded.  Returns
     ``([G, n_out, K], valid [G, n_out])``, invalid rows with weight 0; the
     node caches (about ``2 n_leaves T`` Gaussians per mixture) are kept for
-    backward.
+    backward, and with ``save_state`` (when a gradient is needed) the node
+    fits' E steps, ``treehem_state_size(n_leaves, T)`` values per mixture.
     """
     g, n, _ = m.shape
     if n_out > (2 * n_leaves - 1) * T or n > n_leaves * T:
         raise ValueError(f"a tree of {n_leaves} leaves of {T} cannot hold {n} Gaussians or return {n_out}")
     n_valid = int(valid.sum(-1).max()) if g else 0
-    return _TreeHEM.apply(m, valid, order, n_leaves, T, n_valid, int(n_out), _settings(virtual_points, kl_threshold))
+    return _TreeHEM.apply(
+        m, valid, order, n_leaves, T, n_valid, int(n_out), _settings(virtual_points, kl_threshold),
+        _wants_state(save_state, m),
+    )
 
 
 def em_step(
     target: Tensor, target_valid: Tensor, fitting: Tensor, fitting_valid: Tensor,
-    virtual_points: float, kl_threshold: float | None,
+    virtual_points: float, kl_threshold: float | None, *, save_state: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`gmbench.reduction.em.em_step` by the kernel: ``-> ([M, Q, K], valid [M, Q])``."""
+    """:func:`gmbench.reduction.em.em_step` by the kernel: ``-> ([M, Q, K], valid [M, Q])``.
+
+    With ``save_state`` (when a gradient is needed) the E step is kept for
+    backward: ``em_state_size(S, Q)`` values per problem.
+    """
     if target.shape[0] == 0:
         return fitting.new_zeros(fitting.shape), fitting_valid.new_zeros(fitting_valid.shape)
-    return _EMStep.apply(target, target_valid, fitting, fitting_valid, _settings(virtual_points, kl_threshold))
+    return _EMStep.apply(
+        target, target_valid, fitting, fitting_valid, _settings(virtual_points, kl_threshold),
+        _wants_state(save_state, target, fitting),
+    )
 
 
 def fit_nodes(

@@ -3,8 +3,11 @@
 // The same function as gmbench/reduction/em.py (em_step) and node_fit.py
 // (fit_nodes: single-linkage initial Gaussians, then em_step), one small
 // problem per loop iteration, all intermediates in per-thread scratch memory.
-// Backward recomputes the forward of its problem (nothing but the inputs is
-// kept between the passes) and applies the chain rule written out below; the
+// Forward can keep each problem's E step (responsibilities, log-likelihoods,
+// which rows had an allowed pair) and TreeHEM's initial-Gaussian choices in a
+// state buffer; backward then recomputes only the cheap rest (features, M-step
+// sums), else it recomputes the whole forward of its problem.  It applies the
+// chain rule written out below; the
 // PyTorch code is the reference it is tested against (values, gradients,
 // gates, detached terms and the asymmetric use of covariance entries by the
 // closed-form inverse, see gmbench.mixture.symmetric_inverse_and_logdet).
@@ -131,13 +134,18 @@ struct EMStep {
     T total = 0, divisor = 1;
     std::vector<T> ft, virt, absw, ldt;           // [S][FT], [S] x 3
     std::vector<T> fs, adj, detc, det, lds, lprior, ms, pmu;  // [FS][Q], [Q][DD], [Q] x 4, [Q][D] x 2
-    std::vector<T> r, ll;                          // [S][Q] (backward only)
+    std::vector<T> r, ll;                          // [S][Q] (backward without a saved state only)
     std::vector<uint8_t> has_any;                  // [S]
     std::vector<T> U, ws;                          // [FT][Q] sum_i r_is w_i features_i, [Q]
     std::vector<T> logit, kl, e;                   // [Q] row temporaries
     std::vector<uint8_t> allowed, candidate, fsign;
     // backward
     std::vector<T> gU, gwt, gfs, glds, glprior, gvirt, grw, glogit;
+
+    // The saved E step of one problem: r [S][Q] then has_any [S] (0 or 1), and ll [S][Q],
+    // in two blocks (MEM keeps them in two buffers, TreeHEM one after the other).
+    static i64 r_state_size(i64 s, i64 q) { return s * q + s; }
+    static i64 state_size(i64 s, i64 q) { return r_state_size(s, q) + s * q; }
 
     void resize(i64 s, i64 q, bool backward) {
         S = s; Q = q;
@@ -153,7 +161,10 @@ struct EMStep {
         }
     }
 
-    void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st, const int* fit_index) {
+    // With logs false the log determinants and log priors (only the E step's
+    // row() reads them) are left out, as backward from a saved state needs.
+    void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st, const int* fit_index,
+                 bool logs = true) {
         for (int a = 0; a < D; ++a) centre[a] = 0;
         for (i64 i = 0; i < S; ++i)
             for (int a = 0; a < D; ++a) centre[a] += tg[i * K + 1 + a];
@@ -169,7 +180,7 @@ struct EMStep {
             for (int a = 0; a < D; ++a) f[DD + a] = m[a];
             absw[i] = std::fabs(g[0]) * T(tv[i] ? 1 : 0);
             total += absw[i];
-            ldt[i] = log_det_clamped<T, D>(g + 1 + D);
+            if (logs) ldt[i] = log_det_clamped<T, D>(g + 1 + D);
         }
         divisor = total > T(0) ? total : T(1);
         for (i64 i = 0; i < S; ++i) virt[i] = T(st.virtual_points) * absw[i] / divisor;
@@ -179,7 +190,7 @@ struct EMStep {
             det[s] = Inverse<T, D>::adjugate(g + 1 + D, A);
             detc[s] = clamp_tiny(det[s]);
             // A fitting Gaussian copied from target row fit_index[s] has that row's log det.
-            lds[s] = fit_index ? ldt[fit_index[s]] : std::log(detc[s]);
+            if (logs) lds[s] = fit_index ? ldt[fit_index[s]] : std::log(detc[s]);
             T P[DD];
             for (int f = 0; f < DD; ++f) P[f] = A[f] / detc[s];
             T* m = &ms[s * D];
@@ -195,7 +206,7 @@ struct EMStep {
             for (int f = 0; f < DD; ++f) fs[f * Q + s] = P[f];
             for (int a = 0; a < D; ++a) fs[(DD + a) * Q + s] = T(-2) * pm[a];
             fs[(DD + D) * Q + s] = k;
-            lprior[s] = std::log(clamp_tiny(std::fabs(g[0])));
+            if (logs) lprior[s] = std::log(clamp_tiny(std::fabs(g[0])));
             fsign[s] = g[0] >= T(0);
         }
     }
@@ -294,36 +305,48 @@ struct EMStep {
         return any;
     }
 
+    // The M step's sums of target row i with responsibilities ex[Q].
+    void accumulate(i64 i, const T* tg, const T* ex) {
+        const T w_i = tg[i * K];
+        const T* f = &ft[i * FT];
+        T* wsp = ws.data();
+        #pragma omp simd
+        for (i64 s = 0; s < Q; ++s) wsp[s] += ex[s] * w_i;
+        for (int c = 0; c < FT; ++c) {
+            const T fc = f[c] * w_i;
+            T* u = &U[c * Q];
+            #pragma omp simd
+            for (i64 s = 0; s < Q; ++s) u[s] += ex[s] * fc;
+        }
+    }
+
+    // keep: the E step goes to the scratch r, ll, has_any (backward's
+    // recompute); save, save_ll: to save[r_state_size(S, Q)], save_ll[S * Q]
+    // (a forward whose backward reads them back).
     void forward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
-                 T* out, uint8_t* out_valid, bool keep, const int* fit_index = nullptr) {
+                 T* out, uint8_t* out_valid, bool keep, const int* fit_index = nullptr, T* save = nullptr,
+                 T* save_ll = nullptr) {
         prepare(tg, tv, fit, st, fit_index);
         std::fill(U.begin(), U.end(), T(0));
         std::fill(ws.begin(), ws.end(), T(0));
+        const bool store = keep || save;
+        T* R = save ? save : r.data();
+        T* LL = save ? save_ll : ll.data();
         for (i64 i = 0; i < S; ++i) {
             if (!tv[i]) {  // no allowed pair: responsibilities 0, no gradient
-                if (keep) {
-                    has_any[i] = 0;
-                    std::fill(r.begin() + i * Q, r.begin() + (i + 1) * Q, T(0));
+                if (store) {
+                    if (save) save[S * Q + i] = T(0); else has_any[i] = 0;
+                    std::fill(R + i * Q, R + (i + 1) * Q, T(0));
+                    if (save) std::fill(LL + i * Q, LL + (i + 1) * Q, T(0));
                 }
                 continue;
             }
-            const bool any = row(i, tg, tv, fit, fv, st, keep ? &ll[i * Q] : nullptr);
-            if (keep) {
-                has_any[i] = any;
-                std::copy(e.begin(), e.begin() + Q, r.begin() + i * Q);
+            const bool any = row(i, tg, tv, fit, fv, st, store ? LL + i * Q : nullptr);
+            if (store) {
+                if (save) save[S * Q + i] = any ? T(1) : T(0); else has_any[i] = any;
+                std::copy(e.begin(), e.begin() + Q, R + i * Q);
             }
-            const T w_i = tg[i * K];
-            const T* f = &ft[i * FT];
-            const T* ex = e.data();
-            T* wsp = ws.data();
-            #pragma omp simd
-            for (i64 s = 0; s < Q; ++s) wsp[s] += ex[s] * w_i;
-            for (int c = 0; c < FT; ++c) {
-                const T fc = f[c] * w_i;
-                T* u = &U[c * Q];
-                #pragma omp simd
-                for (i64 s = 0; s < Q; ++s) u[s] += ex[s] * fc;
-            }
+            accumulate(i, tg, e.data());
         }
         if (!out) return;
         const T threshold = tiny<T>() * T(1e6);
@@ -351,9 +374,21 @@ struct EMStep {
 
     // Accumulates (+=) the gradients of the target rows into gtg and of the
     // fitting rows into gfit, for the output gradient gout [Q][K].
+    // saved, saved_ll: what forward(..., save, save_ll) wrote for these inputs, else the E step is recomputed.
     void backward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
-                  const T* gout, T* gtg, T* gfit, const int* fit_index = nullptr) {
-        forward(tg, tv, fit, fv, st, nullptr, nullptr, true, fit_index);
+                  const T* gout, T* gtg, T* gfit, const int* fit_index = nullptr, const T* saved = nullptr,
+                  const T* saved_ll = nullptr) {
+        if (saved) {
+            prepare(tg, tv, fit, st, fit_index, false);
+            std::fill(U.begin(), U.end(), T(0));
+            std::fill(ws.begin(), ws.end(), T(0));
+            for (i64 i = 0; i < S; ++i)
+                if (tv[i]) accumulate(i, tg, saved + i * Q);
+        } else {
+            forward(tg, tv, fit, fv, st, nullptr, nullptr, true, fit_index);
+        }
+        const T* R = saved ? saved : r.data();
+        const T* LL = saved ? saved_ll : ll.data();
         const T threshold = tiny<T>() * T(1e6);
         // M step, per fitting Gaussian: out = (w_s, U_mu / w_s + c, sym(U_2 / w_s - mu mu^T)).
         for (i64 s = 0; s < Q; ++s) {
@@ -390,7 +425,7 @@ struct EMStep {
             const T* g = tg + i * K;
             const T w_i = g[0];
             const T* f = &ft[i * FT];
-            const T* ri = &r[i * Q];
+            const T* ri = R + i * Q;
             T gf[FT];
             T gw = 0;
             T* gr = grw.data();
@@ -410,14 +445,14 @@ struct EMStep {
             #pragma omp simd reduction(+ : gw)
             for (i64 s = 0; s < Q; ++s) gw += gr[s] * ri[s];
             gvirt[i] = 0;
-            if (has_any[i]) {
+            if (saved ? saved[S * Q + i] != T(0) : has_any[i] != 0) {
                 // Softmax backward with everything taken relative to the most
                 // responsible pair: mathematically the same (the logit
                 // gradients sum to zero), but no cancellation of terms of
                 // size |g| when the responsibilities are nearly one-hot.
                 i64 top = 0;
                 for (i64 s = 1; s < Q; ++s) if (ri[s] > ri[top]) top = s;
-                const T* l = &ll[i * Q];
+                const T* l = LL + i * Q;
                 const T g_top = gr[top] * w_i, l_top = l[top];
                 T dot = 0;
                 #pragma omp simd reduction(+ : dot)
@@ -576,6 +611,28 @@ struct NodeFit {
         init.resize(Q * K); ginit.resize(Q * K); init_valid.resize(Q);
     }
 
+    // A node fit's saved state: passed (0 or 1), order [Q], init_valid [Q], then the E step's.
+    static i64 state_size(i64 S, i64 Q) { return 1 + 2 * Q + EMStep<T, D>::state_size(S, Q); }
+
+    void save_selection(bool passed, i64 Q, T* state) const {
+        state[0] = passed ? T(1) : T(0);
+        for (i64 q = 0; q < Q; ++q) {
+            state[1 + q] = T(order[q]);
+            state[1 + Q + q] = T(init_valid[q]);
+        }
+    }
+
+    // select() from a saved state: the same order (its first Q rows), init_valid and init.
+    bool load_selection(i64 Q, const T* tg, const T* state) {
+        for (i64 q = 0; q < Q; ++q) {
+            order[q] = (int)state[1 + q];
+            init_valid[q] = state[1 + Q + q] != T(0);
+        }
+        if (state[0] != T(0)) return true;
+        for (i64 q = 0; q < Q; ++q) std::memcpy(&init[q * K], tg + order[q] * K, sizeof(T) * K);
+        return false;
+    }
+
     // Returns true when the node is passed through (order holds the rows).
     bool select(i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 n_out, bool pass_through) {
         i64 count = 0;
@@ -601,15 +658,19 @@ struct EMWork {
     Settings st;
     T* out; uint8_t* out_valid;
     const T* gout; T* gtg; T* gfit;
+    T* state; T* state_ll;  // [M, r_state_size(S, Q)], [M, S, Q]: written by forward, read by backward; or null
     void operator()(i64 p, Scratch& sc) const {
         constexpr int K = 1 + D + D * D;
         if (sc.em.S != S || sc.em.Q != Q || (gout && sc.em.r.empty())) sc.em.resize(S, Q, gout != nullptr);
         const T* t = tg + p * S * K;
         const T* f = fit + p * Q * K;
+        T* sp = state ? state + p * EMStep<T, D>::r_state_size(S, Q) : nullptr;
+        T* sl = state ? state_ll + p * S * Q : nullptr;
         if (gout)
-            sc.em.backward(t, tv + p * S, f, fv + p * Q, st, gout + p * Q * K, gtg + p * S * K, gfit + p * Q * K);
+            sc.em.backward(t, tv + p * S, f, fv + p * Q, st, gout + p * Q * K, gtg + p * S * K, gfit + p * Q * K,
+                           nullptr, sp, sl);
         else
-            sc.em.forward(t, tv + p * S, f, fv + p * Q, st, out + p * Q * K, out_valid + p * Q, false);
+            sc.em.forward(t, tv + p * S, f, fv + p * Q, st, out + p * Q * K, out_valid + p * Q, false, nullptr, sp, sl);
     }
 };
 
@@ -690,6 +751,11 @@ struct TreeHEMWork {
     int32_t* chosen; i64* partial;
     T* out; uint8_t* out_valid;  // [G, n_out, K], [G, n_out]
     const T* gout; T* gm;        // backward: [G, n_out, K] -> [G, N, K]
+    T* state;                    // [G, state_size()] written by forward, read by backward; or null
+
+    // Per mixture: the L-1 internal nodes' fits, then the partial fit's.
+    i64 node_state() const { return NodeFit<T, D>::state_size(2 * Tn, Tn); }
+    i64 state_size() const { return (L - 1) * node_state() + NodeFit<T, D>::state_size(2 * Tn, 2 * Tn); }
 
     // The leaves: the mixture's Gaussians in Morton order, then padding up to
     // L*T slots (weight 0 at the mean position, identity covariance, invalid), as
@@ -730,7 +796,7 @@ struct TreeHEMWork {
         }
     }
 
-    void build(T* nd, uint8_t* vd, NodeFit<T, D>& nf) const {
+    void build(T* nd, uint8_t* vd, NodeFit<T, D>& nf, T* sg) const {
         const i64 S = 2 * Tn, Q = Tn;
         std::vector<i64> first, active;
         levels(first, active);
@@ -750,20 +816,25 @@ struct TreeHEMWork {
                 }
                 const T* children = nd + (2 * j + 1) * Tn * K;
                 const uint8_t* cv = vd + (2 * j + 1) * Tn;
-                if (nf.select(S, Q, children, cv, Tn, true)) {
+                T* sj = sg ? sg + j * node_state() : nullptr;
+                const bool passed = nf.select(S, Q, children, cv, Tn, true);
+                if (sj) nf.save_selection(passed, Q, sj);
+                if (passed) {
                     for (i64 q = 0; q < Q; ++q) {
                         std::memcpy(o + q * K, children + nf.order[q] * K, sizeof(T) * K);
                         ov[q] = cv[nf.order[q]];
                     }
                 } else {
-                    nf.em.forward(children, cv, nf.init.data(), nf.init_valid.data(), st, o, ov, false, nf.order.data());
+                    T* se = sj ? sj + 1 + 2 * Q : nullptr;
+                    nf.em.forward(children, cv, nf.init.data(), nf.init_valid.data(), st, o, ov, false, nf.order.data(),
+                                  se, se ? se + EMStep<T, D>::r_state_size(S, Q) : nullptr);
                 }
             }
         }
     }
 
     // gr [2L-1, T, K] holds the gradient of the node caches; propagated down to the leaves in place.
-    void build_backward(const T* nd, const uint8_t* vd, T* gr, NodeFit<T, D>& nf) const {
+    void build_backward(const T* nd, const uint8_t* vd, T* gr, NodeFit<T, D>& nf, const T* sg) const {
         const i64 S = 2 * Tn, Q = Tn;
         std::vector<i64> first, active;
         levels(first, active);
@@ -772,20 +843,25 @@ struct TreeHEMWork {
                 const i64 j = first[level] + t;
                 const T* children = nd + (2 * j + 1) * Tn * K;
                 const uint8_t* cv = vd + (2 * j + 1) * Tn;
-                fit_backward(nf, S, Q, children, cv, Tn, true, gr + j * Tn * K, gr + (2 * j + 1) * Tn * K);
+                fit_backward(nf, S, Q, children, cv, Tn, true, gr + j * Tn * K, gr + (2 * j + 1) * Tn * K,
+                             sg ? sg + j * node_state() : nullptr);
             }
         }
     }
 
+    // saved: the fit's state from forward (then nothing of its forward is redone but the cheap part), or null.
     void fit_backward(NodeFit<T, D>& nf, i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 count,
-                      bool pass_through, const T* go, T* gt) const {
-        if (nf.select(S, Q, tg, tv, count, pass_through)) {
+                      bool pass_through, const T* go, T* gt, const T* saved) const {
+        const bool passed = saved ? nf.load_selection(Q, tg, saved) : nf.select(S, Q, tg, tv, count, pass_through);
+        if (passed) {
             for (i64 q = 0; q < Q; ++q)
                 for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += go[q * K + c];
             return;
         }
         std::fill(nf.ginit.begin(), nf.ginit.end(), T(0));
-        nf.em.backward(tg, tv, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data(), nf.order.data());
+        const T* se = saved ? saved + 1 + 2 * Q : nullptr;
+        nf.em.backward(tg, tv, nf.init.data(), nf.init_valid.data(), st, go, gt, nf.ginit.data(), nf.order.data(),
+                       se, se ? se + EMStep<T, D>::r_state_size(S, Q) : nullptr);
         for (i64 q = 0; q < Q; ++q)
             for (int c = 0; c < K; ++c) gt[nf.order[q] * K + c] += nf.ginit[q * K + c];
     }
@@ -864,9 +940,11 @@ struct TreeHEMWork {
         i64* part = partial + 2 * g;
         sc.partial_out.resize(S * K);
         sc.partial_valid.assign(S, 0);
+        T* sg = state ? state + g * state_size() : nullptr;
+        T* sp = sg ? sg + (L - 1) * node_state() : nullptr;  // the partial fit's
         if (!gout) {
             fill_leaves(g, nd, vd);
-            build(nd, vd, sc.node);
+            build(nd, vd, sc.node, sg);
             // The partial node is known only after the cut, whose candidate list needs the
             // partial fit's validity: cut once for the node, fit, then list the candidates.
             cut(nd, vd, sc, ch, part);
@@ -875,8 +953,11 @@ struct TreeHEMWork {
                 const uint8_t* cv = vd + (2 * part[0] + 1) * Tn;
                 NodeFit<T, D>& pf = sc.partial_fit;
                 pf.select(S, S, children, cv, part[1], false);
+                if (sp) pf.save_selection(false, S, sp);
+                T* se = sp ? sp + 1 + 2 * S : nullptr;
                 pf.em.forward(children, cv, pf.init.data(), pf.init_valid.data(), st, sc.partial_out.data(),
-                              sc.partial_valid.data(), false, pf.order.data());
+                              sc.partial_valid.data(), false, pf.order.data(), se,
+                              se ? se + EMStep<T, D>::r_state_size(S, S) : nullptr);
                 cut(nd, vd, sc, ch, part);
             }
             T* o = out + g * n_out * K;
@@ -905,9 +986,9 @@ struct TreeHEMWork {
             const T* children = nd + (2 * part[0] + 1) * Tn * K;
             const uint8_t* cv = vd + (2 * part[0] + 1) * Tn;
             fit_backward(sc.partial_fit, S, S, children, cv, part[1], false, sc.gpartial.data(),
-                         sc.grad.data() + (2 * part[0] + 1) * Tn * K);
+                         sc.grad.data() + (2 * part[0] + 1) * Tn * K, sp);
         }
-        build_backward(nd, vd, sc.grad.data(), sc.node);
+        build_backward(nd, vd, sc.grad.data(), sc.node, sg);
         // Leaves -> input rows (a permutation; the padding is constant).
         const T* gl = sc.grad.data() + (L - 1) * Tn * K;
         const i64* order = m_order + g * N;
@@ -921,16 +1002,18 @@ struct TreeHEMWork {
 #define INSTANTIATE(T, D, SUFFIX)                                                                       \
 extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,           \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, T* out, uint8_t* ov,        \
-        int threads) {                                                                                  \
-    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, nullptr, nullptr, nullptr};        \
+        T* state, T* state_ll, int threads) {                                                           \
+    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, nullptr, nullptr, nullptr, state,  \
+                   state_ll};                                                                           \
     for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
 }                                                                                                       \
 extern "C" void em_step_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,          \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, const T* gout, T* gtg,      \
-        T* gfit, int threads) {                                                                         \
+        T* gfit, const T* state, const T* state_ll, int threads) {                                      \
     std::memset(gtg, 0, sizeof(T) * M * S * (1 + D + D * D));                                           \
     std::memset(gfit, 0, sizeof(T) * M * Q * (1 + D + D * D));                                          \
-    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, gout, gtg, gfit};         \
+    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, gout, gtg, gfit,          \
+                   const_cast<T*>(state), const_cast<T*>(state_ll)};                                    \
     for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
 }                                                                                                       \
 extern "C" void fit_nodes_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,         \
@@ -949,19 +1032,20 @@ extern "C" void fit_nodes_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, co
 extern "C" void treehem_forward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_valid, i64 n_out,        \
         double vp, int use_kl, double kl, const T* m, const uint8_t* m_valid, const i64* m_order,       \
         T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out, uint8_t* out_valid,            \
-        int threads) {                                                                                   \
+        T* state, int threads) {                                                                         \
     TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, m, m_valid, m_order, nodes, valid,   \
-                        chosen, partial, out, out_valid, nullptr, nullptr};                              \
+                        chosen, partial, out, out_valid, nullptr, nullptr, state};                       \
     for_each_problem(G, 1, threads, w);                                                                  \
 }                                                                                                        \
 extern "C" void treehem_backward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_valid, i64 n_out,       \
         double vp, int use_kl, double kl, const i64* m_order, const T* nodes, const uint8_t* valid,     \
         const int32_t* chosen, const i64* partial, const uint8_t* out_valid, const T* gout, T* gm,      \
-        int threads) {                                                                                   \
+        const T* state, int threads) {                                                                   \
     std::memset(gm, 0, sizeof(T) * G * N * (1 + D + D * D));                                             \
     TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, nullptr, nullptr, m_order,           \
                         const_cast<T*>(nodes), const_cast<uint8_t*>(valid), const_cast<int32_t*>(chosen),\
-                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout, gm};  \
+                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout, gm,   \
+                        const_cast<T*>(state)};                                                          \
     for_each_problem(G, 1, threads, w);                                                                  \
 }
 

@@ -192,6 +192,80 @@ def test_native_reduction_gradcheck_float64(name, params):
     assert torch.autograd.gradcheck(lambda x: reduction.reduce(x, 5), (m,), eps=1e-6, atol=1e-5)
 
 
+def treehem_inputs(m, T, weight_threshold=1e-7):
+    """The arguments the reduction hands to ``node_fit_cpu.treehem`` for ``m [G, N, K]`` (after its pre-scaling)."""
+    reduction = plugins.create("reduction", "treehem", T=T, weight_threshold=weight_threshold)
+    order, valid, n_leaves = reduction._morton_order(m)
+    return valid, order, n_leaves
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("kind", ["em_step", "treehem-T2", "treehem-T4"])
+def test_saved_state_backward_equals_recompute_backward(kind, dims, dtype):
+    # Bit for bit: the saved E steps are exactly what backward would recompute.
+    m = gm.pad(awkward(random_mixture(5, 57, dims, seed=20 + dims, signed=True)), 64).to(dtype)
+    if kind == "em_step":
+        valid = gm.weights(m) != 0
+        valid[3, 10:] = False
+
+        def run(x, save_state):
+            return node_fit_cpu.em_step(x, valid, x[:, :9], valid[:, :9], 20.0, 1.0, save_state=save_state)
+    else:
+        T = int(kind[-1])
+        valid, order, n_leaves = treehem_inputs(m, T)
+
+        def run(x, save_state):
+            return node_fit_cpu.treehem(x, valid, order, n_leaves, T, 11, 4.0, 0.5, save_state=save_state)
+
+    results = [values_and_grads(lambda x: run(x, save_state), (m,), (0,)) for save_state in (True, False)]
+    (out_s, valid_s, (grad_s,)), (out_r, valid_r, (grad_r,)) = results
+    assert torch.equal(out_s, out_r) and torch.equal(valid_s, valid_r)
+    assert grad_s.abs().sum() > 0
+    assert torch.equal(grad_s, grad_r)
+
+
+def saved_storage_bytes(function):
+    """Bytes of the distinct storages autograd keeps for the backward of ``function()``."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("kind", ["em_step", "treehem"])
+def test_saved_state_has_its_documented_size_and_only_when_a_gradient_is_needed(kind):
+    m = random_mixture(3, 40, 3, seed=3, dtype=torch.float32)
+    valid = torch.ones(3, 40, dtype=torch.bool)
+    if kind == "em_step":
+        expected = 3 * node_fit_cpu.em_state_size(40, 6) * 4
+
+        def run(x, **options):
+            return node_fit_cpu.em_step(x, valid, x[:, :6].detach(), valid[:, :6], 4.0, 1.0, **options)
+    else:
+        valid, order, n_leaves = treehem_inputs(m, 2)
+        assert n_leaves == 32
+        expected = 3 * node_fit_cpu.treehem_state_size(n_leaves, 2) * 4
+
+        def run(x, **options):
+            return node_fit_cpu.treehem(x, valid, order, n_leaves, 2, 7, 4.0, 0.5, **options)
+
+    x = m.clone().requires_grad_(True)
+    kept = saved_storage_bytes(lambda: run(x))
+    recomputed = saved_storage_bytes(lambda: run(x, save_state=False))
+    assert kept - recomputed == expected
+    with torch.no_grad():  # nothing to keep: the state is not even filled
+        torch.testing.assert_close(run(x)[0], run(x, save_state=False)[0], rtol=0, atol=0)
+    assert node_fit_cpu._wants_state(True, x) and not node_fit_cpu._wants_state(True, m)
+    with torch.no_grad():
+        assert not node_fit_cpu._wants_state(True, x)
+
+
 def test_auto_uses_the_kernel_on_cpu_and_torch_keeps_the_reference(monkeypatch):
     m = random_mixture(1, 20, 2)
     assert implementation.native_kernel("auto", m) is node_fit_cpu
