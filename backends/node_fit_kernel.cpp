@@ -122,8 +122,11 @@ T log_det_clamped(const T* C) {
 }
 
 // One E step (Eq. 15, with the sign and KL gates) and one M step (Eq. 16) of
-// S target Gaussians onto Q fitting Gaussians: em.py's em_step.
-template <typename T, int D>
+// S target Gaussians onto Q fitting Gaussians: em.py's em_step.  QC > 0 fixes
+// Q at compile time (TreeHEM's node fits, Q = T or 2T): the loops over the
+// fitting Gaussians, which otherwise cost more in loop overhead than in
+// arithmetic at Q = 2, unroll.
+template <typename T, int D, int QC = 0>
 struct EMStep {
     static constexpr int K = 1 + D + D * D, DD = D * D;
     static constexpr int FT = DD + D;      // target features: Sigma_i + m_i m_i^T (row-major), m_i
@@ -145,6 +148,7 @@ struct EMStep {
     // The saved E step of one problem: r [S][Q] then has_any [S] (0 or 1), and ll [S][Q],
     // in two blocks (MEM keeps them in two buffers, TreeHEM one after the other).
     static i64 r_state_size(i64 s, i64 q) { return s * q + s; }
+    i64 nq() const { return QC > 0 ? i64(QC) : Q; }
     static i64 state_size(i64 s, i64 q) { return r_state_size(s, q) + s * q; }
 
     void resize(i64 s, i64 q, bool backward) {
@@ -165,6 +169,7 @@ struct EMStep {
     // row() reads them) are left out, as backward from a saved state needs.
     void prepare(const T* tg, const uint8_t* tv, const T* fit, const Settings& st, const int* fit_index,
                  bool logs = true) {
+        const i64 Q = nq();  // a compile-time constant where QC is given
         for (int a = 0; a < D; ++a) centre[a] = 0;
         for (i64 i = 0; i < S; ++i)
             for (int a = 0; a < D; ++a) centre[a] += tg[i * K + 1 + a];
@@ -215,6 +220,7 @@ struct EMStep {
     // Returns the log-likelihoods in ll_row when given.
     bool row(i64 i, const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
              T* ll_row) {
+        const i64 Q = nq();  // a compile-time constant where QC is given
         const T log2pi_d = T(D * 1.8378770664093454835606594728112);  // D log(2 pi)
         const T* f = &ft[i * FT];
         const T w_i = tg[i * K];
@@ -307,6 +313,7 @@ struct EMStep {
 
     // The M step's sums of target row i with responsibilities ex[Q].
     void accumulate(i64 i, const T* tg, const T* ex) {
+        const i64 Q = nq();  // a compile-time constant where QC is given
         const T w_i = tg[i * K];
         const T* f = &ft[i * FT];
         T* wsp = ws.data();
@@ -326,6 +333,7 @@ struct EMStep {
     void forward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
                  T* out, uint8_t* out_valid, bool keep, const int* fit_index = nullptr, T* save = nullptr,
                  T* save_ll = nullptr) {
+        const i64 Q = nq();  // a compile-time constant where QC is given
         prepare(tg, tv, fit, st, fit_index);
         std::fill(U.begin(), U.end(), T(0));
         std::fill(ws.begin(), ws.end(), T(0));
@@ -378,6 +386,7 @@ struct EMStep {
     void backward(const T* tg, const uint8_t* tv, const T* fit, const uint8_t* fv, const Settings& st,
                   const T* gout, T* gtg, T* gfit, const int* fit_index = nullptr, const T* saved = nullptr,
                   const T* saved_ll = nullptr) {
+        const i64 Q = nq();  // a compile-time constant where QC is given
         if (saved) {
             prepare(tg, tv, fit, st, fit_index, false);
             std::fill(U.begin(), U.end(), T(0));
@@ -597,10 +606,10 @@ void initial_gaussians(i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 n_out, 
 
 // TreeHEM's node fit: fit_nodes, optionally passing a node with at most n_out
 // valid Gaussians through unchanged (valid first, stable), as _build_tree does.
-template <typename T, int D>
+template <typename T, int D, int QC = 0>
 struct NodeFit {
     static constexpr int K = 1 + D + D * D;
-    EMStep<T, D> em;
+    EMStep<T, D, QC> em;
     std::vector<int> labels, order;
     std::vector<T> magnitude, score, init, ginit;
     std::vector<uint8_t> init_valid;
@@ -734,11 +743,13 @@ struct NodeWork {
 // order, then the partial fit's) gathered into the output.  chosen[g, r] is
 // the candidate index of output row r (node row j*T+t, or (2L-1)*T + p for
 // row p of the partial fit); partial[g] = (node, Gaussian count) or (-1, 0).
-template <typename T, int D>
+// QN, QP: the node fits' and the partial fit's Q (T and 2T) as compile-time constants, or 0.
+template <typename T, int D, int QN = 0, int QP = 0>
 struct TreeHEMWork {
     static constexpr int K = 1 + D + D * D;
     struct Scratch {
-        NodeFit<T, D> node, partial_fit;
+        NodeFit<T, D, QN> node;
+        NodeFit<T, D, QP> partial_fit;
         std::vector<T> grad, key, partial_out, gpartial;
         std::vector<i64> counts, order, rank, totals;
         std::vector<uint8_t> expanded, partial_valid, selected;
@@ -796,7 +807,7 @@ struct TreeHEMWork {
         }
     }
 
-    void build(T* nd, uint8_t* vd, NodeFit<T, D>& nf, T* sg) const {
+    void build(T* nd, uint8_t* vd, NodeFit<T, D, QN>& nf, T* sg) const {
         const i64 S = 2 * Tn, Q = Tn;
         std::vector<i64> first, active;
         levels(first, active);
@@ -834,7 +845,7 @@ struct TreeHEMWork {
     }
 
     // gr [2L-1, T, K] holds the gradient of the node caches; propagated down to the leaves in place.
-    void build_backward(const T* nd, const uint8_t* vd, T* gr, NodeFit<T, D>& nf, const T* sg) const {
+    void build_backward(const T* nd, const uint8_t* vd, T* gr, NodeFit<T, D, QN>& nf, const T* sg) const {
         const i64 S = 2 * Tn, Q = Tn;
         std::vector<i64> first, active;
         levels(first, active);
@@ -850,7 +861,8 @@ struct TreeHEMWork {
     }
 
     // saved: the fit's state from forward (then nothing of its forward is redone but the cheap part), or null.
-    void fit_backward(NodeFit<T, D>& nf, i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 count,
+    template <int QF>
+    void fit_backward(NodeFit<T, D, QF>& nf, i64 S, i64 Q, const T* tg, const uint8_t* tv, i64 count,
                       bool pass_through, const T* go, T* gt, const T* saved) const {
         const bool passed = saved ? nf.load_selection(Q, tg, saved) : nf.select(S, Q, tg, tv, count, pass_through);
         if (passed) {
@@ -951,7 +963,7 @@ struct TreeHEMWork {
             if (part[0] >= 0) {
                 const T* children = nd + (2 * part[0] + 1) * Tn * K;
                 const uint8_t* cv = vd + (2 * part[0] + 1) * Tn;
-                NodeFit<T, D>& pf = sc.partial_fit;
+                NodeFit<T, D, QP>& pf = sc.partial_fit;
                 pf.select(S, S, children, cv, part[1], false);
                 if (sp) pf.save_selection(false, S, sp);
                 T* se = sp ? sp + 1 + 2 * S : nullptr;
@@ -997,6 +1009,17 @@ struct TreeHEMWork {
     }
 };
 
+// TreeHEM with its fits' Q fixed at compile time for the common T = 2 and T = 4.
+template <typename T, int D, typename... Fields>
+void run_treehem(i64 G, i64 Tn, int threads, Fields... fields) {
+    if (Tn == 2)
+        for_each_problem(G, 1, threads, TreeHEMWork<T, D, 2, 4>{fields...});
+    else if (Tn == 4)
+        for_each_problem(G, 1, threads, TreeHEMWork<T, D, 4, 8>{fields...});
+    else
+        for_each_problem(G, 1, threads, TreeHEMWork<T, D>{fields...});
+}
+
 }  // namespace
 
 #define INSTANTIATE(T, D, SUFFIX)                                                                       \
@@ -1033,20 +1056,19 @@ extern "C" void treehem_forward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_vali
         double vp, int use_kl, double kl, const T* m, const uint8_t* m_valid, const i64* m_order,       \
         T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out, uint8_t* out_valid,            \
         T* state, int threads) {                                                                         \
-    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, m, m_valid, m_order, nodes, valid,   \
-                        chosen, partial, out, out_valid, nullptr, nullptr, state};                       \
-    for_each_problem(G, 1, threads, w);                                                                  \
+    run_treehem<T, D>(G, Tn, threads, L, Tn, n_valid, n_out, Settings{vp, use_kl, kl}, N, m, m_valid,    \
+                      m_order, nodes, valid, chosen, partial, out, out_valid, (const T*)nullptr, (T*)nullptr, \
+                      state);                                                                            \
 }                                                                                                        \
 extern "C" void treehem_backward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_valid, i64 n_out,       \
         double vp, int use_kl, double kl, const i64* m_order, const T* nodes, const uint8_t* valid,     \
         const int32_t* chosen, const i64* partial, const uint8_t* out_valid, const T* gout, T* gm,      \
         const T* state, int threads) {                                                                   \
     std::memset(gm, 0, sizeof(T) * G * N * (1 + D + D * D));                                             \
-    TreeHEMWork<T, D> w{L, Tn, n_valid, n_out, {vp, use_kl, kl}, N, nullptr, nullptr, m_order,           \
-                        const_cast<T*>(nodes), const_cast<uint8_t*>(valid), const_cast<int32_t*>(chosen),\
-                        const_cast<i64*>(partial), nullptr, const_cast<uint8_t*>(out_valid), gout, gm,   \
-                        const_cast<T*>(state)};                                                          \
-    for_each_problem(G, 1, threads, w);                                                                  \
+    run_treehem<T, D>(G, Tn, threads, L, Tn, n_valid, n_out, Settings{vp, use_kl, kl}, N, (const T*)nullptr, \
+                      (const uint8_t*)nullptr, m_order, const_cast<T*>(nodes), const_cast<uint8_t*>(valid),  \
+                      const_cast<int32_t*>(chosen), const_cast<i64*>(partial), (T*)nullptr,              \
+                      const_cast<uint8_t*>(out_valid), gout, gm, const_cast<T*>(state));                 \
 }
 
 INSTANTIATE(float, 2, f32_2)

@@ -20,14 +20,31 @@ reference (same run, same machine): TreeHEM should need less memory and grow
 
 For scale: the authors' CPU TreeHEM, on a machine like this one, took
 87 ms forward and 16 s backward for 8 x 8 mixtures 2560 -> 32, T = 2.
+
+Before/after mode (the node-fit kernel of another git revision against this
+tree's, in one process, repetitions interleaved, medians):
+
+    python benchmarks/bench_reduction.py --baseline REV [--sizes 2560] [--repeats 9]
+
+prints per method the forward+backward time and the time inside the
+kernel's forward and backward calls for both, their ratios and the largest
+differences of values and gradients.  The baseline's ``node_fit_cpu.py``,
+``node_fit_kernel.cpp`` and ``fast_exp.h`` are taken with ``git show`` into a
+fresh private temporary folder and built like any kernel, through
+:mod:`gmbench.backends.native` (hash-verified, private kernel folder).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +204,100 @@ def print_summary():
                 f"{both.get('autograd_saved_mb', nan):>11.1f}{both.get('peak_rss_mb', nan):>14.0f}"
                 f"{ratio_t:>10.2f}{ratio_m:>11.2f}{speed_up:>10.1f}"
             )
+
+
+# -- before/after mode ---------------------------------------------------------
+BASELINE_FILES = ("backends/node_fit_cpu.py", "backends/node_fit_kernel.cpp", "backends/fast_exp.h")
+AB_METHODS = {"treehem-T2": ("treehem", {"T": 2}), "treehem-T4": ("treehem", {"T": 4}), "mem": ("mem", {})}
+
+
+def load_baseline(revision: str, folder: Path):
+    """The ``node_fit_cpu`` module of ``revision``, its kernel built from that revision's source."""
+    root = Path(__file__).resolve().parents[1]
+    for name in BASELINE_FILES:
+        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=root, capture_output=True, check=True).stdout
+        (folder / Path(name).name).write_bytes(text)
+    spec = importlib.util.spec_from_file_location("node_fit_cpu_baseline", folder / "node_fit_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.LIBRARY.load() is None:
+        raise RuntimeError(f"the node-fit kernel of {revision} does not build: {module.LIBRARY.unavailable_reason()}")
+    return module
+
+
+class _TimedLibrary:
+    """Forwards to a loaded kernel library and adds each forward/backward call's wall time to ``times``."""
+
+    def __init__(self, library, times: dict):
+        self._library, self._times = library, times
+
+    def __getattr__(self, name):
+        function = getattr(self._library, name)
+        kind = "kernel backward" if "_backward_" in name else "kernel forward"
+
+        def timed(*args):
+            start = time.perf_counter()
+            function(*args)
+            self._times[kind] = self._times.get(kind, 0.0) + time.perf_counter() - start
+
+        return timed
+
+
+def compare_with_baseline(revision: str, sizes: list[int], repeats: int) -> None:
+    import gmbench.reduction.mem as mem_module
+    import gmbench.reduction.treehem as treehem_module
+    from gmbench.backends import node_fit_cpu
+
+    with tempfile.TemporaryDirectory(prefix="gmbench-baseline-") as folder:
+        sides = {"baseline": load_baseline(revision, Path(folder)), "this tree": node_fit_cpu}
+        times: dict[str, dict] = {side: {} for side in sides}
+        for side, module in sides.items():
+            library = module.LIBRARY.load()
+            module.LIBRARY.load = lambda library=library, side=side: _TimedLibrary(library, times[side])
+        print(f"node-fit kernel: {revision} (baseline) vs this tree, {torch.get_num_threads()} threads, "
+              f"8x8 3D mixtures -> {N_OUT}, medians of {repeats} interleaved repetitions; "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"{'method':<12}{'N_o':>7}{'':>12}{'fwd+bwd s':>11}{'kernel fwd s':>14}{'kernel bwd s':>14}"
+              f"{'max |d out|':>13}{'max |d grad|':>14}")
+        for n in sizes:
+            m = layer_output(n)
+            for method, (name, params) in AB_METHODS.items():
+                reduction = plugins.create("reduction", name, **params)
+                samples = {side: {"fwd+bwd": [], "kernel forward": [], "kernel backward": []} for side in sides}
+                results = {}
+                for repeat in range(repeats + 1):  # the first round warms up
+                    order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+                    for side in order:
+                        module = sides[side]
+                        treehem_module.native_kernel = mem_module.native_kernel = lambda _i, _m, module=module: module
+                        times[side].clear()
+                        x = m.clone().requires_grad_(True)
+                        start = time.perf_counter()
+                        out = reduction.reduce(x, N_OUT)
+                        out.sum().backward()
+                        elapsed = time.perf_counter() - start
+                        if repeat:
+                            samples[side]["fwd+bwd"].append(elapsed)
+                            for kind in ("kernel forward", "kernel backward"):
+                                samples[side][kind].append(times[side].get(kind, float("nan")))
+                        results[side] = (out.detach(), x.grad)
+                medians = {side: {k: statistics.median(v) for k, v in samples[side].items()} for side in sides}
+                d_out = float((results["baseline"][0] - results["this tree"][0]).abs().max())
+                d_grad = float((results["baseline"][1] - results["this tree"][1]).abs().max())
+                for side in sides:
+                    row = medians[side]
+                    print(f"{method:<12}{n:>7}{side:>12}{row['fwd+bwd']:>11.4f}{row['kernel forward']:>14.4f}"
+                          f"{row['kernel backward']:>14.4f}")
+                ratio = {k: medians["this tree"][k] / medians["baseline"][k] for k in medians["baseline"]}
+                print(f"{'':<12}{'':>7}{'new/old':>12}{ratio['fwd+bwd']:>11.3f}{ratio['kernel forward']:>14.3f}"
+                      f"{ratio['kernel backward']:>14.3f}{d_out:>13.2e}{d_grad:>14.2e}")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="node-fit kernel before/after (see the module docstring)")
+    parser.add_argument("--baseline", required=True, help="git revision whose node-fit kernel to compare against")
+    parser.add_argument("--sizes", default="2560", help="comma-separated N_o (default 2560)")
+    parser.add_argument("--repeats", type=int, default=9)
+    arguments = parser.parse_args()
+    compare_with_baseline(arguments.baseline, [int(v) for v in arguments.sizes.split(",")], arguments.repeats)
