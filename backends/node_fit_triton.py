@@ -16,13 +16,16 @@ moments, closed-form precisions and log determinants, virtual sample counts)
 and the moment division after are a few vectorised PyTorch operations with
 the reference's formulas.
 
-Backward recomputes through the PyTorch reference (:func:`em.em_step` on the
-saved inputs, inside :class:`torch.autograd.Function`): the gradients are the
-reference's by construction (its gates, detached terms and the closed-form
-inverse's use of the upper triangle), only the inputs are kept between the
-passes, and the backward costs one reference forward and backward, as
-TreeHEM's ``recompute`` does today.  A Triton backward kernel would remove
-that cost; it is not written yet.
+Backward: :func:`em_step_backward_kernel` recomputes each block's pair
+terms, gates and responsibilities from the saved per-Gaussian features and
+applies the chain rule of the softmax and the weighted sums (the gates are
+constants, as the reference's ``no_grad`` block makes them); the features and
+the moment division are differentiated by autograd through the same PyTorch
+formulas (and detached terms) as the reference, so the gradients are the
+reference's up to float rounding (``tests/test_node_fit_triton.py``).  What
+autograd keeps is per-Gaussian, ``O(S + Q)`` per problem, never the
+``S x Q`` pair terms (TreeHEM's ``recompute`` has nothing left to save).
+Not twice differentiable.
 
 Availability: ``triton`` installed and a CUDA tensor (Triton's cache folder
 checked private, :mod:`gmbench.backends.triton_cache`); with
@@ -44,7 +47,6 @@ from torch.autograd.function import once_differentiable
 from gmbench import mixture as gm
 from gmbench.backends import triton_cache
 from gmbench.errors import GmbenchError
-from gmbench.reduction import em
 from gmbench.reduction.node_fit import take
 
 # Elements of the [BLOCK_S, BLOCK_Q, FP] tile of pair terms one program holds.
@@ -95,34 +97,10 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _features(target: Tensor, target_valid: Tensor, fitting: Tensor, fitting_valid: Tensor, virtual_points: float):
-    """The per-Gaussian inputs of :func:`em_step_kernel`, by :func:`em.responsibilities`'s formulas."""
-    d = gm.n_dims(target)
-    fp = _padded_width(d)
-    centre = gm.positions(target).mean(-2, keepdim=True)
-    mu_i = gm.positions(target) - centre
-    mu_s = gm.positions(fitting) - centre
-    second_i = (gm.covariances(target) + mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)).flatten(-2)
-    ft = target.new_zeros(*target.shape[:2], fp)
-    ft[..., : d * d] = second_i
-    ft[..., d * d : d * d + d] = mu_i
-    ft[..., d * d + d] = 1.0
-    precision_s, logdet_s = gm.symmetric_inverse_and_logdet(gm.covariances(fitting))
-    p_mu_s = (precision_s @ mu_s.unsqueeze(-1)).squeeze(-1)
-    fs = fitting.new_zeros(*fitting.shape[:2], fp)
-    fs[..., : d * d] = precision_s.flatten(-2)
-    fs[..., d * d : d * d + d] = -2.0 * p_mu_s
-    fs[..., d * d + d] = (mu_s * p_mu_s).sum(-1)
-    w_i, w_s = gm.weights(target), gm.weights(fitting)
-    abs_w_i = w_i.abs() * target_valid
-    total = abs_w_i.sum(-1, keepdim=True)
-    virtual = virtual_points * abs_w_i / torch.where(total > 0, total, torch.ones_like(total))
-    _, logdet_i = gm.symmetric_inverse_and_logdet(gm.covariances(target))
-    log_prior = torch.log(w_s.abs().clamp_min(torch.finfo(w_s.dtype).tiny))
-    contiguous = lambda *ts: [t.contiguous() for t in ts]  # noqa: E731
-    target_part = contiguous(ft, w_i, target_valid.to(torch.uint8), logdet_i, virtual)
-    fitting_part = contiguous(fs, gm.log_normaliser(logdet_s, d), logdet_s, log_prior, w_s, fitting_valid.to(torch.uint8))
-    return centre, target_part, fitting_part
+def _padded(parts: list[Tensor], fp: int) -> Tensor:
+    """``[..., F]`` pieces concatenated and zero-padded to ``fp`` columns, contiguous."""
+    width = sum(x.shape[-1] for x in parts)
+    return torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:-1], fp - width)], -1).contiguous()
 
 
 def em_launch_config(s: int, q: int, d: int) -> dict:
@@ -144,66 +122,95 @@ def launch_variants(node_sizes=(2, 4, 8), mem_components=(32,)) -> list[tuple[st
             shapes |= {(1 << 16, q) for q in mem_components}
             for s, q in sorted(shapes):
                 for use_kl in (True, False):
-                    variants.append(("em_step_kernel", dtype, dict(USE_KL=use_kl, **em_launch_config(s, q, d))))
+                    for kernel in ("em_step_kernel", "em_step_backward_kernel"):
+                        variants.append((kernel, dtype, dict(USE_KL=use_kl, **em_launch_config(s, q, d))))
             for t in node_sizes:
                 variants.append(("initial_order_kernel", dtype, dict(S=2 * t, D=d, num_warps=initial_order_warps(2 * t))))
     return variants
 
 
-def _em_step_forward(target, target_valid, fitting, fitting_valid, virtual_points, kl_threshold):
-    k = _kernels()
-    d = gm.n_dims(target)
-    m, s, _ = target.shape
-    q = fitting.shape[1]
-    config = em_launch_config(s, q, d)
-    centre, target_part, fitting_part = _features(target, target_valid, fitting, fitting_valid, virtual_points)
-    rows = max(ROWS_PER_PROGRAM, config["BLOCK_S"])
-    chunks = -(-s // rows)
-    out_w = target.new_empty(m, chunks, q)
-    out_u = target.new_empty(m, chunks, q, config["FP"])
-    threshold = target.new_full((1,), kl_threshold if kl_threshold is not None else 0.0)
-    k.em_step_kernel[(m, chunks)](
-        *target_part, *fitting_part, threshold, out_w, out_u, s, q, rows, USE_KL=kl_threshold is not None, **config
-    )
-    out_w, out_u = (out_w[:, 0], out_u[:, 0]) if chunks == 1 else (out_w.sum(1), out_u.sum(1))
-    # M step (Eq. 16) from the sums, as em.m_step forms it.
-    nonzero = out_w.abs() > torch.finfo(out_w.dtype).tiny * 1e6
-    safe_w = torch.where(nonzero, out_w, torch.ones_like(out_w)).unsqueeze(-1)
-    mu_s = out_u[..., d * d : d * d + d] / safe_w
-    cov_s = (out_u[..., : d * d] / safe_w).unflatten(-1, (d, d)) - mu_s.unsqueeze(-1) * mu_s.unsqueeze(-2)
-    cov_s = 0.5 * (cov_s + cov_s.transpose(-1, -2))
-    keep = nonzero.unsqueeze(-1)
-    positions = torch.where(keep, mu_s + centre, gm.positions(fitting))
-    covariances = torch.where(keep.unsqueeze(-1), cov_s, gm.covariances(fitting))
-    out = gm.pack(torch.where(nonzero, out_w, torch.zeros_like(out_w)), positions, covariances)
-    return out, nonzero & fitting_valid
+class _EMSums(torch.autograd.Function):
+    """:func:`em_step_kernel` (forward) and :func:`em_step_backward_kernel` (backward).
 
-
-class _EMStep(torch.autograd.Function):
-    """Forward by :func:`em_step_kernel`; backward recomputes :func:`em.em_step` (the reference)."""
+    Differentiable inputs ``ft [M, S, FP]``, ``w_i``, ``virtual [M, S]``, ``fs [M, Q, FP]``,
+    ``lnorm``, ``log_prior [M, Q]``; the rest only feed the gates.  Returns the M step's sums
+    ``ws [M, Q]`` and ``U [M, Q, FP]``.
+    """
 
     @staticmethod
-    def forward(ctx, target, target_valid, fitting, fitting_valid, virtual_points, kl_threshold):
-        out, valid = _em_step_forward(target, target_valid, fitting, fitting_valid, virtual_points, kl_threshold)
-        ctx.save_for_backward(target, target_valid, fitting, fitting_valid)
-        ctx.settings = (virtual_points, kl_threshold)
-        ctx.mark_non_differentiable(valid)
-        return out, valid
+    def forward(ctx, ft, w_i, virtual, fs, lnorm, log_prior, tv, logdet_i, logdet_s, w_s, fv, threshold, use_kl):
+        k = _kernels()
+        m, s, fp = ft.shape
+        q = fs.shape[1]
+        config = em_launch_config(s, q, 2 if fp == 8 else 3)
+        rows = max(ROWS_PER_PROGRAM, config["BLOCK_S"])
+        chunks = -(-s // rows)
+        inputs = (ft, w_i, tv, logdet_i, virtual, fs, lnorm, logdet_s, log_prior, w_s, fv, threshold)
+        out_w = ft.new_empty(m, chunks, q)
+        out_u = ft.new_empty(m, chunks, q, fp)
+        k.em_step_kernel[(m, chunks)](*inputs, out_w, out_u, s, q, rows, USE_KL=use_kl, **config)
+        ctx.save_for_backward(*inputs)
+        ctx.launch = (m, s, q, rows, chunks, use_kl, config)
+        if chunks == 1:
+            return out_w[:, 0], out_u[:, 0]
+        return out_w.sum(1), out_u.sum(1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, _grad_valid):
-        target, target_valid, fitting, fitting_valid = ctx.saved_tensors
-        need_target, _, need_fitting = ctx.needs_input_grad[:3]
-        with torch.enable_grad():
-            t = target.detach().requires_grad_(need_target)
-            f = fitting.detach().requires_grad_(need_fitting)
-            out, _ = em.em_step(t, target_valid, f, fitting_valid, *ctx.settings)
-            inputs = [x for x in (t, f) if x.requires_grad]
-            grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True)) if inputs else []
-        grad_target = grads.pop(0) if need_target else None
-        grad_fitting = grads.pop(0) if need_fitting else None
-        return grad_target, None, grad_fitting, None, None, None
+    def backward(ctx, grad_w, grad_u):
+        k = _kernels()
+        inputs = ctx.saved_tensors
+        m, s, q, rows, chunks, use_kl, config = ctx.launch
+        ft, fs = inputs[0], inputs[5]
+        g_ft, g_w, g_virtual = torch.empty_like(ft), ft.new_empty(m, s), ft.new_empty(m, s)
+        g_fs = fs.new_empty(m, chunks, q, fs.shape[-1])
+        g_lnorm, g_prior = fs.new_empty(m, chunks, q), fs.new_empty(m, chunks, q)
+        k.em_step_backward_kernel[(m, chunks)](
+            *inputs, grad_w.to(ft.dtype).contiguous(), grad_u.to(ft.dtype).contiguous(),
+            g_ft, g_w, g_virtual, g_fs, g_lnorm, g_prior, s, q, rows, USE_KL=use_kl, **config,
+        )
+        g_fs, g_lnorm, g_prior = g_fs.sum(1), g_lnorm.sum(1), g_prior.sum(1)
+        return g_ft, g_w, g_virtual, g_fs, g_lnorm, g_prior, *[None] * 7
+
+
+def _em_step(target, target_valid, fitting, fitting_valid, virtual_points, kl_threshold):
+    """:func:`em.em_step`: the reference's per-Gaussian features (differentiable PyTorch, the same
+    detached terms), the pair terms and sums in the kernels, the M step's division in PyTorch."""
+    d = gm.n_dims(target)
+    fp = _padded_width(d)
+    centre = gm.positions(target).mean(-2, keepdim=True).detach()
+    mu_i = gm.positions(target) - centre
+    mu_s = gm.positions(fitting) - centre
+    second_i = (gm.covariances(target) + mu_i.unsqueeze(-1) * mu_i.unsqueeze(-2)).flatten(-2)
+    ft = _padded([second_i, mu_i, torch.ones_like(mu_i[..., :1])], fp)
+    precision_s, logdet_s = gm.symmetric_inverse_and_logdet(gm.covariances(fitting))
+    p_mu_s = (precision_s @ mu_s.unsqueeze(-1)).squeeze(-1)
+    fs = _padded([precision_s.flatten(-2), -2.0 * p_mu_s, (mu_s * p_mu_s).sum(-1, keepdim=True)], fp)
+    w_i, w_s = gm.weights(target), gm.weights(fitting)
+    abs_w_i = w_i.abs() * target_valid
+    total = abs_w_i.sum(-1, keepdim=True)
+    virtual = virtual_points * abs_w_i / torch.where(total > 0, total, torch.ones_like(total))
+    log_prior = torch.log(w_s.abs().clamp_min(torch.finfo(w_s.dtype).tiny))
+    with torch.no_grad():  # the gates' inputs
+        _, logdet_i = gm.symmetric_inverse_and_logdet(gm.covariances(target))
+        threshold = target.new_full((1,), kl_threshold if kl_threshold is not None else 0.0)
+    ws, u = _EMSums.apply(
+        ft, w_i.contiguous(), virtual.contiguous(), fs, gm.log_normaliser(logdet_s, d).contiguous(),
+        log_prior.contiguous(), target_valid.to(torch.uint8).contiguous(), logdet_i.contiguous(),
+        logdet_s.detach().contiguous(), w_s.detach().contiguous(), fitting_valid.to(torch.uint8).contiguous(),
+        threshold, kl_threshold is not None,
+    )
+    # M step (Eq. 16) from the sums, as em.m_step forms it.
+    nonzero = ws.detach().abs() > torch.finfo(ws.dtype).tiny * 1e6
+    safe_w = torch.where(nonzero, ws, torch.ones_like(ws)).unsqueeze(-1)
+    mean = u[..., d * d : d * d + d] / safe_w
+    cov_s = (u[..., : d * d] / safe_w).unflatten(-1, (d, d)) - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    cov_s = 0.5 * (cov_s + cov_s.transpose(-1, -2))
+    keep = nonzero.unsqueeze(-1)
+    positions = torch.where(keep, mean + centre, gm.positions(fitting).detach())
+    covariances = torch.where(keep.unsqueeze(-1), cov_s, gm.covariances(fitting).detach())
+    out = gm.pack(torch.where(nonzero, ws, torch.zeros_like(ws)), positions, covariances)
+    return out, nonzero & fitting_valid
 
 
 def em_step(
@@ -213,7 +220,7 @@ def em_step(
     """:func:`gmbench.reduction.em.em_step` by the Triton kernel: ``-> ([M, Q, K], valid [M, Q])``."""
     if target.shape[0] == 0 or fitting.shape[1] == 0:
         return fitting.new_zeros(fitting.shape), fitting_valid.new_zeros(fitting_valid.shape)
-    return _EMStep.apply(target, target_valid, fitting, fitting_valid, float(virtual_points), kl_threshold)
+    return _em_step(target, target_valid, fitting, fitting_valid, float(virtual_points), kl_threshold)
 
 
 def initial_order_warps(s: int) -> int:
@@ -244,8 +251,8 @@ def fit_nodes(
 ) -> tuple[Tensor, Tensor]:
     """:func:`gmbench.reduction.node_fit.fit_nodes` by the Triton kernels: ``[M, S, K] -> ([M, max_out, K], valid)``.
 
-    ``recompute`` is accepted for the reference's signature: backward always
-    recomputes (only the inputs are kept).
+    ``recompute`` is accepted for the reference's signature: the backward
+    kernel always recomputes the pair terms (only per-Gaussian tensors are kept).
     """
     m, s, k = target.shape
     if max_out > s:

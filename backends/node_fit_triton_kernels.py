@@ -13,8 +13,12 @@ r"""Triton kernels of the reduction node fits (imported only when they run; need
   ``w_s = sum_i r_is w_i`` and ``U_s = sum_i r_is w_i f_i`` for the features
   ``f_i = (Sigma_i + m_i m_i^T, m_i, 1)`` of the problem-centred targets
   (added over the chunks afterwards: deterministic, no atomics).
+* :func:`em_step_backward_kernel`  the gradients of those sums w.r.t. the
+  features, weights, virtual sample counts, log normalisers and log priors:
+  same grid, the pair terms recomputed, per-target gradients written per row,
+  per-fitting ones as partial sums per chunk.
 
-Both compute in the dtype of their inputs (float32 or float64, ``DTYPE``
+All compute in the dtype of their inputs (float32 or float64, ``DTYPE``
 follows the pointers).  The per-Gaussian features (precisions, log
 determinants, virtual sample counts) are prepared by
 :mod:`gmbench.backends.node_fit_triton` with the reference's formulas.
@@ -138,3 +142,86 @@ def em_step_kernel(
     out = (p * n_chunks + chunk) * Q + q
     tl.store(OUT_W + out, ws, mask=q_ok)
     tl.store(OUT_U + out[:, None] * FP + c[None, :], u, mask=q_ok[:, None])
+
+
+@triton.jit
+def em_step_backward_kernel(
+    TF, TW, TV, TLD, TVIRT, FF, FLN, FLD, FLP, FW, FV, KL, GWS, GU,
+    G_TF, G_TW, G_TVIRT, G_FF, G_FLN, G_FLP, S, Q, rows_per_program,
+    USE_KL: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Gradients of :func:`em_step_kernel`'s sums w.r.t. its differentiable inputs (the gates are
+    constants, as in the reference): the pair terms are recomputed, the per-target gradients of the
+    program's rows written, the per-fitting ones as the chunk's partial sums."""
+    p = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    q = tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    c = tl.arange(0, FP)
+    fs = tl.load(FF + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
+    lnorm = tl.load(FLN + p * Q + q, mask=q_ok, other=0.0)
+    lds = tl.load(FLD + p * Q + q, mask=q_ok, other=0.0)
+    lprior = tl.load(FLP + p * Q + q, mask=q_ok, other=0.0)
+    w_s = tl.load(FW + p * Q + q, mask=q_ok, other=0.0)
+    fv = (tl.load(FV + p * Q + q, mask=q_ok, other=0) != 0) & q_ok
+    gws = tl.load(GWS + p * Q + q, mask=q_ok, other=0.0)
+    gu = tl.load(GU + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
+    threshold = tl.load(KL)
+    g_fs = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
+    g_lnorm = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
+    g_lprior = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
+    inf = float("inf")
+    first = chunk * rows_per_program
+    for s0 in range(first, tl.minimum(first + rows_per_program, S), BLOCK_S):
+        i = s0 + tl.arange(0, BLOCK_S)
+        i_ok = i < S
+        ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
+        w_i = tl.load(TW + p * S + i, mask=i_ok, other=0.0)
+        tv = (tl.load(TV + p * S + i, mask=i_ok, other=0) != 0) & i_ok
+        ldi = tl.load(TLD + p * S + i, mask=i_ok, other=0.0)
+        virtual = tl.load(TVIRT + p * S + i, mask=i_ok, other=0.0)
+        # Forward of the block, as em_step_kernel.
+        quadratic = tl.sum(ft[:, None, :] * fs[None, :, :], axis=2)
+        log_likelihood = -0.5 * quadratic + lnorm[None, :]
+        logits = virtual[:, None] * log_likelihood + lprior[None, :]
+        kl = 0.5 * (((quadratic - D) - ldi[:, None]) + lds[None, :])
+        pair_valid = tv[:, None] & fv[None, :]
+        same_sign = (w_i[:, None] >= 0) == (w_s[None, :] >= 0)
+        candidates = pair_valid & same_sign
+        any_candidate = tl.max(candidates.to(tl.int32), axis=1) > 0
+        candidates = tl.where(any_candidate[:, None], candidates, pair_valid)
+        value = tl.where(candidates & q_ok[None, :], kl, inf)
+        lowest = tl.min(value, axis=1)
+        best = tl.min(tl.where(value == lowest[:, None], q[None, :], BLOCK_Q), axis=1)
+        if USE_KL:
+            allowed = candidates & (kl < threshold)
+        else:
+            allowed = candidates
+        allowed = (allowed | (q[None, :] == best[:, None])) & pair_valid
+        has_any = tl.max(allowed.to(tl.int32), axis=1) > 0
+        top = tl.max(tl.where(allowed, logits, -inf), axis=1)
+        top = tl.where(has_any, top, 0.0)
+        e = tl.exp(tl.where(allowed, logits - top[:, None], -inf))
+        z = tl.sum(e, axis=1)
+        r = e / tl.where(has_any, z, 1.0)[:, None]
+        # Chain rule: ws_s = sum_i r_is w_i, U_s = sum_i r_is w_i f_i, r = softmax over the allowed s.
+        g_rw = gws[None, :] + tl.sum(ft[:, None, :] * gu[None, :, :], axis=2)
+        g_ft = tl.sum((r * w_i[:, None])[:, :, None] * gu[None, :, :], axis=1)
+        g_w = tl.sum(r * g_rw, axis=1)
+        g_r = w_i[:, None] * g_rw
+        g_logit = r * (g_r - tl.sum(r * g_r, axis=1)[:, None])
+        g_lprior += tl.sum(g_logit, axis=0)
+        g_virtual = tl.sum(g_logit * log_likelihood, axis=1)
+        g_ll = virtual[:, None] * g_logit
+        g_lnorm += tl.sum(g_ll, axis=0)
+        g_quadratic = -0.5 * g_ll
+        g_ft += tl.sum(g_quadratic[:, :, None] * fs[None, :, :], axis=1)
+        g_fs += tl.sum(g_quadratic[:, :, None] * ft[:, None, :], axis=0)
+        tl.store(G_TF + (p * S + i)[:, None] * FP + c[None, :], g_ft, mask=i_ok[:, None])
+        tl.store(G_TW + p * S + i, g_w, mask=i_ok)
+        tl.store(G_TVIRT + p * S + i, g_virtual, mask=i_ok)
+    out = (p * n_chunks + chunk) * Q + q
+    tl.store(G_FF + out[:, None] * FP + c[None, :], g_fs, mask=q_ok[:, None])
+    tl.store(G_FLN + out, g_lnorm, mask=q_ok)
+    tl.store(G_FLP + out, g_lprior, mask=q_ok)

@@ -7,7 +7,8 @@ awkward inputs of ``tests/test_node_fit_cpu.py`` (zero and negative weights,
 padding, duplicated centroids, (nearly) singular covariances).  Outside the
 interpreter: every kernel variant the reductions launch compiles ahead of time
 to sm_80 and sm_90 binaries (no GPU needed), and the implementation choice.
-Sizes are small: the interpreter runs each program in NumPy.
+Sizes are small: the interpreter runs each program in NumPy.  The compile
+checks take a minute or more (``slow``; ``-m "not slow"`` leaves them out).
 """
 
 import json
@@ -237,8 +238,12 @@ from gmbench.backends import node_fit_triton_kernels as k
 
 def signature(kernel, dtype):
     P = "*" + dtype
+    names = ["TF", "TW", "TV", "TLD", "TVIRT", "FF", "FLN", "FLD", "FLP", "FW", "FV", "KL"]
     if kernel == "em_step_kernel":
-        names = ["TF", "TW", "TV", "TLD", "TVIRT", "FF", "FLN", "FLD", "FLP", "FW", "FV", "KL", "OUT_W", "OUT_U"]
+        names += ["OUT_W", "OUT_U"]
+    elif kernel == "em_step_backward_kernel":
+        names += ["GWS", "GU", "G_TF", "G_TW", "G_TVIRT", "G_FF", "G_FLN", "G_FLP"]
+    if kernel != "initial_order_kernel":
         sig = {n: "*u8" if n in ("TV", "FV") else P for n in names}
         return {**sig, "S": "i32", "Q": "i32", "rows_per_program": "i32"}
     return {"TARGET": P, "VALID": "*u8", "N_OUT": "*i64", "ORDER": "*i32", "ORDER_VALID": "*u8"}
@@ -247,7 +252,10 @@ def quick(variant):
     kernel, dtype, c = variant
     if kernel == "initial_order_kernel":
         return c["S"] == 4 or (c["S"] == 16 and dtype == "fp32")
-    return (c["BLOCK_S"], c["BLOCK_Q"]) == (4, 2) or (c["BLOCK_Q"] == 32 and c["USE_KL"])
+    node_tile, mem_tile = (c["BLOCK_S"], c["BLOCK_Q"]) == (4, 2), c["BLOCK_Q"] == 32
+    if not c["USE_KL"]:  # the gate's other branch: once per dimension
+        return node_tile and dtype == "fp32" and kernel == "em_step_kernel"
+    return node_tile or mem_tile
 
 VARIANTS = [v for v in nt.launch_variants() if sys.argv[1] == "full" or quick(v)]
 
@@ -282,26 +290,27 @@ def compile_variants(tmp_path, which):
     assert result.returncode == 0, result.stderr[-3000:]
     (n_variants,), *built = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(built) == 2 * n_variants
-    assert {row[0] for row in built} == {"em_step_kernel", "initial_order_kernel"}
+    assert {row[0] for row in built} == {"em_step_kernel", "em_step_backward_kernel", "initial_order_kernel"}
     assert all(size > 0 for *_, size in built)
     return built
 
 
 @needs_triton
+@pytest.mark.slow
 def test_each_kernel_branch_compiles_to_cuda_binaries_without_a_gpu(tmp_path):
     # The interpreter does not check what the compiler does (types, layouts of the 3D tiles,
     # constexpr branches): compile both kernels for A100 (sm_80) and H100 (sm_90) with Triton's
-    # bundled ptxas, float32/float64, 2D/3D, the KL gate on and off, the one-warp TreeHEM node
-    # tile (T = 2) and the four-warp MEM tile (onto 32 Gaussians); the four-warp clustering tile
-    # (T = 8's partial fit) in float32.
+    # bundled ptxas, float32/float64, 2D/3D: forward and backward E+M kernels on the one-warp
+    # TreeHEM node tile (T = 2) and the four-warp MEM tile (onto 32 Gaussians), the KL gate's other
+    # branch in float32, the clustering kernel (and its four-warp T = 8 tile in float32).
     built = compile_variants(tmp_path, "quick")
-    assert len(built) == 2 * (4 * 4 + 2)  # 2 archs x (2 dtypes x 2 dims x (3 em_step + 1 initial_order) + 2)
+    assert len(built) == 2 * (4 * 5 + 2 + 2)  # 2 archs x (2 dtypes x 2 dims x 5 + 2 gate-off + 2 wide clustering)
 
 
 @needs_triton
 @pytest.mark.slow
 def test_every_launched_kernel_variant_compiles_to_cuda_binaries_without_a_gpu(tmp_path):
-    # All the reductions launch: TreeHEM T = 2, 4, 8 (levels and partial fits), MEM onto 32 (a minute or two).
+    # All the reductions launch: TreeHEM T = 2, 4, 8 (levels and partial fits), MEM onto 32 (a few minutes).
     from gmbench.backends import node_fit_triton
 
     built = compile_variants(tmp_path, "full")
