@@ -26,6 +26,8 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
 
 typedef int64_t i64;
@@ -55,6 +57,22 @@ void for_each_problem(i64 count, i64 chunk, int threads, Work work) {
             for (i64 p = begin; p < end; ++p) work(p, scratch);
         }
     });
+}
+
+// Fresh buffers of tens of MiB (the saved states, TreeHEM's node caches, the
+// input gradients) are first touched here; on 4 KiB pages that is one page
+// fault per 4 KiB, which on a busy machine costs more than the writes (42 MiB
+// fresh and filled: 37 ms on 4 KiB pages, 14 ms on huge pages, load 3).  Asks
+// for transparent huge pages on the 2 MiB-aligned inside of the buffer (a no-op
+// where the system does not offer them on request); the contents are unchanged.
+void advise_huge_pages(const void* data, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = uintptr_t(1) << 21;
+    const uintptr_t begin = (uintptr_t(data) + huge - 1) & ~(huge - 1), end = (uintptr_t(data) + bytes) & ~(huge - 1);
+    if (data && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)data; (void)bytes;
+#endif
 }
 
 struct Settings {
@@ -1026,6 +1044,8 @@ void run_treehem(i64 G, i64 Tn, int threads, Fields... fields) {
 extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,           \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, T* out, uint8_t* ov,        \
         T* state, T* state_ll, int threads) {                                                           \
+    advise_huge_pages(state, sizeof(T) * M * EMStep<T, D>::r_state_size(S, Q));                         \
+    advise_huge_pages(state_ll, sizeof(T) * M * S * Q);                                                 \
     EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, nullptr, nullptr, nullptr, state,  \
                    state_ll};                                                                           \
     for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
@@ -1033,6 +1053,7 @@ extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const
 extern "C" void em_step_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,          \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, const T* gout, T* gtg,      \
         T* gfit, const T* state, const T* state_ll, int threads) {                                      \
+    advise_huge_pages(gtg, sizeof(T) * M * S * (1 + D + D * D));                                        \
     std::memset(gtg, 0, sizeof(T) * M * S * (1 + D + D * D));                                           \
     std::memset(gfit, 0, sizeof(T) * M * Q * (1 + D + D * D));                                          \
     EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, gout, gtg, gfit,          \
@@ -1056,6 +1077,8 @@ extern "C" void treehem_forward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_vali
         double vp, int use_kl, double kl, const T* m, const uint8_t* m_valid, const i64* m_order,       \
         T* nodes, uint8_t* valid, int32_t* chosen, i64* partial, T* out, uint8_t* out_valid,            \
         T* state, int threads) {                                                                         \
+    advise_huge_pages(nodes, sizeof(T) * G * (2 * L - 1) * Tn * (1 + D + D * D));                        \
+    if (state) advise_huge_pages(state, sizeof(T) * G * TreeHEMWork<T, D>{L, Tn}.state_size());          \
     run_treehem<T, D>(G, Tn, threads, L, Tn, n_valid, n_out, Settings{vp, use_kl, kl}, N, m, m_valid,    \
                       m_order, nodes, valid, chosen, partial, out, out_valid, (const T*)nullptr, (T*)nullptr, \
                       state);                                                                            \
@@ -1064,6 +1087,7 @@ extern "C" void treehem_backward_##SUFFIX(i64 G, i64 N, i64 L, i64 Tn, i64 n_val
         double vp, int use_kl, double kl, const i64* m_order, const T* nodes, const uint8_t* valid,     \
         const int32_t* chosen, const i64* partial, const uint8_t* out_valid, const T* gout, T* gm,      \
         const T* state, int threads) {                                                                   \
+    advise_huge_pages(gm, sizeof(T) * G * N * (1 + D + D * D));                                          \
     std::memset(gm, 0, sizeof(T) * G * N * (1 + D + D * D));                                             \
     run_treehem<T, D>(G, Tn, threads, L, Tn, n_valid, n_out, Settings{vp, use_kl, kl}, N, (const T*)nullptr, \
                       (const uint8_t*)nullptr, m_order, const_cast<T*>(nodes), const_cast<uint8_t*>(valid),  \
