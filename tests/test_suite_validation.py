@@ -174,6 +174,23 @@ def test_plugin_parameter_of_the_wrong_type_or_choice(tmp_path, capsys, text, li
     check(tmp_path, capsys, text, line, *parts, dry_run=dry_run)
 
 
+
+# Ranges the plugins check in __init__, not in their annotations: found by building the
+# plugin during validation, before any cell runs (with and without --dry-run).
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("text, line, parts", [
+    ("name: t\ncell:\n  dataset: digits\n  dataset_params: {test_fraction: 2.0}\n  model: pointnet\n  input: points\n", 4,
+     ["dataset_params.test_fraction:", "dataset plugin 'digits'", "test_fraction must be in (0, 1), got 2.0"]),
+    (BASE + "    reduction_params: {T: 3}\n", 8,
+     ["model_params.reduction_params.T:", "reduction plugin 'treehem'", "power of two", "got 3"]),
+    (BASE + "    transfer_fitting_params: {eps: -1.0}\n", 8,
+     ["model_params.transfer_fitting_params.eps:", "transfer_fitting plugin 'dense'", "eps must be positive"]),
+    (BASE + "  input_fitting_params: {reg_covar: -0.5}\n", 8,
+     ["input_fitting_params.reg_covar:", "input_fitting plugin 'kmeans'", "reg_covar must be a positive number"]),
+])
+def test_plugin_parameter_out_of_the_range_its_constructor_checks(tmp_path, capsys, text, line, parts, dry_run):
+    check(tmp_path, capsys, text, line, *parts, dry_run=dry_run)
+
 def test_nested_plugin_name_of_the_wrong_type(tmp_path, capsys):
     check(tmp_path, capsys, BASE + "    reduction: 3\n", 8, "'model_params.reduction' must be a plugin name")
 

@@ -5,6 +5,12 @@ The parameters themselves are judged by :func:`gmbench.plugins.check_parameters`
 walks every ``<kind>`` / ``<kind>_params`` pair of a cell, recursively (a
 model's ``reduction`` + ``reduction_params``), and puts ``file:line`` and the
 field path in front of what ``check_parameters`` says.
+
+Value ranges a plugin checks in its ``__init__`` (``test_fraction`` in (0, 1),
+``T`` a power of two, ...) are not in the annotations, so the plugins of the
+kinds in :data:`BUILT_WHEN_CHECKED` are also built once per distinct parameter
+mapping: their constructors only store and check arguments. Models (weights),
+backends (kernels) and loggers (files) are not built before a cell runs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from gmbench import plugins
 from gmbench.errors import GmbenchError
 from gmbench.suite.checks import Context, short
 from gmbench.suite.yaml_lines import LDict, line_of, plain
+
+# Plugin kinds whose constructors are cheap and free of side effects, and the stand-ins
+# for the parameters the framework passes them when a cell runs.
+BUILT_WHEN_CHECKED = {"dataset": {"data_root": None, "seed": 0}, "transfer_fitting": {}, "reduction": {}, "input_fitting": {}}
 
 
 def check_plugin(
@@ -63,6 +73,12 @@ def check_plugin(
         if getattr(line, "option", None) and ctx.cell:  # a --set value that suits some cells only
             message += f" (cell {ctx.cell}: --set gives every cell the value; to change only some cells, edit the suite)"
         raise ctx.fail(line, message) from None
+    if kind in BUILT_WHEN_CHECKED:
+        try:
+            plugins.create(kind, name, **{**BUILT_WHEN_CHECKED[kind], **plain(params)})
+        except GmbenchError as error:
+            line, path = _locate(error, params, params_line)
+            raise ctx.fail(line, f"{'.'.join([field, *path])}: {error}") from None
     if key is not None:
         ctx.checked[key] = info
     return info
