@@ -74,8 +74,9 @@ class TreeHEMReduction:
     ``normalize_scale`` pre-scale each mixture to mean covariance trace D;
     ``recompute`` recompute the per-node EM steps in backward instead of
     keeping their intermediates (several times less training memory, about
-    one more forward pass of time; not in the authors' code; the native
-    and Triton kernels always recompute);
+    one more forward pass of time; not in the authors' code; PyTorch path
+    only: the native kernel always keeps each node fit's E step, about 100
+    bytes per tree node at T = 2, and the Triton kernels always recompute);
     ``implementation`` of the node fits: ``auto`` (the fused C++ kernel on
     CPU where it builds, the Triton kernels on CUDA where triton is
     installed, else PyTorch), ``native``, ``triton`` or ``torch`` (see
