@@ -169,6 +169,14 @@ def test_reduction_native_matches_torch(name, params, dims, dtype):
     assert_same(reference, native, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_treehem_with_runtime_node_size_matches_torch(dtype):
+    # T = 2 and 4 run code with the node size fixed at compile time; T = 8 the general code.
+    m = gm.pad(awkward(random_mixture(4, 90, 3, seed=31, signed=True)), 96).to(dtype)
+    reference, native = reduce_both("treehem", {"T": 8}, m, 21)
+    assert_same(reference, native, dtype)
+
+
 @pytest.mark.parametrize("name,params", METHODS, ids=IDS)
 def test_reduction_native_matches_torch_on_mixtures_of_different_real_counts(name, params):
     counts = [70, 9, 33, 6]
