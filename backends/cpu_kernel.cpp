@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstring>
 #include <atomic>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -81,43 +80,41 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T*
 // values s_ij = g_i c_j e_ij of the block stay in L1, so dA and dc are read
 // and written once per Gaussian for P points (not once per pair), which made
 // the backward memory-bound before.
-// Work items (mixture, point chunk) are split contiguously over the threads;
-// each thread accumulates dA and dc of its current mixture privately and adds
-// them to the output (under a lock) when it moves on.  go is [G, M, W],
+// Work items (mixture, chunk of point tiles) are handed out dynamically (an
+// atomic counter, as in the forward), so a thread slowed by other jobs on its
+// core does not hold up the others.  Each item accumulates dA and dc in its
+// own buffer; a mixture split into several chunks (only when there are fewer
+// than 4 mixtures per thread) has them summed in chunk order at the end, so
+// the result does not depend on which thread ran what.  go is [G, M, W],
 // gc [G, N, W].
 template <typename T, int F, int W, int P = 8, int JC = 512>
 static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, const T* go,
                      T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask, int threads) {
     const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
-    const i64 chunks_per_g = G >= threads ? 1 : (threads + G - 1) / G;
+    const i64 wanted = G >= 4 * (i64)threads || G == 0 ? 1 : (4 * (i64)threads + G - 1) / G;
+    const i64 chunks_per_g = wanted < nmt ? wanted : (nmt > 0 ? nmt : 1);
     const i64 pts_per_chunk = ((nmt + chunks_per_g - 1) / chunks_per_g);
     const i64 items = G * chunks_per_g;
     if (gX) std::memset(gX, 0, sizeof(T) * G * M * F);
-    if (gA) std::memset(gA, 0, sizeof(T) * G * N * F);
-    if (gc) std::memset(gc, 0, sizeof(T) * G * N * W);
-    std::mutex flush_lock;
-    run_parallel(threads, [&](int tid, int nth) {
-        const i64 w0 = items * tid / nth, w1 = items * (tid + 1) / nth;
-        std::vector<T> dAt((size_t)F * N), dc((size_t)W * N);
+    // Per-chunk partial sums [item][F + W][N] when mixtures are split.
+    std::vector<T> partial(chunks_per_g > 1 ? (size_t)items * (F + W) * N : 0);
+    // dAt [F, N] and dc [W, N] of mixture g into gA [G, N, F] and gc [G, N, W].
+    auto write_out = [&](i64 g, const T* dAt, const T* dc) {
+        for (i64 j = 0; j < N; ++j) {
+            if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] = dc[w * N + j];
+            if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] = dAt[f * N + j];
+        }
+    };
+    std::atomic<i64> next(0);
+    run_parallel(threads, [&](int, int) {
+        std::vector<T> own(chunks_per_g > 1 ? 0 : (size_t)(F + W) * N);
         alignas(64) T sbuf[P][JC];
         alignas(64) T ebuf[P][JC];
-        i64 current = -1;
-        auto flush = [&](i64 g) {
-            if (g < 0) return;
-            std::lock_guard<std::mutex> guard(flush_lock);
-            for (i64 j = 0; j < N; ++j) {
-                if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] += dc[w * N + j];
-                if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] += dAt[f * N + j];
-            }
-        };
-        for (i64 w = w0; w < w1; ++w) {
+        for (i64 w = next++; w < items; w = next++) {
             const i64 g = w / chunks_per_g, chunk = w % chunks_per_g;
-            if (g != current) {
-                flush(current);
-                std::fill(dAt.begin(), dAt.end(), T(0));
-                std::fill(dc.begin(), dc.end(), T(0));
-                current = g;
-            }
+            T* dAt = chunks_per_g > 1 ? partial.data() + (size_t)w * (F + W) * N : own.data();
+            T* dcp = dAt + (size_t)F * N;
+            std::fill(dAt, dAt + (size_t)(F + W) * N, T(0));
             const T* a = At + g * F * N;
             const T* c0 = c + g * W * N;
             const T* c1 = c0 + (W - 1) * N;
@@ -178,8 +175,8 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                                 for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
                             }
                             // dc and dA: one read-modify-write per Gaussian (and feature) for all P points.
-                            T* dc0 = dc.data() + jc;
-                            T* dc1 = dc.data() + (W - 1) * N + jc;
+                            T* dc0 = dcp + jc;
+                            T* dc1 = dcp + (W - 1) * N + jc;
                             if (W == 2) {
                                 #pragma omp simd
                                 for (i64 j = 0; j < len; ++j) {
@@ -200,7 +197,7 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                                 }
                             }
                             for (int f = 0; f < F; ++f) {
-                                T* dap = dAt.data() + f * N + jc;
+                                T* dap = dAt + f * N + jc;
                                 T xf[P];
                                 for (int p = 0; p < P; ++p) xf[p] = x[p][f];
                                 #pragma omp simd
@@ -216,9 +213,24 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                         for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = dx[p][f];
                 }
             }
+            if (chunks_per_g == 1) write_out(g, dAt, dAt + (size_t)F * N);
         }
-        flush(current);
     });
+    if (chunks_per_g > 1) {  // sum each mixture's chunks in chunk order
+        std::atomic<i64> next_g(0);
+        run_parallel(threads, [&](int, int) {
+            std::vector<T> sum((size_t)(F + W) * N);
+            for (i64 g = next_g++; g < G; g = next_g++) {
+                const T* first = partial.data() + (size_t)g * chunks_per_g * (F + W) * N;
+                std::copy(first, first + sum.size(), sum.begin());
+                for (i64 k = 1; k < chunks_per_g; ++k) {
+                    const T* part = first + (size_t)k * (F + W) * N;
+                    for (size_t n = 0; n < sum.size(); ++n) sum[n] += part[n];
+                }
+                write_out(g, sum.data(), sum.data() + (size_t)F * N);
+            }
+        });
+    }
 }
 
 #define INSTANTIATE(T, F, W, SUFFIX)                                                         \

@@ -37,7 +37,7 @@ def gradients(apply, X, A, c, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("sets", [1, 2])
 @pytest.mark.parametrize("f", [6, 10])
-@pytest.mark.parametrize("groups", [1, 3])  # one group: the chunked (several threads per group) path
+@pytest.mark.parametrize("groups", [1, 3])  # fewer than 4 groups per thread: mixtures split into summed chunks
 def test_blocked_backward_matches_gemm_form(dtype, sets, f, groups):
     X, A, c = features(groups, 37, 1100, f, sets)
     expected = gradients(lambda X, A, c: ExpKernelMatVec.apply(X, A, c, 128), X, A, c)
@@ -74,3 +74,24 @@ def test_blocked_backward_skips_exactly_the_masked_tiles(sets):
         rows.append(ExpKernelMatVec.apply(Xr[:, pt * tile_m : (pt + 1) * tile_m], A, c_pt, 128))
     torch.cat(rows, 1).sum().backward()
     torch.testing.assert_close(Xg.grad, Xr.grad, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("groups", [1, 3, 13])  # split into chunks (1, 3) or one work item per mixture (13)
+def test_backward_is_bitwise_reproducible_with_more_threads_than_cores(threads, groups):
+    # Work items are handed out dynamically; a split mixture's chunk sums are added in
+    # chunk order, not in the order threads finish, so repeated runs agree bit for bit.
+    X, A, c = features(groups, 150, 700, 10, 1, seed=7, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        runs = [gradients(lambda X, A, c: cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, 16, 64), X, A, c)
+                for _ in range(6)]
+    finally:
+        torch.set_num_threads(previous)
+    for run in runs[1:]:
+        for first, again in zip(runs[0], run):
+            assert torch.equal(first, again)
+    expected = gradients(lambda X, A, c: ExpKernelMatVec.apply(X, A, c, 128), X.double(), A.double(), c.double())
+    for g_expected, g_got in zip(expected, runs[0]):
+        assert ((g_got.double() - g_expected).abs().max() / g_expected.abs().max()) < 2e-5
