@@ -19,6 +19,9 @@ and the fastest round's wall time), ``cpu_s_mean``
 events; inputs excluded).  The torch cases add ``speedup_vs_naive`` and
 ``memory_ratio_vs_naive`` from the naive case of the same run (speed-up from
 the fastest rounds), and the session prints a summary table.
+Forward+backward cases add ``fwd_bwd_over_fwd`` and ``fwd_bwd_over_fwd_cpu``:
+their time over the same case's forward in this run (target for the C++
+kernel: at most 3), by wall time of the fastest rounds and by CPU time.
 ``test_targets_at_2560`` checks the targets for the default backend: at
 N = 2560 at least 4x the naive throughput and at least 10x lower peak memory
 (the ``torch_gemm`` fallback's ratios are printed, not asserted).
@@ -142,7 +145,18 @@ def test_evaluate_at_centroids(benchmark, implementation, n, mode):
         info["speedup_vs_naive"] = naive["min_s"] / info["min_s"]
         info["memory_ratio_vs_naive"] = naive["peak_mb"] / max(info["peak_mb"], 1e-9)
         benchmark.extra_info.update(info)
+    record_backward_ratio(benchmark, implementation, n, mode, info)
     RESULTS[(implementation, n, mode)] = info
+
+
+def record_backward_ratio(benchmark, case: str, n: int, mode: str, info: dict) -> None:
+    """``fwd_bwd_over_fwd`` (fastest rounds) and ``fwd_bwd_over_fwd_cpu`` (CPU time) from this run's forward case."""
+    forward = RESULTS.get((case, n, "forward"))
+    if mode != "forward_backward" or not forward or "min_s" not in info or "min_s" not in forward:
+        return
+    info["fwd_bwd_over_fwd"] = info["min_s"] / forward["min_s"]
+    info["fwd_bwd_over_fwd_cpu"] = info["cpu_s_mean"] / forward["cpu_s_mean"]
+    benchmark.extra_info.update(info)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -150,6 +164,7 @@ def test_evaluate_at_centroids(benchmark, implementation, n, mode):
 def test_paper_scale_8x8_mixtures_n2560(benchmark, implementation, mode):
     benchmark.group = "paper scale: 8 x 8 mixtures, N=2560"
     info = run_case(benchmark, implementation, 2560, mode, batch=8, channels=8, rounds=2)
+    record_backward_ratio(benchmark, f"{implementation}/8x8", 2560, mode, info)
     RESULTS[(f"{implementation}/8x8", 2560, mode)] = info
 
 
