@@ -84,6 +84,54 @@ def initial_order_kernel(TARGET, VALID, N_OUT, ORDER, ORDER_VALID, S: tl.constex
 
 
 @triton.jit
+def _target_block(TF, TW, TV, TLD, TVIRT, p, i, i_ok, c, S, FP: tl.constexpr):
+    """One block of target rows ``i`` of problem ``p``: features, weights, validity, log
+    determinants and virtual sample counts."""
+    ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
+    w_i = tl.load(TW + p * S + i, mask=i_ok, other=0.0)
+    tv = (tl.load(TV + p * S + i, mask=i_ok, other=0) != 0) & i_ok
+    ldi = tl.load(TLD + p * S + i, mask=i_ok, other=0.0)
+    virtual = tl.load(TVIRT + p * S + i, mask=i_ok, other=0.0)
+    return ft, w_i, tv, ldi, virtual
+
+
+@triton.jit
+def _block_responsibilities(
+    ft, w_i, tv, ldi, virtual, fs, lnorm, lds, lprior, w_s, fv, q, q_ok, threshold,
+    USE_KL: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """The E step of one block of target rows against all fitting Gaussians (Eq. 15 with the
+    sign and KL gates): ``(log_likelihood, r)``, both ``[BLOCK_S, BLOCK_Q]``; shared by the
+    forward and the backward kernel, so both see the same gates."""
+    inf = float("inf")
+    # Mahalanobis + trace term of every pair: one dot product of the features.
+    quadratic = tl.sum(ft[:, None, :] * fs[None, :, :], axis=2)
+    log_likelihood = -0.5 * quadratic + lnorm[None, :]
+    logits = virtual[:, None] * log_likelihood + lprior[None, :]
+    kl = 0.5 * (((quadratic - D) - ldi[:, None]) + lds[None, :])
+    pair_valid = tv[:, None] & fv[None, :]
+    same_sign = (w_i[:, None] >= 0) == (w_s[None, :] >= 0)
+    candidates = pair_valid & same_sign
+    any_candidate = tl.max(candidates.to(tl.int32), axis=1) > 0
+    candidates = tl.where(any_candidate[:, None], candidates, pair_valid)
+    value = tl.where(candidates & q_ok[None, :], kl, inf)
+    lowest = tl.min(value, axis=1)
+    best = tl.min(tl.where(value == lowest[:, None], q[None, :], BLOCK_Q), axis=1)  # first minimum
+    if USE_KL:
+        allowed = candidates & (kl < threshold)
+    else:
+        allowed = candidates
+    allowed = (allowed | (q[None, :] == best[:, None])) & pair_valid
+    has_any = tl.max(allowed.to(tl.int32), axis=1) > 0
+    top = tl.max(tl.where(allowed, logits, -inf), axis=1)
+    top = tl.where(has_any, top, 0.0)
+    e = tl.exp(tl.where(allowed, logits - top[:, None], -inf))  # no overflow in the masked lanes
+    z = tl.sum(e, axis=1)
+    r = e / tl.where(has_any, z, 1.0)[:, None]
+    return log_likelihood, r
+
+
+@triton.jit
 def em_step_kernel(
     TF, TW, TV, TLD, TVIRT, FF, FLN, FLD, FLP, FW, FV, KL, OUT_W, OUT_U, S, Q, rows_per_program,
     USE_KL: tl.constexpr, D: tl.constexpr, FP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -103,39 +151,14 @@ def em_step_kernel(
     threshold = tl.load(KL)
     ws = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
     u = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
-    inf = float("inf")
     first = chunk * rows_per_program
     for s0 in range(first, tl.minimum(first + rows_per_program, S), BLOCK_S):
         i = s0 + tl.arange(0, BLOCK_S)
         i_ok = i < S
-        ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
-        w_i = tl.load(TW + p * S + i, mask=i_ok, other=0.0)
-        tv = (tl.load(TV + p * S + i, mask=i_ok, other=0) != 0) & i_ok
-        ldi = tl.load(TLD + p * S + i, mask=i_ok, other=0.0)
-        virtual = tl.load(TVIRT + p * S + i, mask=i_ok, other=0.0)
-        # Mahalanobis + trace term of every pair: one dot product of the features.
-        quadratic = tl.sum(ft[:, None, :] * fs[None, :, :], axis=2)
-        logits = virtual[:, None] * (-0.5 * quadratic + lnorm[None, :]) + lprior[None, :]
-        kl = 0.5 * (((quadratic - D) - ldi[:, None]) + lds[None, :])
-        pair_valid = tv[:, None] & fv[None, :]
-        same_sign = (w_i[:, None] >= 0) == (w_s[None, :] >= 0)
-        candidates = pair_valid & same_sign
-        any_candidate = tl.max(candidates.to(tl.int32), axis=1) > 0
-        candidates = tl.where(any_candidate[:, None], candidates, pair_valid)
-        value = tl.where(candidates & q_ok[None, :], kl, inf)
-        lowest = tl.min(value, axis=1)
-        best = tl.min(tl.where(value == lowest[:, None], q[None, :], BLOCK_Q), axis=1)  # first minimum
-        if USE_KL:
-            allowed = candidates & (kl < threshold)
-        else:
-            allowed = candidates
-        allowed = (allowed | (q[None, :] == best[:, None])) & pair_valid
-        has_any = tl.max(allowed.to(tl.int32), axis=1) > 0
-        top = tl.max(tl.where(allowed, logits, -inf), axis=1)
-        top = tl.where(has_any, top, 0.0)
-        e = tl.exp(tl.where(allowed, logits - top[:, None], -inf))  # no overflow in the masked lanes
-        z = tl.sum(e, axis=1)
-        r = e / tl.where(has_any, z, 1.0)[:, None]
+        ft, w_i, tv, ldi, virtual = _target_block(TF, TW, TV, TLD, TVIRT, p, i, i_ok, c, S, FP)
+        _, r = _block_responsibilities(
+            ft, w_i, tv, ldi, virtual, fs, lnorm, lds, lprior, w_s, fv, q, q_ok, threshold, USE_KL, D, BLOCK_Q
+        )
         rw = r * w_i[:, None]
         ws += tl.sum(rw, axis=0)
         u += tl.sum(rw[:, :, None] * ft[:, None, :], axis=0)
@@ -171,40 +194,15 @@ def em_step_backward_kernel(
     g_fs = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
     g_lnorm = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
     g_lprior = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
-    inf = float("inf")
     first = chunk * rows_per_program
     for s0 in range(first, tl.minimum(first + rows_per_program, S), BLOCK_S):
         i = s0 + tl.arange(0, BLOCK_S)
         i_ok = i < S
-        ft = tl.load(TF + (p * S + i)[:, None] * FP + c[None, :], mask=i_ok[:, None], other=0.0)
-        w_i = tl.load(TW + p * S + i, mask=i_ok, other=0.0)
-        tv = (tl.load(TV + p * S + i, mask=i_ok, other=0) != 0) & i_ok
-        ldi = tl.load(TLD + p * S + i, mask=i_ok, other=0.0)
-        virtual = tl.load(TVIRT + p * S + i, mask=i_ok, other=0.0)
-        # Forward of the block, as em_step_kernel.
-        quadratic = tl.sum(ft[:, None, :] * fs[None, :, :], axis=2)
-        log_likelihood = -0.5 * quadratic + lnorm[None, :]
-        logits = virtual[:, None] * log_likelihood + lprior[None, :]
-        kl = 0.5 * (((quadratic - D) - ldi[:, None]) + lds[None, :])
-        pair_valid = tv[:, None] & fv[None, :]
-        same_sign = (w_i[:, None] >= 0) == (w_s[None, :] >= 0)
-        candidates = pair_valid & same_sign
-        any_candidate = tl.max(candidates.to(tl.int32), axis=1) > 0
-        candidates = tl.where(any_candidate[:, None], candidates, pair_valid)
-        value = tl.where(candidates & q_ok[None, :], kl, inf)
-        lowest = tl.min(value, axis=1)
-        best = tl.min(tl.where(value == lowest[:, None], q[None, :], BLOCK_Q), axis=1)
-        if USE_KL:
-            allowed = candidates & (kl < threshold)
-        else:
-            allowed = candidates
-        allowed = (allowed | (q[None, :] == best[:, None])) & pair_valid
-        has_any = tl.max(allowed.to(tl.int32), axis=1) > 0
-        top = tl.max(tl.where(allowed, logits, -inf), axis=1)
-        top = tl.where(has_any, top, 0.0)
-        e = tl.exp(tl.where(allowed, logits - top[:, None], -inf))
-        z = tl.sum(e, axis=1)
-        r = e / tl.where(has_any, z, 1.0)[:, None]
+        ft, w_i, tv, ldi, virtual = _target_block(TF, TW, TV, TLD, TVIRT, p, i, i_ok, c, S, FP)
+        # The block's forward, exactly as em_step_kernel computes it.
+        log_likelihood, r = _block_responsibilities(
+            ft, w_i, tv, ldi, virtual, fs, lnorm, lds, lprior, w_s, fv, q, q_ok, threshold, USE_KL, D, BLOCK_Q
+        )
         # Chain rule: ws_s = sum_i r_is w_i, U_s = sum_i r_is w_i f_i, r = softmax over the allowed s.
         g_rw = gws[None, :] + tl.sum(ft[:, None, :] * gu[None, :, :], axis=2)
         g_ft = tl.sum((r * w_i[:, None])[:, :, None] * gu[None, :, :], axis=1)
