@@ -84,6 +84,19 @@ def initial_order_kernel(TARGET, VALID, N_OUT, ORDER, ORDER_VALID, S: tl.constex
 
 
 @triton.jit
+def _fitting_gaussians(FF, FLN, FLD, FLP, FW, FV, p, q, q_ok, c, Q, FP: tl.constexpr):
+    """The fitting Gaussians ``q`` of problem ``p``: features, log normalisers, log
+    determinants, log priors, weights and validity."""
+    fs = tl.load(FF + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
+    lnorm = tl.load(FLN + p * Q + q, mask=q_ok, other=0.0)
+    lds = tl.load(FLD + p * Q + q, mask=q_ok, other=0.0)
+    lprior = tl.load(FLP + p * Q + q, mask=q_ok, other=0.0)
+    w_s = tl.load(FW + p * Q + q, mask=q_ok, other=0.0)
+    fv = (tl.load(FV + p * Q + q, mask=q_ok, other=0) != 0) & q_ok
+    return fs, lnorm, lds, lprior, w_s, fv
+
+
+@triton.jit
 def _target_block(TF, TW, TV, TLD, TVIRT, p, i, i_ok, c, S, FP: tl.constexpr):
     """One block of target rows ``i`` of problem ``p``: features, weights, validity, log
     determinants and virtual sample counts."""
@@ -142,12 +155,7 @@ def em_step_kernel(
     q = tl.arange(0, BLOCK_Q)
     q_ok = q < Q
     c = tl.arange(0, FP)
-    fs = tl.load(FF + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
-    lnorm = tl.load(FLN + p * Q + q, mask=q_ok, other=0.0)
-    lds = tl.load(FLD + p * Q + q, mask=q_ok, other=0.0)
-    lprior = tl.load(FLP + p * Q + q, mask=q_ok, other=0.0)
-    w_s = tl.load(FW + p * Q + q, mask=q_ok, other=0.0)
-    fv = (tl.load(FV + p * Q + q, mask=q_ok, other=0) != 0) & q_ok
+    fs, lnorm, lds, lprior, w_s, fv = _fitting_gaussians(FF, FLN, FLD, FLP, FW, FV, p, q, q_ok, c, Q, FP)
     threshold = tl.load(KL)
     ws = tl.zeros((BLOCK_Q,), dtype=fs.dtype)
     u = tl.zeros((BLOCK_Q, FP), dtype=fs.dtype)
@@ -182,12 +190,7 @@ def em_step_backward_kernel(
     q = tl.arange(0, BLOCK_Q)
     q_ok = q < Q
     c = tl.arange(0, FP)
-    fs = tl.load(FF + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
-    lnorm = tl.load(FLN + p * Q + q, mask=q_ok, other=0.0)
-    lds = tl.load(FLD + p * Q + q, mask=q_ok, other=0.0)
-    lprior = tl.load(FLP + p * Q + q, mask=q_ok, other=0.0)
-    w_s = tl.load(FW + p * Q + q, mask=q_ok, other=0.0)
-    fv = (tl.load(FV + p * Q + q, mask=q_ok, other=0) != 0) & q_ok
+    fs, lnorm, lds, lprior, w_s, fv = _fitting_gaussians(FF, FLN, FLD, FLP, FW, FV, p, q, q_ok, c, Q, FP)
     gws = tl.load(GWS + p * Q + q, mask=q_ok, other=0.0)
     gu = tl.load(GU + (p * Q + q)[:, None] * FP + c[None, :], mask=q_ok[:, None], other=0.0)
     threshold = tl.load(KL)

@@ -24,14 +24,12 @@ from gmbench import mixture as gm
 from gmbench import plugins
 from gmbench.errors import GmbenchError, PluginError
 from gmbench.reduction import em, implementation, node_fit
-from test_node_fit_cpu import awkward, random_mixture, values_and_grads
+# The reference comparisons, tolerances and awkward inputs are the C++ kernel's (same sum-order argument).
+from test_node_fit_cpu import TOL, assert_same, awkward, random_mixture, values_and_grads
 
 needs_triton = pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed (pip install 'gmbench[fused]')"
 )
-
-# The kernels sum in another order than the reference's matrix products.
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +46,6 @@ def interpreter():
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = previous
-
-
-def assert_same(reference, triton_result, dtype):
-    (out_r, valid_r, grads_r), (out_t, valid_t, grads_t) = reference, triton_result
-    assert torch.equal(valid_r, valid_t)
-    torch.testing.assert_close(out_t, out_r, **TOL[dtype])
-    for grad_r, grad_t in zip(grads_r, grads_t):
-        scale = grad_r.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(grad_t / scale, grad_r / scale, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
