@@ -23,12 +23,15 @@ from gmbench.training import TrainConfig, train
 SUBSET_SEED = 0
 
 
+def _fixed_choice(total: int, limit: int) -> torch.Tensor:
+    """``limit`` of ``range(total)``, drawn with SUBSET_SEED and sorted: the same for every cell."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:limit].sort().values
+
+
 def _subset(split, limit: int | None):
     if limit is None or limit >= len(split):
         return split
-    generator = torch.Generator().manual_seed(SUBSET_SEED)
-    index = torch.randperm(len(split), generator=generator)[:limit].sort().values
-    subset = split.subset(index)
+    subset = split.subset(_fixed_choice(len(split), limit))
     # The fitted-mixture cache keys on the split's name: a subset is another split.
     subset.split = f"{split.split}-first{limit}-seed{SUBSET_SEED}"
     return subset
@@ -109,10 +112,7 @@ def run(config: dict, cell_dir: Path, options, on_epoch) -> dict:
 def _diagnostics_samples(x, n: int):
     """A fixed random choice of ``n`` test samples (seed SUBSET_SEED): splits are often
     stored class by class (mnist5k, ModelNet), so the first ``n`` would be one class."""
-    if n >= len(x):
-        return x
-    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values
-    return x[index]
+    return x if n >= len(x) else x[_fixed_choice(len(x), n)]
 
 
 def _diagnostics(model, x, cell_dir: Path, config: dict) -> dict:
