@@ -14,6 +14,7 @@ from gmbench.cli import main
 from gmbench.errors import SuiteError
 from gmbench.loggers import CellLoggers, LoggerChoice, choose
 from gmbench.loggers.records import flatten, param_text
+from gmbench.run.folder import LOCK_FILE
 
 TRACKED_SUITE = """\
 name: blobs-tracked
@@ -435,4 +436,17 @@ def test_a_tracking_store_that_cannot_be_used_stops_the_run_with_one_line_before
     code, _, err = _run(["run", str(_write_suite(tmp_path)), "--out", str(out), "--no-progress", "--logger", "mlflow", "--mlflow-uri", "bogus://nowhere"], capsys)
     assert code == 2
     assert err.strip().count("\n") == 0 and "tracking store bogus://nowhere cannot be used" in err and "--mlflow-uri" in err
-    assert not (out / "cells").exists()
+    assert [p.name for p in out.iterdir()] in ([], [LOCK_FILE])  # nothing of the run was written
+
+
+def test_an_unusable_tracking_store_on_update_leaves_the_run_folder_as_it_was(tmp_path, capsys, no_tracking_env):
+    _mlflow()
+    out = tmp_path / "run"
+    suite = _write_suite(tmp_path)
+    assert _run(["run", str(suite), "--out", str(out), "--no-progress"], capsys)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    suite.write_text(suite.read_text().replace("seed: [0, 1]", "seed: [0, 1, 2]"))
+    code, _, err = _run(["run", str(suite), "--out", str(out), "--update", "--no-progress", "--logger", "mlflow", "--mlflow-uri", "bogus://nowhere"], capsys)
+    assert code == 2 and "tracking store bogus://nowhere cannot be used" in err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # run.json and suite.yaml still the old suite's; no new cell started

@@ -8,6 +8,6 @@ stay the source of truth (see ``docs/tracking.md``).
 """
 
 from gmbench.loggers.records import CellInfo, ReportInfo
-from gmbench.loggers.tracking import LOGGERS_FILE, CellLoggers, LoggerChoice, choose, log_report, prepare_run, run_loggers
+from gmbench.loggers.tracking import LOGGERS_FILE, CellLoggers, LoggerChoice, check_stores, choose, log_report, record_choice, run_loggers
 
-__all__ = ["LOGGERS_FILE", "CellInfo", "CellLoggers", "LoggerChoice", "ReportInfo", "choose", "log_report", "prepare_run", "run_loggers"]
+__all__ = ["LOGGERS_FILE", "CellInfo", "CellLoggers", "LoggerChoice", "ReportInfo", "check_stores", "choose", "log_report", "record_choice", "run_loggers"]

@@ -2,7 +2,7 @@
 
 * :func:`choose` merges a suite's ``loggers:`` with ``--logger`` / ``--mlflow-uri``
   and checks names, parameters and installed packages (one line, exit 2);
-* :func:`prepare_run` checks each logger's store and records the choice in the
+* :func:`check_stores` checks each logger's store, :func:`record_choice` records the choice in the
   run folder (``loggers.json``, read again by ``gmbench report``);
 * :class:`CellLoggers` feeds one cell's loggers from :func:`gmbench.run.cell.run_cell`;
 * :func:`log_report` gives a written report to the run's loggers.
@@ -63,16 +63,21 @@ def create(choice: LoggerChoice) -> Any:
     return plugins.create("logger", choice.name, **choice.params)
 
 
-def prepare_run(choices: tuple[LoggerChoice, ...], run_dir: Path) -> None:
-    """Check that every logger's store can be used and record the choice in the run folder.
+def check_stores(choices: tuple[LoggerChoice, ...], run_dir: Path) -> None:
+    """Fail when a logger's store cannot be used, before anything of the run is written.
 
-    Call it holding the run lock, before any cell starts.  A logger may have a
-    ``check(run_dir)`` method (the mlflow logger opens its tracking store).
+    Call it holding the run lock.  A logger may have a ``check(run_dir)`` method
+    (the mlflow logger opens its tracking store; its default SQLite store is
+    created in the run folder).
     """
     for choice in choices:
         check = getattr(create(choice), "check", None)
         if check is not None:
             check(Path(run_dir))
+
+
+def record_choice(choices: tuple[LoggerChoice, ...], run_dir: Path) -> None:
+    """Record the run's loggers in ``loggers.json`` (``gmbench report`` logs to them)."""
     record = Path(run_dir) / LOGGERS_FILE
     if choices:
         io.write_json(record, [choice.to_json() for choice in choices])

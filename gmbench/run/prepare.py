@@ -1,7 +1,8 @@
 """Checking a run folder against the suite about to run in it, and writing the suite there.
 
-:func:`check_run_dir` only reads (safe before the run lock is taken);
-:func:`prepare_run_dir` writes ``suite.yaml`` and ``run.json`` (under the lock).
+:func:`check_run_dir` only reads (safe before the run lock is taken); the runner
+calls it again under the lock and then writes ``suite.yaml`` and ``run.json``
+(:func:`gmbench.run.folder.write_run`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from gmbench.errors import GmbenchError
-from gmbench.run.folder import CELLS_DIR, LOCK_FILE, RUN_FILE, cells_from_folders, read_run_file, warn_once, write_run
+from gmbench.run.folder import CELLS_DIR, LOCK_FILE, RUN_FILE, cells_from_folders, read_run_file, warn_once
 
 log = logging.getLogger("gmbench.run")
 
@@ -53,15 +54,6 @@ def check_run_dir(suite, run_dir: str | os.PathLike, update: bool = False) -> No
             "or pass another --out"
         )
     log.info("suite changed: %s; --update given, continuing", summary)
-
-
-def prepare_run_dir(suite, run_dir: str | os.PathLike, update: bool = False) -> None:
-    """Check ``run_dir`` (see :func:`check_run_dir`) and write ``suite.yaml`` and ``run.json``.
-
-    Call it holding the run lock: it writes into the folder.
-    """
-    check_run_dir(suite, run_dir, update=update)
-    write_run(run_dir, suite.text, suite.to_json())
 
 
 def _change_summary(old: dict, new: dict, added: list, removed: list) -> str:

@@ -21,7 +21,7 @@ from gmbench.run.cell import RunOptions, check_data
 from gmbench.run.executors import LocalExecutor
 from gmbench.run.lifetime import stop_on_sigterm
 from gmbench.run.lock import run_lock
-from gmbench.run.prepare import check_run_dir, prepare_run_dir
+from gmbench.run.prepare import check_run_dir
 from gmbench.run.progress import RunProgress
 
 log = logging.getLogger("gmbench.run")
@@ -49,7 +49,10 @@ def run_suite(suite, run_dir: str | Path, options: RunOptions, executor=None, up
     check_run_dir(suite, run_dir, update=update)  # refuse a wrong folder before creating anything
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir) as lock, stop_on_sigterm():
-        prepare_run_dir(suite, run_dir, update=update)
+        check_run_dir(suite, run_dir, update=update)  # again: another command may have changed it meanwhile
+        options = run_options_for(suite, options)
+        loggers.check_stores(options.loggers, run_dir)  # an unusable tracking store: refused before run.json changes
+        folder.write_run(run_dir, suite.text, suite.to_json())
         folder.remove_stale_temp_files(run_dir, older_than=lock.acquired_at)
         return _run_locked(suite, run_dir, options, executor, progress, started)
 
@@ -68,8 +71,7 @@ def _run_locked(suite, run_dir: Path, options: RunOptions, executor, progress: b
         run_dir / folder.ENVIRONMENT_FILE, device=options.device, backend=options.backend or suite.backend,
         data_root=options.data_root,
     )
-    options = run_options_for(suite, options)
-    loggers.prepare_run(options.loggers, run_dir)  # checks each tracking store before any cell starts
+    loggers.record_choice(options.loggers, run_dir)
 
     todo, skipped = [], 0
     for cell in suite.cells:
