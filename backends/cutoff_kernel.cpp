@@ -55,20 +55,26 @@ struct Node {
     double lo[D], hi[D];
 };
 
-// Builds the tree over order[begin, end); sorts the range when `sort` is set
-// (otherwise the order is given and only boxes are computed).  Leaves hold at
+// A point with its number, so that the kd split moves contiguous records
+// (nth_element through an index array missed the cache on every comparison).
+template <int D>
+struct Point {
+    double x[D];
+    i64 id;
+};
+
+// Builds the tree over pts[begin, end), reordering the range.  Leaves hold at
 // most tm points; split sizes are multiples of tm, so only the last tile of a
 // mixture can be partial and tile t holds points [t tm, (t + 1) tm).
 template <int D>
-static i64 build(std::vector<Node<D>>& nodes, const double* x, i64* order, i64 begin, i64 end, i64 tm, bool sort) {
+static i64 build(std::vector<Node<D>>& nodes, Point<D>* pts, i64 begin, i64 end, i64 tm) {
     Node<D> node;
     node.begin = begin; node.end = end; node.left = node.right = -1;
     for (int d = 0; d < D; ++d) { node.lo[d] = INFINITY; node.hi[d] = -INFINITY; }
     for (i64 k = begin; k < end; ++k)
         for (int d = 0; d < D; ++d) {
-            const double v = x[order[k] * D + d];
-            node.lo[d] = std::min(node.lo[d], v);
-            node.hi[d] = std::max(node.hi[d], v);
+            node.lo[d] = std::min(node.lo[d], pts[k].x[d]);
+            node.hi[d] = std::max(node.hi[d], pts[k].x[d]);
         }
     const i64 id = (i64)nodes.size();
     nodes.push_back(node);
@@ -76,15 +82,13 @@ static i64 build(std::vector<Node<D>>& nodes, const double* x, i64* order, i64 b
     if (n <= tm) return id;
     const i64 tiles = (n + tm - 1) / tm;
     const i64 mid = begin + (tiles / 2) * tm;
-    if (sort) {
-        int axis = 0;
-        for (int d = 1; d < D; ++d)
-            if (node.hi[d] - node.lo[d] > node.hi[axis] - node.lo[axis]) axis = d;
-        std::nth_element(order + begin, order + mid, order + end,
-                         [&](i64 a, i64 b) { return x[a * D + axis] < x[b * D + axis]; });
-    }
-    const i64 left = build<D>(nodes, x, order, begin, mid, tm, sort);
-    const i64 right = build<D>(nodes, x, order, mid, end, tm, sort);
+    int axis = 0;
+    for (int d = 1; d < D; ++d)
+        if (node.hi[d] - node.lo[d] > node.hi[axis] - node.lo[axis]) axis = d;
+    std::nth_element(pts + begin, pts + mid, pts + end,
+                     [axis](const Point<D>& a, const Point<D>& b) { return a.x[axis] < b.x[axis]; });
+    const i64 left = build<D>(nodes, pts, begin, mid, tm);
+    const i64 right = build<D>(nodes, pts, mid, end, tm);
     nodes[id].left = left;
     nodes[id].right = right;
     return id;
@@ -150,12 +154,20 @@ struct Influences {
         }
         id[k] = j;
     }
-    void copy(i64 k, const Influences& from, i64 f) {
+    // This = the entries sel[0, n) of from, one field at a time (gathers).
+    void select(const Influences& from, const i32* __restrict sel, i64 n) {
+        auto take = [&](std::vector<double>& to, const std::vector<double>& src) {
+            double* __restrict t = to.data();
+            const double* __restrict f = src.data();
+            #pragma omp simd
+            for (i64 k = 0; k < n; ++k) t[k] = f[sel[k]];
+        };
         for (int d = 0; d < D; ++d) {
-            b[d][k] = from.b[d][f]; half[d][k] = from.half[d][f];
-            for (int e = 0; e < D; ++e) w[d][e][k] = from.w[d][e][f];
+            take(b[d], from.b[d]); take(half[d], from.half[d]);
+            for (int e = 0; e < D; ++e) take(w[d][e], from.w[d][e]);
         }
-        id[k] = from.id[f];
+        for (i64 k = 0; k < n; ++k) id[k] = from.id[sel[k]];
+        size = n;
     }
 };
 
@@ -209,14 +221,21 @@ struct Plan {
 static const i64 COARSE = 8;
 
 template <int D>
-static void box_of(const double* x, const i64* ord, i64 begin, i64 end, double* lo, double* hi) {
+static void box_of(const Point<D>* pts, i64 begin, i64 end, double* lo, double* hi) {
     for (int d = 0; d < D; ++d) { lo[d] = INFINITY; hi[d] = -INFINITY; }
     for (i64 k = begin; k < end; ++k)
         for (int d = 0; d < D; ++d) {
-            const double v = x[ord[k] * D + d];
-            lo[d] = std::min(lo[d], v);
-            hi[d] = std::max(hi[d], v);
+            lo[d] = std::min(lo[d], pts[k].x[d]);
+            hi[d] = std::max(hi[d], pts[k].x[d]);
         }
+}
+
+// The positions k < n with keep[k] set, written to sel; returns their number.
+// Branch-free: whether a Gaussian survives is unpredictable.
+static i64 compact(const uint8_t* __restrict keep, i64 n, i32* __restrict sel) {
+    i64 count = 0;
+    for (i64 k = 0; k < n; ++k) { sel[count] = (i32)k; count += keep[k]; }
+    return count;
 }
 
 // Orders points (order [G, M]), counts the listed Gaussians of every tile
@@ -230,17 +249,24 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
         std::vector<Node<D>> nodes;
+        std::vector<Point<D>> pts;
         Influences<D> all, candidates;
         std::vector<uint8_t> keep;
+        std::vector<i32> sel;
         for (i64 g = next++; g < G; g = next++) {
             const double* x = points + g * M * D;
             i64* ord = order + g * M;
-            std::iota(ord, ord + M, (i64)0);
             i64* cnt = counts + g * tiles;
             std::fill(cnt, cnt + tiles, (i64)0);
             if (M == 0) continue;
+            pts.resize(M);
+            for (i64 i = 0; i < M; ++i) {
+                for (int d = 0; d < D; ++d) pts[i].x[d] = x[i * D + d];
+                pts[i].id = i;
+            }
             nodes.clear();
-            build<D>(nodes, x, ord, 0, M, tm, true);
+            build<D>(nodes, pts.data(), 0, M, tm);
+            for (i64 i = 0; i < M; ++i) ord[i] = pts[i].id;
             const double* pk = peaks + g * N;
             double top = 0;
             for (i64 j = 0; j < N; ++j) top = std::max(top, std::fabs(pk[j]));
@@ -252,25 +278,28 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
                 if (influence<D>(centres + (g * N + j) * D, covariances + (g * N + j) * D * D, std::fabs(pk[j]), tau, inf))
                     all.set(valid++, inf, (i32)j);
             }
-            if ((i64)keep.size() < valid) keep.resize(valid);
+            if ((i64)keep.size() < valid) { keep.resize(valid); sel.resize(valid); }
             candidates.resize(valid);
             std::vector<i32>& index = result->mixtures[g].index;
             index.clear();
             for (i64 ct = 0; ct < tiles; ct += COARSE) {
                 const i64 ct1 = std::min(ct + COARSE, tiles);
                 double lo[D], hi[D];
-                box_of<D>(x, ord, ct * tm, std::min(ct1 * tm, M), lo, hi);
+                box_of<D>(pts.data(), ct * tm, std::min(ct1 * tm, M), lo, hi);
                 test_box<D>(all, valid, lo, hi, keep.data());
-                i64 survivors = 0;
-                for (i64 k = 0; k < valid; ++k)
-                    if (keep[k]) candidates.copy(survivors++, all, k);
+                const i64 survivors = compact(keep.data(), valid, sel.data());
+                candidates.select(all, sel.data(), survivors);
                 for (i64 t = ct; t < ct1; ++t) {
-                    box_of<D>(x, ord, t * tm, std::min((t + 1) * tm, M), lo, hi);
+                    box_of<D>(pts.data(), t * tm, std::min((t + 1) * tm, M), lo, hi);
                     test_box<D>(candidates, survivors, lo, hi, keep.data());
                     const size_t before = index.size();
-                    for (i64 k = 0; k < survivors; ++k)
-                        if (keep[k]) index.push_back(candidates.id[k]);
-                    cnt[t] = (i64)(index.size() - before);
+                    index.resize(before + survivors);
+                    i32* __restrict out = index.data() + before;
+                    const i32* __restrict ids = candidates.id.data();
+                    i64 listed = 0;
+                    for (i64 k = 0; k < survivors; ++k) { out[listed] = ids[k]; listed += keep[k]; }
+                    index.resize(before + listed);
+                    cnt[t] = listed;
                 }
             }
         }
@@ -280,36 +309,66 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
 
 // ---------------------------------------------------------------- evaluation
 
+// A 64-byte aligned scratch array (std::vector only guarantees 16 bytes).
+template <typename T>
+struct Aligned {
+    std::vector<T> storage;
+    T* data = nullptr;
+    i64 capacity = 0;
+    void reserve(i64 n) {
+        if (n <= capacity) return;
+        storage.assign((size_t)n + 64 / sizeof(T), T(0));
+        const uintptr_t raw = reinterpret_cast<uintptr_t>(storage.data());
+        data = reinterpret_cast<T*>((raw + 63) & ~(uintptr_t)63);
+        capacity = n;
+    }
+};
+
 // The listed Gaussians of one tile, gathered contiguous per feature
-// (a[f * L + k]) from the transposed coefficients At [F, N], c [W, N]: the
-// inner loop is a vector gather with contiguous stores.
+// (a[f * S + k]) from the transposed coefficients At [F, N], c [W, N]: the
+// inner loop is a vector gather with contiguous stores.  Rows are padded to
+// S, a multiple of 64 bytes, with copies of the last listed Gaussian's
+// coefficients and zero peaks: the evaluation loops run over whole aligned
+// vectors (no remainder loop) and a padding entry contributes exactly 0 to
+// every sum (its exponential is that of a listed pair, so it is as finite).
 template <typename T, int F, int W>
 struct Gathered {
-    std::vector<T> a, c;
-    i64 L = 0;
+    static const i64 LANES = 64 / sizeof(T);
+    Aligned<T> a, c;
+    i64 L = 0, S = 0;
     void gather(const T* At, const T* C, i64 N, const i32* __restrict idx, i64 count) {
         L = count;
-        if ((i64)a.size() < F * L) { a.resize(F * L); c.resize(W * L); }
+        S = (L + LANES - 1) / LANES * LANES;
+        a.reserve(F * S); c.reserve(W * S);
         for (int f = 0; f < F; ++f) {
             const T* __restrict src = At + f * N;
-            T* __restrict dst = a.data() + f * L;
+            T* __restrict dst = a.data + f * S;
             #pragma omp simd
             for (i64 k = 0; k < L; ++k) dst[k] = src[idx[k]];
+            for (i64 k = L; k < S; ++k) dst[k] = dst[L - 1];
         }
         for (int w = 0; w < W; ++w) {
             const T* __restrict src = C + w * N;
-            T* __restrict dst = c.data() + w * L;
+            T* __restrict dst = c.data + w * S;
             #pragma omp simd
             for (i64 k = 0; k < L; ++k) dst[k] = src[idx[k]];
+            for (i64 k = L; k < S; ++k) dst[k] = T(0);
         }
     }
 };
 
-// X [G, M, F] in tile order, At [G, F, N], c [G, W, N] (transposed), out [G, M, W];
-// offsets [G * Tm + 1] and index (Gaussian numbers within the mixture).
+// Row of the i-th point (in tile order) of mixture g: X and out stay in the
+// caller's order, so no permuted copies are made (forward or backward).
+static inline i64 row_of(const i64* order, i64 g, i64 M, i64 i) { return order ? order[g * M + i] : i; }
+
+// X [G, M, F], At [G, F, N], c [G, W, N] (transposed), out [G, M, W];
+// offsets [G * Tm + 1] and index (Gaussian numbers within the mixture) per
+// tile of the plan's point order (order [G, M], null: the identity).
+// (Blocking 4 points per loaded Gaussian did not pay: the loop is bound by
+// the exponential, not by loads.)
 template <typename T, int F, int W>
 static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* out, i64 tm, const i64* offsets,
-                    const i32* index, int threads) {
+                    const i32* index, const i64* order, int threads) {
     const i64 tiles = (M + tm - 1) / tm;
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
@@ -317,40 +376,48 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
         for (i64 item = next++; item < G * tiles; item = next++) {
             const i64 g = item / tiles, pt = item % tiles;
             s.gather(A + g * N * F, c + g * N * W, N, index + offsets[item], offsets[item + 1] - offsets[item]);
-            const T* a = s.a.data();
-            const T* c0 = s.c.data();
-            const T* c1 = c0 + (W - 1) * s.L;
-            const i64 L = s.L;
+            const T* __restrict a = s.a.data;
+            const T* __restrict c0 = s.c.data;
+            const T* __restrict c1 = c0 + (W - 1) * s.S;
+            const i64 S = s.S;
             const i64 i1 = std::min((pt + 1) * tm, M);
             for (i64 i = pt * tm; i < i1; ++i) {
+                const i64 row = row_of(order, g, M, i);
                 T x[F];
-                for (int f = 0; f < F; ++f) x[f] = X[(g * M + i) * F + f];
+                for (int f = 0; f < F; ++f) x[f] = X[(g * M + row) * F + f];
                 T acc0 = 0, acc1 = 0;
                 #pragma omp simd reduction(+ : acc0, acc1)
-                for (i64 k = 0; k < L; ++k) {
+                for (i64 k = 0; k < S; ++k) {
                     T q = 0;
-                    for (int f = 0; f < F; ++f) q += x[f] * a[f * L + k];
+                    for (int f = 0; f < F; ++f) q += x[f] * a[f * S + k];
                     q = q > T(0) ? T(0) : q;  // NaN stays NaN
                     const T e = exp_nonpositive(q);
                     acc0 += c0[k] * e;
                     if (W == 2) acc1 += c1[k] * e;
                 }
-                out[(g * M + i) * W] = acc0;
-                if (W == 2) out[(g * M + i) * W + 1] = acc1;
+                out[(g * M + row) * W] = acc0;
+                if (W == 2) out[(g * M + row) * W + 1] = acc1;
             }
         }
     });
 }
 
-// Backward: each exponential once for all three gradients.  Work items (tiles)
-// are split contiguously over the threads; each thread accumulates dA and dc
-// of its current mixture privately ([F][N], [W][N]) and adds them to the
-// output under a lock when it moves on.  At [G, F, N] and c [G, W, N] as in
-// forward; go [G, M, W], gX [G, M, F],
-// gA [G, N, F], gc [G, N, W].
-template <typename T, int F, int W>
+// Backward: each exponential once for all three gradients, laid out as the
+// exact kernel's backward (cpu_kernel.cpp) within each tile: the tile's P
+// points against chunks of JC listed Gaussians, the per-pair values of the
+// block (s = g . c_j e and e) kept in L1, dX accumulated from the same loads
+// as the exponent; then dA and dc of the tile's Gaussians from the block, one
+// read-modify-write per Gaussian for all P points, and one scatter per tile
+// into the mixture's sums.  Work items (tiles) are split contiguously over the
+// threads; each thread accumulates dA and dc of its current mixture privately
+// (one row [F + W] per Gaussian, padded to 16 values: the scatter touches one
+// cache line per listed Gaussian, not F + W) and adds them to the output
+// under a lock when it moves on.
+// At [G, F, N] and c [G, W, N] as in forward; go [G, M, W], gX [G, M, F],
+// gA [G, N, F], gc [G, N, W], all in the caller's point order.
+template <typename T, int F, int W, int P = 16, int JC = 1024 / sizeof(T)>
 static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, const T* go, T* gX, T* gA, T* gc,
-                     i64 tm, const i64* offsets, const i32* index, int threads) {
+                     i64 tm, const i64* offsets, const i32* index, const i64* order, int threads) {
     const i64 tiles = (M + tm - 1) / tm;
     const i64 items = G * tiles;
     if (gX) std::memset(gX, 0, sizeof(T) * G * M * F);
@@ -359,68 +426,125 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, co
     std::mutex flush_lock;
     run_parallel(threads, [&](int tid, int nth) {
         const i64 w0 = items * tid / nth, w1 = items * (tid + 1) / nth;
-        std::vector<T> dAt((size_t)F * N), dc((size_t)W * N), la, lc, sv;
+        static const int R = 16;  // row stride of the private sums, >= F + W
+        static_assert(F + W <= R, "row of the private sums too short");
+        std::vector<T> sums((size_t)R * N);
+        Aligned<T> la, lc;
+        alignas(64) T sbuf[P][JC];
+        alignas(64) T ebuf[W == 2 ? P : 1][JC];
         Gathered<T, F, W> s;
         i64 current = -1;
         auto flush = [&](i64 g) {
             if (g < 0) return;
             std::lock_guard<std::mutex> guard(flush_lock);
             for (i64 j = 0; j < N; ++j) {
-                if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] += dc[w * N + j];
-                if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] += dAt[f * N + j];
+                if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] += sums[j * R + f];
+                if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] += sums[j * R + F + w];
             }
         };
         for (i64 item = w0; item < w1; ++item) {
             const i64 g = item / tiles, pt = item % tiles;
             if (g != current) {
                 flush(current);
-                std::fill(dAt.begin(), dAt.end(), T(0));
-                std::fill(dc.begin(), dc.end(), T(0));
+                std::fill(sums.begin(), sums.end(), T(0));
                 current = g;
             }
             const i32* idx = index + offsets[item];
             s.gather(A + g * N * F, c + g * N * W, N, idx, offsets[item + 1] - offsets[item]);
-            const i64 L = s.L;
-            if ((i64)la.size() < F * L) { la.resize(F * L); lc.resize(W * L); sv.resize(L); }
-            std::fill(la.begin(), la.begin() + F * L, T(0));
-            std::fill(lc.begin(), lc.begin() + W * L, T(0));
-            const T* a = s.a.data();
-            const T* c0 = s.c.data();
-            const T* c1 = c0 + (W - 1) * L;
-            T* da = la.data();
-            T* dc0 = lc.data();
-            T* dc1 = dc0 + (W - 1) * L;
-            T* sp = sv.data();
+            const i64 L = s.L, S = s.S;
+            la.reserve(F * S); lc.reserve(W * S);
+            std::fill(la.data, la.data + F * S, T(0));
+            std::fill(lc.data, lc.data + W * S, T(0));
+            const T* a = s.a.data;
+            const T* c0 = s.c.data;
+            const T* c1 = c0 + (W - 1) * S;
             const i64 i1 = std::min((pt + 1) * tm, M);
-            for (i64 i = pt * tm; i < i1; ++i) {
-                const T g0 = go[(g * M + i) * W];
-                const T g1 = W == 2 ? go[(g * M + i) * W + 1] : T(0);
-                if (g0 == T(0) && g1 == T(0)) continue;
-                T x[F];
-                for (int f = 0; f < F; ++f) x[f] = X[(g * M + i) * F + f];
-                #pragma omp simd
-                for (i64 k = 0; k < L; ++k) {
-                    T q = 0;
-                    for (int f = 0; f < F; ++f) q += x[f] * a[f * L + k];
-                    q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                    const T e = exp_nonpositive(q);
-                    dc0[k] += g0 * e;
-                    if (W == 2) dc1[k] += g1 * e;
-                    const T sk = W == 2 ? e * (g0 * c0[k] + g1 * c1[k]) : g0 * e * c0[k];
-                    sp[k] = sk;
-                    for (int f = 0; f < F; ++f) da[f * L + k] += sk * x[f];
+            for (i64 ib = pt * tm; ib < i1; ib += P) {
+                const i64 np = std::min((i64)P, i1 - ib);
+                // A block of P points (zero-padded; a padded point has no gradient).
+                i64 rows[P];
+                T x[P][F], dx[P][F], g0[P], g1[P];
+                bool any = false;
+                for (int p = 0; p < P; ++p) {
+                    const bool real = p < np;
+                    rows[p] = real ? row_of(order, g, M, ib + p) : 0;
+                    g0[p] = real ? go[(g * M + rows[p]) * W] : T(0);
+                    g1[p] = real && W == 2 ? go[(g * M + rows[p]) * W + 1] : T(0);
+                    any |= g0[p] != T(0) || g1[p] != T(0);
+                    for (int f = 0; f < F; ++f) { x[p][f] = real ? X[(g * M + rows[p]) * F + f] : T(0); dx[p][f] = 0; }
                 }
-                if (gX) for (int f = 0; f < F; ++f) {
-                    T acc = 0;
-                    #pragma omp simd reduction(+ : acc)
-                    for (i64 k = 0; k < L; ++k) acc += sp[k] * a[f * L + k];
-                    gX[(g * M + i) * F + f] = acc;
+                if (!any) continue;
+                for (i64 jc = 0; jc < S; jc += JC) {
+                    const i64 len = std::min((i64)JC, S - jc);
+                    const T* __restrict ac = a + jc;
+                    const T* __restrict c0c = c0 + jc;
+                    const T* __restrict c1c = c1 + jc;
+                    for (int p = 0; p < P; ++p) {
+                        T* __restrict sp = sbuf[p];
+                        T* __restrict ep = ebuf[W == 2 ? p : 0];
+                        const T gp0 = g0[p], gp1 = g1[p];
+                        T xp[F], dxp[F];
+                        for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
+                        #pragma omp simd reduction(+ : dxp[:F])
+                        for (i64 j = 0; j < len; ++j) {
+                            T q = 0;
+                            for (int f = 0; f < F; ++f) q += xp[f] * ac[f * S + j];
+                            q = q > T(0) ? T(0) : q;  // NaN stays NaN
+                            const T e = exp_nonpositive(q);
+                            T sj;
+                            if (W == 2) {
+                                ep[j] = e;
+                                sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
+                                sp[j] = sj;
+                            } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
+                                const T t = gp0 * e;
+                                sp[j] = t;
+                                sj = t * c0c[j];
+                            }
+                            for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * S + j];
+                        }
+                        for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
+                    }
+                    T* __restrict dc0 = lc.data + jc;
+                    T* __restrict dc1 = lc.data + (W - 1) * S + jc;
+                    if (W == 2) {
+                        #pragma omp simd
+                        for (i64 j = 0; j < len; ++j) {
+                            T acc0 = 0, acc1 = 0;
+                            for (int p = 0; p < P; ++p) {
+                                acc0 += g0[p] * ebuf[p][j];
+                                acc1 += g1[p] * ebuf[p][j];
+                            }
+                            dc0[j] += acc0;
+                            dc1[j] += acc1;
+                        }
+                    } else {
+                        #pragma omp simd
+                        for (i64 j = 0; j < len; ++j) {
+                            T acc = 0;
+                            for (int p = 0; p < P; ++p) acc += sbuf[p][j];
+                            dc0[j] += acc;
+                        }
+                    }
+                    T* __restrict da = la.data + jc;
+                    #pragma omp simd
+                    for (i64 j = 0; j < len; ++j) {
+                        T sj[P];
+                        for (int p = 0; p < P; ++p) sj[p] = sbuf[p][j];
+                        for (int f = 0; f < F; ++f) {
+                            T acc = 0;
+                            for (int p = 0; p < P; ++p) acc += sj[p] * x[p][f];
+                            da[f * S + j] += W == 2 ? acc : acc * c0c[j];
+                        }
+                    }
                 }
+                if (gX) for (int p = 0; p < np; ++p)
+                    for (int f = 0; f < F; ++f) gX[(g * M + rows[p]) * F + f] = dx[p][f];
             }
-            for (i64 k = 0; k < L; ++k) {
-                const i64 j = idx[k];
-                for (int w = 0; w < W; ++w) dc[w * N + j] += lc[w * L + k];
-                for (int f = 0; f < F; ++f) dAt[f * N + j] += la[f * L + k];
+            for (i64 k = 0; k < L; ++k) {  // the padding entries (k >= L) are dropped
+                T* __restrict row = sums.data() + idx[k] * R;
+                for (int f = 0; f < F; ++f) row[f] += la.data[f * S + k];
+                for (int w = 0; w < W; ++w) row[F + w] += lc.data[w * S + k];
             }
         }
         flush(current);
@@ -449,12 +573,13 @@ void cutoff_plan_take(void* handle, i32* index) {
 
 #define INSTANTIATE(T, F, W, SUFFIX)                                                                   \
 extern "C" void sparse_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c,     \
-        T* out, i64 tm, const i64* offsets, const i32* index, int threads) {                           \
-    forward<T, F, W>(G, M, N, X, A, c, out, tm, offsets, index, threads);                              \
+        T* out, i64 tm, const i64* offsets, const i32* index, const i64* order, int threads) {         \
+    forward<T, F, W>(G, M, N, X, A, c, out, tm, offsets, index, order, threads);                       \
 }                                                                                                      \
 extern "C" void sparse_backward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c,    \
-        const T* go, T* gX, T* gA, T* gc, i64 tm, const i64* offsets, const i32* index, int threads) {  \
-    backward<T, F, W>(G, M, N, X, A, c, go, gX, gA, gc, tm, offsets, index, threads);                  \
+        const T* go, T* gX, T* gA, T* gc, i64 tm, const i64* offsets, const i32* index,                \
+        const i64* order, int threads) {                                                               \
+    backward<T, F, W>(G, M, N, X, A, c, go, gX, gA, gc, tm, offsets, index, order, threads);           \
 }
 INSTANTIATE(float, 6, 1, f32_6_w1)
 INSTANTIATE(float, 10, 1, f32_10_w1)

@@ -51,8 +51,8 @@ def _symbols() -> dict:
                for d in (2, 3)}
     symbols["cutoff_plan_take"] = ([ptr, ptr], None)
     symbols.update(mat_vec_variant_symbols({
-        "sparse_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint],
-        "sparse_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, cint],
+        "sparse_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint],
+        "sparse_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint],
     }))
     return symbols
 
@@ -152,7 +152,8 @@ def _suffix(X: Tensor, sets: int) -> str:
 class PairListExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_{j listed for i's tile} c[g, j] exp(min(X[g, i] . A[g, j], 0))``.
 
-    Shapes: ``X [G, M, F]`` in the plan's point order, ``A [G, N, F]``,
+    Shapes: ``X [G, M, F]`` (the points in their own order: the kernel reads
+    and writes rows through ``plan.point_order``, no permuted copies), ``A [G, N, F]``,
     ``c [G, N]`` -> ``[G, M]`` or ``c [G, N, W]`` -> ``[G, M, W]`` (``W <= 2``
     weight sets sharing every exponential).  Gradients are those of the
     truncated sum (the clamp treated as the identity, as in the other kernels).
@@ -172,7 +173,7 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         out = X.new_empty(G, M, sets)
         getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
             G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
-            torch.get_num_threads(),
+            _ptr(plan.point_order), torch.get_num_threads(),
         )
         ctx.save_for_backward(X, At, cs)
         ctx.plan = plan
@@ -194,7 +195,7 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         if need_x or need_a or need_c:
             getattr(library, f"sparse_backward_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
-                plan.tile_m, _ptr(plan.offsets), _ptr(plan.index), torch.get_num_threads(),
+                plan.tile_m, _ptr(plan.offsets), _ptr(plan.index), _ptr(plan.point_order), torch.get_num_threads(),
             )
         if grad_c is not None:
             grad_c = grad_c.view(ctx.c_shape)

@@ -227,8 +227,7 @@ class TorchBackend:
             # Pair lists over kd tiles (cutoff_native): one plan for every weight set and for backward.
             peaks = c if c.dim() == 2 else c.abs().amax(-1)
             plan = cutoff_native.make_plan(p_flat, gm.positions(m_flat), gm.covariances(m_flat), peaks, self.cutoff)
-            X = cutoff.permute_rows(X, plan.point_order)
-            out = cutoff.unpermute_rows(cutoff_native.matvec_sets(X, A, c, plan), plan.point_order)
+            out = cutoff_native.matvec_sets(X, A, c, plan)  # rows read and written through plan.point_order
         else:
             tile = self._cutoff_tile(X)
             peaks = c if c.dim() == 2 else c.abs().amax(-1)
