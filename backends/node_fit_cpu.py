@@ -1,25 +1,29 @@
 r"""The reduction methods' node fits (E and M steps) as one native CPU kernel call.
 
-:func:`em_step` computes :func:`gmbench.reduction.em.em_step` (MEM's one
-call); :func:`fit_nodes` computes :func:`gmbench.reduction.node_fit.fit_nodes`
+:func:`em_step` computes :func:`gmbench.reduction.em.em_step`; :func:`mem`
+the whole MEM reduction after its input checks (pre-scaling, initial
+Gaussians, E and M step, masks, scaling back: one autograd node);
+:func:`fit_nodes` computes :func:`gmbench.reduction.node_fit.fit_nodes`
 (single-linkage initial Gaussians, then one E and one M step; optionally with
 TreeHEM's pass-through of nodes that hold at most ``n_out`` Gaussians);
 :func:`treehem` computes TreeHEM after the Morton sort (every tree level, the
-top-down cut and the partial node fit) in one call.  All three give the
-values and gradients of the PyTorch functions up to float rounding; those
-stay the reference, and ``tests/test_node_fit_cpu.py`` compares the two.
+top-down cut and the partial node fit) in one call.  All give the values and
+gradients of the PyTorch functions up to float rounding; those stay the
+reference, and ``tests/test_node_fit_cpu.py`` compares the two.
 
 Why it is faster: the problems are tiny (a TreeHEM node fits at most ``2T``
 Gaussians to ``T``), so the PyTorch form is about a hundred tensor operations
 per tree level, each costing more in dispatch than in arithmetic.  The kernel
-(``node_fit_kernel.cpp``, package data, built by
+(``node_fit_kernel.cpp`` and ``mem_kernel.h``, package data, built by
 :mod:`gmbench.backends.native`) runs one problem per loop iteration on
 ``torch.get_num_threads()`` threads.  When a gradient is needed, forward
-keeps each problem's E step (responsibilities and log-likelihoods, ``2 S Q + S``
-values per problem: for MEM 8 x 8 mixtures 2560 -> 32 in float32 41 MiB;
-for TreeHEM T = 2 100 bytes per internal tree node, 12.5 MiB for 8 x 8
-mixtures of 2560, beside its 26 MiB of node caches) and TreeHEM its
-initial-Gaussian choices, so backward redoes only the cheap rest of each
+keeps each problem's E step: MEM and :func:`em_step` as the list of pairs
+with ``r != 0`` (the KL gate leaves about one per valid row;
+:func:`pair_state_bytes`, about 1 MiB for 8 x 8 mixtures 2560 -> 32 in
+float32), TreeHEM its node fits' responsibilities and log-likelihoods
+(``2 S Q + S`` values per node: 100 bytes per internal tree node, 12.5 MiB
+for 8 x 8 mixtures of 2560 at T = 2, beside its 26 MiB of node caches) and
+initial-Gaussian choices.  Backward then redoes only the cheap rest of each
 forward (features and M-step sums) before the chain rule written out in C++;
 ``save_state=False`` recomputes the whole forward in backward instead (the
 same gradients, bit for bit: ``tests/test_node_fit_cpu.py``).  :func:`treehem`
@@ -58,9 +62,15 @@ _SETTINGS = [_double, _int, _double]
 _SYMBOLS = {}
 for _suffix in SUFFIXES:
     _SYMBOLS[f"em_step_forward_{_suffix}"] = (
-        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _int], None)
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"em_step_backward_{_suffix}"] = (
-        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+        [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, *_SETTINGS, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"pairs_take_{_suffix}"] = ([_ptr, _ptr, _ptr, _ptr], None)
+    _SYMBOLS[f"pairs_free_{_suffix}"] = ([_ptr], None)
+    _SYMBOLS[f"mem_forward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, *_SETTINGS, _double, _int, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"mem_backward_{_suffix}"] = (
+        [_i64, _i64, _i64, _ptr, *_SETTINGS, _double, _int, *[_ptr] * 8, _int], None)
     _SYMBOLS[f"fit_nodes_forward_{_suffix}"] = (
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"fit_nodes_backward_{_suffix}"] = (
@@ -102,20 +112,31 @@ def _mask(valid: Tensor) -> Tensor:
 
 
 def em_state_size(s: int, q: int) -> int:
-    """Values of one E step's saved state (node_fit_kernel.cpp's ``EMStep::state_size``): r, ll ``[S, Q]``, has_any ``[S]``."""
+    """Values of one TreeHEM node fit's saved E step (``EMStep::state_size``): r, ll ``[S, Q]``, has_any ``[S]``."""
     return 2 * s * q + s
 
 
-def _em_state(save_state: bool, like: Tensor, m: int, s: int, q: int) -> tuple[Tensor | None, Tensor | None]:
-    """MEM's state in two buffers, ``(r and has_any [M, S Q + S], ll [M, S, Q])``, or ``(None, None)``.
+def pair_state_bytes(pairs: int, problems: int, dtype: torch.dtype) -> int:
+    """Bytes of an E step kept as pairs (MEM, :func:`em_step`): (row, s) int32 and (r, ll) per pair, offsets per problem."""
+    return pairs * (8 + 2 * torch.finfo(dtype).bits // 8) + 8 * (problems + 1)
 
-    Two halves rather than one block: each stays under glibc's largest mmap
-    threshold (32 MiB) for twice the problem size, so a training loop gets
-    the freed pages of the previous step back instead of faulting in fresh ones.
+
+def _take_pairs(library, suffix: str, handle: ctypes.c_void_p, count: int, like: Tensor, problems: int):
+    """The pairs a forward kept (``PairLists`` in mem_kernel.h) as tensors ``(idx [P, 2], val [P, 2], offsets)``.
+
+    The kernel owns them between its forward and this copy, which frees them.
     """
-    if not save_state:
-        return None, None
-    return like.new_empty(m, s * q + s), like.new_empty(m, s, q)
+    if not handle.value:
+        return None, None, None
+    try:
+        idx = torch.empty(count, 2, dtype=torch.int32)
+        val = like.new_empty(count, 2)
+        offsets = torch.empty(problems + 1, dtype=torch.int64)
+    except BaseException:
+        getattr(library, f"pairs_free_{suffix}")(handle)
+        raise
+    getattr(library, f"pairs_take_{suffix}")(handle, idx.data_ptr(), val.data_ptr(), offsets.data_ptr())
+    return idx, val, offsets
 
 
 def treehem_state_size(n_leaves: int, t: int) -> int:
@@ -151,12 +172,14 @@ class _EMStep(torch.autograd.Function):
         q = fitting.shape[1]
         out = target.new_empty(m, q, k)
         out_valid = torch.empty(m, q, dtype=torch.uint8)
-        state, state_ll = _em_state(save_state, target, m, s, q)
-        getattr(library, f"em_step_forward_{_suffix(target)}")(
+        handle, count = ctypes.c_void_p(), ctypes.c_int64()
+        suffix = _suffix(target)
+        getattr(library, f"em_step_forward_{suffix}")(
             m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *settings,
-            out.data_ptr(), out_valid.data_ptr(), _ptr_or_null(state), _ptr_or_null(state_ll), torch.get_num_threads(),
+            out.data_ptr(), out_valid.data_ptr(), int(save_state), ctypes.addressof(handle), ctypes.addressof(count),
+            torch.get_num_threads(),
         )
-        ctx.save_for_backward(target, tv, fitting, fv, state, state_ll)
+        ctx.save_for_backward(target, tv, fitting, fv, *_take_pairs(library, suffix, handle, count.value, target, m))
         ctx.settings = settings
         ctx.mark_non_differentiable(out_valid)
         return out, out_valid.bool()
@@ -164,17 +187,56 @@ class _EMStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_valid):
-        target, tv, fitting, fv, state, state_ll = ctx.saved_tensors
+        target, tv, fitting, fv, idx, val, offsets = ctx.saved_tensors
         m, s, _ = target.shape
         q = fitting.shape[1]
         grad_out = grad_out.to(target.dtype).contiguous()
         grad_target, grad_fitting = torch.empty_like(target), torch.empty_like(fitting)
         getattr(LIBRARY.load(), f"em_step_backward_{_suffix(target)}")(
             m, s, q, target.data_ptr(), tv.data_ptr(), fitting.data_ptr(), fv.data_ptr(), *ctx.settings,
-            grad_out.data_ptr(), grad_target.data_ptr(), grad_fitting.data_ptr(), _ptr_or_null(state),
-            _ptr_or_null(state_ll), torch.get_num_threads(),
+            grad_out.data_ptr(), grad_target.data_ptr(), grad_fitting.data_ptr(), _ptr_or_null(idx),
+            _ptr_or_null(val), _ptr_or_null(offsets), torch.get_num_threads(),
         )
         return grad_target, None, grad_fitting, None, None, None
+
+
+class _MEM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, n_out, settings, weight_threshold, normalize_scale, save_state):
+        library = LIBRARY.load()
+        m = m.contiguous()
+        g, n, k = m.shape
+        out = m.new_empty(g, n_out, k)
+        out_valid = torch.empty(g, n_out, dtype=torch.uint8)
+        factor = m.new_empty(g)
+        chosen = torch.empty(g, n_out, dtype=torch.int32)
+        handle, count = ctypes.c_void_p(), ctypes.c_int64()
+        suffix = _suffix(m)
+        options = (float(weight_threshold), int(normalize_scale))
+        getattr(library, f"mem_forward_{suffix}")(
+            g, n, n_out, m.data_ptr(), *settings, *options, out.data_ptr(), out_valid.data_ptr(), factor.data_ptr(),
+            chosen.data_ptr(), int(save_state), ctypes.addressof(handle), ctypes.addressof(count),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(m, out_valid, factor, chosen, *_take_pairs(library, suffix, handle, count.value, m, g))
+        ctx.args = (n_out, settings, options)
+        ctx.mark_non_differentiable(out_valid)
+        return out, out_valid.bool()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_valid):
+        m, out_valid, factor, chosen, idx, val, offsets = ctx.saved_tensors
+        n_out, settings, options = ctx.args
+        g, n, _ = m.shape
+        grad_out = grad_out.to(m.dtype).contiguous()
+        grad_m = torch.empty_like(m)
+        getattr(LIBRARY.load(), f"mem_backward_{_suffix(m)}")(
+            g, n, n_out, m.data_ptr(), *settings, *options, out_valid.data_ptr(), factor.data_ptr(),
+            chosen.data_ptr(), grad_out.data_ptr(), grad_m.data_ptr(), _ptr_or_null(idx), _ptr_or_null(val),
+            _ptr_or_null(offsets), torch.get_num_threads(),
+        )
+        return grad_m, None, None, None, None, None
 
 
 class _FitNodes(torch.autograd.Function):
@@ -283,13 +345,37 @@ def em_step(
     """:func:`gmbench.reduction.em.em_step` by the kernel: ``-> ([M, Q, K], valid [M, Q])``.
 
     With ``save_state`` (when a gradient is needed) the E step is kept for
-    backward: ``em_state_size(S, Q)`` values per problem.
+    backward as its pairs with ``r != 0``: :func:`pair_state_bytes`.
     """
     if target.shape[0] == 0:
         return fitting.new_zeros(fitting.shape), fitting_valid.new_zeros(fitting_valid.shape)
     return _EMStep.apply(
         target, target_valid, fitting, fitting_valid, _settings(virtual_points, kl_threshold),
         _wants_state(save_state, target, fitting),
+    )
+
+
+def mem(
+    m: Tensor, n_out: int, virtual_points: float, kl_threshold: float | None, weight_threshold: float,
+    normalize_scale: bool, *, save_state: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The MEM reduction of ``m [G, N, K]`` (``N > n_out``) in one call: ``-> ([G, n_out, K], valid [G, n_out])``.
+
+    What :class:`gmbench.reduction.mem.ModifiedEMReduction` computes after its
+    input checks: Gaussians with ``|w| >= weight_threshold`` are valid, each
+    mixture is pre-scaled (``normalize_scale``, :func:`gmbench.reduction.scaling.prescale`),
+    the ``n_out`` valid ones with the largest ``|w|`` are the initial mixture,
+    one E and one M step, weight 0 where the result is invalid, scaled back.
+    One autograd node; with ``save_state`` (when a gradient is needed) the E
+    step is kept as its pairs with ``r != 0`` (:func:`pair_state_bytes`),
+    else backward recomputes it (the same gradients, bit for bit).
+    """
+    g, n, _ = m.shape
+    if n <= n_out:
+        raise ValueError(f"MEM reduces mixtures of more than {n_out} Gaussians, got {n}")
+    return _MEM.apply(
+        m, int(n_out), _settings(virtual_points, kl_threshold), weight_threshold, bool(normalize_scale),
+        _wants_state(save_state, m),
     )
 
 

@@ -677,29 +677,7 @@ struct NodeFit {
     }
 };
 
-template <typename T, int D>
-struct EMWork {
-    struct Scratch { EMStep<T, D> em; };
-    i64 S, Q;
-    const T* tg; const uint8_t* tv; const T* fit; const uint8_t* fv;
-    Settings st;
-    T* out; uint8_t* out_valid;
-    const T* gout; T* gtg; T* gfit;
-    T* state; T* state_ll;  // [M, r_state_size(S, Q)], [M, S, Q]: written by forward, read by backward; or null
-    void operator()(i64 p, Scratch& sc) const {
-        constexpr int K = 1 + D + D * D;
-        if (sc.em.S != S || sc.em.Q != Q || (gout && sc.em.r.empty())) sc.em.resize(S, Q, gout != nullptr);
-        const T* t = tg + p * S * K;
-        const T* f = fit + p * Q * K;
-        T* sp = state ? state + p * EMStep<T, D>::r_state_size(S, Q) : nullptr;
-        T* sl = state ? state_ll + p * S * Q : nullptr;
-        if (gout)
-            sc.em.backward(t, tv + p * S, f, fv + p * Q, st, gout + p * Q * K, gtg + p * S * K, gfit + p * Q * K,
-                           nullptr, sp, sl);
-        else
-            sc.em.forward(t, tv + p * S, f, fv + p * Q, st, out + p * Q * K, out_valid + p * Q, false, nullptr, sp, sl);
-    }
-};
+#include "mem_kernel.h"  // SparseEM, SparseEMWork, MEMWork: pasted in here by native.py
 
 template <typename T, int D>
 struct NodeWork {
@@ -1043,22 +1021,49 @@ void run_treehem(i64 G, i64 Tn, int threads, Fields... fields) {
 #define INSTANTIATE(T, D, SUFFIX)                                                                       \
 extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,           \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, T* out, uint8_t* ov,        \
-        T* state, T* state_ll, int threads) {                                                           \
-    advise_huge_pages(state, sizeof(T) * M * EMStep<T, D>::r_state_size(S, Q));                         \
-    advise_huge_pages(state_ll, sizeof(T) * M * S * Q);                                                 \
-    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, nullptr, nullptr, nullptr, state,  \
-                   state_ll};                                                                           \
+        int save, void** pairs, i64* pair_count, int threads) {                                         \
+    PairLists<T>* lists = save ? new PairLists<T>(M) : nullptr;                                         \
+    SparseEMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, out, ov, lists, nullptr, nullptr,     \
+                         nullptr, nullptr, nullptr, nullptr};                                           \
     for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
+    *pairs = lists;                                                                                     \
+    *pair_count = lists ? lists->count() : 0;                                                           \
 }                                                                                                       \
 extern "C" void em_step_backward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,          \
         const T* fit, const uint8_t* fv, double vp, int use_kl, double kl, const T* gout, T* gtg,      \
-        T* gfit, const T* state, const T* state_ll, int threads) {                                      \
+        T* gfit, const int32_t* idx, const T* val, const i64* offsets, int threads) {                   \
     advise_huge_pages(gtg, sizeof(T) * M * S * (1 + D + D * D));                                        \
     std::memset(gtg, 0, sizeof(T) * M * S * (1 + D + D * D));                                           \
     std::memset(gfit, 0, sizeof(T) * M * Q * (1 + D + D * D));                                          \
-    EMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, gout, gtg, gfit,          \
-                   const_cast<T*>(state), const_cast<T*>(state_ll)};                                    \
+    SparseEMWork<T, D> w{S, Q, tg, tv, fit, fv, {vp, use_kl, kl}, nullptr, nullptr, nullptr, gout, gtg,  \
+                         gfit, idx, val, offsets};                                                      \
     for_each_problem(M, S * Q >= 4096 ? 1 : 64, threads, w);                                             \
+}                                                                                                       \
+extern "C" void pairs_take_##SUFFIX(void* pairs, int32_t* idx, T* val, i64* offsets) {                 \
+    PairLists<T>* lists = static_cast<PairLists<T>*>(pairs);                                            \
+    lists->take(idx, val, offsets);                                                                     \
+    delete lists;                                                                                       \
+}                                                                                                       \
+extern "C" void pairs_free_##SUFFIX(void* pairs) { delete static_cast<PairLists<T>*>(pairs); }         \
+extern "C" void mem_forward_##SUFFIX(i64 G, i64 N, i64 n_out, const T* m, double vp, int use_kl,       \
+        double kl, double weight_threshold, int normalize, T* out, uint8_t* ov, T* factor,              \
+        int32_t* chosen, int save, void** pairs, i64* pair_count, int threads) {                       \
+    PairLists<T>* lists = save ? new PairLists<T>(G) : nullptr;                                         \
+    MEMWork<T, D> w{N, n_out, m, {vp, use_kl, kl}, T(weight_threshold), normalize, out, ov, factor,     \
+                    chosen, lists, nullptr, nullptr, nullptr, nullptr, nullptr};                        \
+    for_each_problem(G, 1, threads, w);                                                                 \
+    *pairs = lists;                                                                                     \
+    *pair_count = lists ? lists->count() : 0;                                                           \
+}                                                                                                       \
+extern "C" void mem_backward_##SUFFIX(i64 G, i64 N, i64 n_out, const T* m, double vp, int use_kl,      \
+        double kl, double weight_threshold, int normalize, const uint8_t* ov, const T* factor,          \
+        const int32_t* chosen, const T* gout, T* gm, const int32_t* idx, const T* val,                  \
+        const i64* offsets, int threads) {                                                              \
+    advise_huge_pages(gm, sizeof(T) * G * N * (1 + D + D * D));                                         \
+    MEMWork<T, D> w{N, n_out, m, {vp, use_kl, kl}, T(weight_threshold), normalize, nullptr,              \
+                    const_cast<uint8_t*>(ov), const_cast<T*>(factor), const_cast<int32_t*>(chosen),     \
+                    nullptr, gout, gm, idx, val, offsets};                                              \
+    for_each_problem(G, 1, threads, w);                                                                 \
 }                                                                                                       \
 extern "C" void fit_nodes_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,         \
         const i64* n_out, double vp, int use_kl, double kl, int pass_through, T* out, uint8_t* ov,     \

@@ -29,8 +29,8 @@ tree's, in one process, repetitions interleaved, medians):
 prints per method the forward+backward time and the time inside the
 kernel's forward and backward calls for both, their ratios and the largest
 differences of values and gradients.  The baseline's ``node_fit_cpu.py``,
-``node_fit_kernel.cpp`` and ``fast_exp.h`` are taken with ``git show`` into a
-fresh private temporary folder and built like any kernel, through
+``node_fit_kernel.cpp``, ``fast_exp.h`` (and ``mem_kernel.h`` where it has
+one) are taken with ``git show`` into a fresh private temporary folder and built like any kernel, through
 :mod:`gmbench.backends.native` (hash-verified, private kernel folder).
 """
 
@@ -208,15 +208,19 @@ def print_summary():
 
 # -- before/after mode ---------------------------------------------------------
 BASELINE_FILES = ("backends/node_fit_cpu.py", "backends/node_fit_kernel.cpp", "backends/fast_exp.h")
+BASELINE_OPTIONAL_FILES = ("backends/mem_kernel.h",)  # not in revisions before the fused MEM kernel
 AB_METHODS = {"treehem-T2": ("treehem", {"T": 2}), "treehem-T4": ("treehem", {"T": 4}), "mem": ("mem", {})}
 
 
 def load_baseline(revision: str, folder: Path):
     """The ``node_fit_cpu`` module of ``revision``, its kernel built from that revision's source."""
     root = Path(__file__).resolve().parents[1]
-    for name in BASELINE_FILES:
-        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=root, capture_output=True, check=True).stdout
-        (folder / Path(name).name).write_bytes(text)
+    for name in BASELINE_FILES + BASELINE_OPTIONAL_FILES:
+        shown = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=root, capture_output=True)
+        if shown.returncode != 0 and name in BASELINE_OPTIONAL_FILES:
+            continue
+        shown.check_returncode()
+        (folder / Path(name).name).write_bytes(shown.stdout)
     spec = importlib.util.spec_from_file_location("node_fit_cpu_baseline", folder / "node_fit_cpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -19,6 +19,7 @@ from gmbench.backends import node_fit_cpu
 from gmbench.errors import GmbenchError, PluginError
 from gmbench.reduction import em, implementation, node_fit
 from gmbench.reduction.morton import morton_codes
+from gmbench.reduction.scaling import prescale
 
 pytestmark = pytest.mark.skipif(
     node_fit_cpu.unavailable_reason() is not None, reason=f"node-fit kernel: {node_fit_cpu.unavailable_reason()}"
@@ -200,6 +201,51 @@ def test_native_reduction_gradcheck_float64(name, params):
     assert torch.autograd.gradcheck(lambda x: reduction.reduce(x, 5), (m,), eps=1e-6, atol=1e-5)
 
 
+MEM_OPTIONS = [
+    {},
+    {"kl_threshold": None},
+    {"normalize_scale": False},
+    {"weight_threshold": 0.3, "virtual_points": 4.0},
+    {"kl_threshold": 4.0, "normalize_scale": False},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("options", MEM_OPTIONS, ids=["default", "no-kl", "unscaled", "weight-threshold", "kl-4"])
+def test_mem_kernel_matches_torch_for_its_options(options, dims, dtype):
+    # The fused MEM call (pre-scaling, initial choice, E+M step, masks) against the reference.
+    m = awkward(random_mixture(5, 83, dims, seed=40 + dims, signed=True, spread=1.5)).to(dtype)
+    m[2, :, 1 + dims:] *= 30.0  # one mixture at another scale
+    reference, native = reduce_both("mem", options, m, 17)
+    assert_same(reference, native, dtype)
+
+
+@pytest.mark.parametrize("n", [8, 9, 40])
+def test_mem_kernel_chooses_tied_initial_gaussians_as_the_stable_argsort(n):
+    # Weights of few distinct magnitudes (ties at the boundary of the N_p largest) and
+    # mixtures of one Gaussian more than N_p.
+    m = random_mixture(3, n, 3, seed=n, signed=True)
+    m[..., 0] = torch.tensor([1.0, -1.0, 0.5, 2.0])[torch.arange(n) % 4].expand(3, n)
+    reference, native = reduce_both("mem", {}, m, 7)
+    assert_same(reference, native, torch.float64)
+
+
+def test_mem_kernel_rows_with_many_pairs_match_torch():
+    # Without the KL gate and with few virtual samples every row shares its weight among
+    # many fitting Gaussians: the sparse E step is then dense.
+    m = random_mixture(2, 300, 3, seed=5, spread=0.7)
+    reference, native = reduce_both("mem", {"kl_threshold": None, "virtual_points": 0.5}, m, 40)
+    assert_same(reference, native, torch.float64)
+
+
+@pytest.mark.parametrize("options", [{"kl_threshold": None}, {"normalize_scale": False, "virtual_points": 3.0}])
+def test_mem_kernel_gradcheck_float64(options):
+    m = random_mixture(2, 11, 2, seed=6, signed=True).requires_grad_(True)
+    reduction = plugins.create("reduction", "mem", **options, implementation="native")
+    assert torch.autograd.gradcheck(lambda x: reduction.reduce(x, 4), (m,), eps=1e-6, atol=1e-5)
+
+
 def treehem_inputs(m, T, weight_threshold=1e-7):
     """The arguments the reduction hands to ``node_fit_cpu.treehem`` for ``m [G, N, K]`` (after its pre-scaling)."""
     reduction = plugins.create("reduction", "treehem", T=T, weight_threshold=weight_threshold)
@@ -209,7 +255,7 @@ def treehem_inputs(m, T, weight_threshold=1e-7):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("kind", ["em_step", "treehem-T2", "treehem-T4"])
+@pytest.mark.parametrize("kind", ["em_step", "mem", "treehem-T2", "treehem-T4"])
 def test_saved_state_backward_equals_recompute_backward(kind, dims, dtype):
     # Bit for bit: the saved E steps are exactly what backward would recompute.
     m = gm.pad(awkward(random_mixture(5, 57, dims, seed=20 + dims, signed=True)), 64).to(dtype)
@@ -219,6 +265,9 @@ def test_saved_state_backward_equals_recompute_backward(kind, dims, dtype):
 
         def run(x, save_state):
             return node_fit_cpu.em_step(x, valid, x[:, :9], valid[:, :9], 20.0, 1.0, save_state=save_state)
+    elif kind == "mem":
+        def run(x, save_state):
+            return node_fit_cpu.mem(x, 9, 20.0, 1.0, 1e-7, True, save_state=save_state)
     else:
         T = int(kind[-1])
         valid, order, n_leaves = treehem_inputs(m, T)
@@ -246,15 +295,37 @@ def saved_storage_bytes(function):
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("kind", ["em_step", "treehem"])
+def reference_pair_count(target, valid, fitting, fitting_valid, virtual_points, kl_threshold):
+    """Pairs with r != 0 in the PyTorch reference's E step (float64: no flush-to-zero differences)."""
+    with torch.no_grad():
+        r = em.responsibilities(target, valid, fitting, fitting_valid, virtual_points, kl_threshold)
+    return int((r != 0).sum())
+
+
+def mem_reference_inputs(m, n_out, weight_threshold=1e-7):
+    """What ModifiedEMReduction hands to em_step for ``m [G, N, K]``: scaled mixture, validity, initial mixture."""
+    flat, _ = prescale(m)
+    valid = gm.weights(flat).abs() >= weight_threshold
+    magnitude = torch.where(valid, gm.weights(flat).abs(), torch.full_like(gm.weights(flat), -1.0))
+    largest = torch.argsort(-magnitude, dim=-1, stable=True)[:, :n_out]
+    return flat, valid, node_fit.take(flat, largest), valid.gather(1, largest)
+
+
+@pytest.mark.parametrize("kind", ["em_step", "mem", "treehem"])
 def test_saved_state_has_its_documented_size_and_only_when_a_gradient_is_needed(kind):
-    m = random_mixture(3, 40, 3, seed=3, dtype=torch.float32)
+    dtype = torch.float32 if kind == "treehem" else torch.float64
+    m = random_mixture(3, 40, 3, seed=3, dtype=dtype)
     valid = torch.ones(3, 40, dtype=torch.bool)
     if kind == "em_step":
-        expected = 3 * node_fit_cpu.em_state_size(40, 6) * 4
+        expected = node_fit_cpu.pair_state_bytes(reference_pair_count(m, valid, m[:, :6], valid[:, :6], 4.0, 1.0), 3, dtype)
 
         def run(x, **options):
             return node_fit_cpu.em_step(x, valid, x[:, :6].detach(), valid[:, :6], 4.0, 1.0, **options)
+    elif kind == "mem":
+        expected = node_fit_cpu.pair_state_bytes(reference_pair_count(*mem_reference_inputs(m, 6), 4.0, 1.0), 3, dtype)
+
+        def run(x, **options):
+            return node_fit_cpu.mem(x, 6, 4.0, 1.0, 1e-7, True, **options)
     else:
         valid, order, n_leaves = treehem_inputs(m, 2)
         assert n_leaves == 32

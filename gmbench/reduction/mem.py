@@ -3,9 +3,11 @@ r"""Modified EM reduction (MEM, paper Section 4.1).
 The ``N_p`` Gaussians with the largest integrals ``|w|`` are the initial
 mixture; one E step (Eq. 15, Preiner's virtual-sample likelihood with the
 trace term) and one M step (Eq. 16) fit them to all ``N_o`` input Gaussians.
-Every input Gaussian is compared with every initial one, so time and memory
-(including autograd's saved tensors) are ``O(N_o x N_p)`` per mixture, as in
-the paper; ``benchmarks/bench_reduction.py`` measures it.
+Every input Gaussian is compared with every initial one, so time is
+``O(N_o x N_p)`` per mixture, as in the paper, and so is the memory of the
+PyTorch path (including autograd's saved tensors); the C++ kernel
+(:func:`gmbench.backends.node_fit_cpu.mem`, the default on CPU) keeps only the
+pairs the KL gate lets through.  ``benchmarks/bench_reduction.py`` measures both.
 
 Shapes: ``reduce(m [..., N_o, K], N_p) -> [..., N_p, K]``.
 """
@@ -22,7 +24,7 @@ from gmbench.plugins import hookimpl
 from gmbench.reduction.em import em_step
 from gmbench.reduction.implementation import check_implementation, native_kernel
 from gmbench.reduction.node_fit import take
-from gmbench.reduction.scaling import reduce_batched
+from gmbench.reduction.scaling import check_reduction_input, reduce_batched
 
 
 class ModifiedEMReduction:
@@ -71,6 +73,16 @@ class ModifiedEMReduction:
         return f"ModifiedEMReduction(virtual_points={self.virtual_points}, kl_threshold={self.kl_threshold})"
 
     def reduce(self, m: Tensor, n_components: int) -> Tensor:
+        check_reduction_input(m, n_components)
+        if m.shape[-2] > n_components:
+            kernel = native_kernel(self.implementation, m)
+            if kernel is not None and hasattr(kernel, "mem"):  # the C++ kernel: the whole reduction in one call
+                batch, n, k = m.shape[:-2], m.shape[-2], m.shape[-1]
+                fitted, _ = kernel.mem(
+                    m.reshape(-1, n, k), n_components, self.virtual_points, self.kl_threshold,
+                    self.weight_threshold, self.normalize_scale,
+                )
+                return fitted.reshape(*batch, n_components, k)
         return reduce_batched(m, n_components, self.normalize_scale, self._reduce_flat)
 
     def _reduce_flat(self, flat: Tensor, n_components: int) -> Tensor:
