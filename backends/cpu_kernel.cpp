@@ -3,17 +3,154 @@
 // Built and loaded by gmbench/backends/cpu_kernel.py (through native.py, which
 // compiles it into a private per-user folder and checks every load); plain C
 // ABI, no PyTorch headers.
+//
+// Layout: ekmv_pack copies a mixture's Gaussians into blocks of L lanes (one
+// SIMD vector: 16 floats with AVX-512), F coefficient rows scaled by log2(e)
+// then W peak-value rows, zero-padded.  Forward and backward take the lanes
+// over Gaussians and broadcast the point features: each loaded coefficient
+// vector serves P points (register blocking; the coefficients were reloaded
+// from L2 for every pair before), and the per-lane sums over points (the
+// forward's outputs, the backward's dA and dc) stay in registers.  With the
+// log2(e) scaling the exponential is 2^y: round, a degree-6 polynomial,
+// ldexp (vrndscale / vscalef with AVX-512), no extra multiply.
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <atomic>
 #include <thread>
 #include <vector>
 
-#include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
+#if defined(__AVX512F__)
+#define GMBENCH_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define GMBENCH_VECTOR_BYTES 32
+#else
+#define GMBENCH_VECTOR_BYTES 16
+#endif
+#if defined(__AVX512F__) && !defined(GMBENCH_PORTABLE_EXP)
+#include <immintrin.h>
+#define GMBENCH_AVX512_EXP 1
+#endif
 
 typedef int64_t i64;
+
+// GCC vector extensions: one code path for every instruction set (-march=native
+// picks AVX-512, AVX2 or SSE); only the exponential's round and ldexp have
+// AVX-512 intrinsics.
+template <typename T> struct Simd;
+template <> struct Simd<float> {
+    typedef float V __attribute__((vector_size(GMBENCH_VECTOR_BYTES)));
+    typedef int32_t I __attribute__((vector_size(GMBENCH_VECTOR_BYTES)));
+};
+template <> struct Simd<double> {
+    typedef double V __attribute__((vector_size(GMBENCH_VECTOR_BYTES)));
+    typedef int64_t I __attribute__((vector_size(GMBENCH_VECTOR_BYTES)));
+};
+template <typename T> using vec = typename Simd<T>::V;
+template <typename T> using ivec = typename Simd<T>::I;
+template <typename T> constexpr int lanes() { return GMBENCH_VECTOR_BYTES / sizeof(T); }
+
+template <typename T> static inline vec<T> loadv(const T* p) { vec<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> static inline void storev(T* p, vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T> static inline vec<T> splat(T s) { return vec<T>{} + s; }
+// a * b + c as one fused operation that -ffast-math may not re-associate: GCC
+// otherwise splits the exponent's dot product into parallel chains joined by
+// extra adds (13 operations instead of 10 for 3D features).
+static inline vec<float> fmadd(vec<float> a, vec<float> b, vec<float> c) {
+#ifdef GMBENCH_AVX512_EXP
+    return (vec<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    return a * b + c;
+#endif
+}
+static inline vec<double> fmadd(vec<double> a, vec<double> b, vec<double> c) {
+#ifdef GMBENCH_AVX512_EXP
+    return (vec<double>)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#else
+    return a * b + c;
+#endif
+}
+// x . a for one point (scalar features, broadcast) and one block of Gaussians.
+template <typename T, int F>
+static inline vec<T> exponent(const vec<T> (&a)[F], const T* __restrict x) {
+    vec<T> y = a[0] * x[0];
+    for (int f = 1; f < F; ++f) y = fmadd(a[f], splat(x[f]), y);
+    return y;
+}
+template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: reproducible
+    T s = 0;
+    for (int l = 0; l < lanes<T>(); ++l) s += v[l];
+    return s;
+}
+
+// 2^y for y <= 0 (or NaN) after clamping to [-150, 0] (-1075 in double):
+// exactly 0 far below, NaN stays NaN.  Float: degree-6 fit of 2^r on
+// [-1/2, 1/2] (relative error 2e-9, below float rounding); double: Taylor
+// series of exp(r ln 2) to degree 13 (4e-18).
+static inline vec<float> exp2_nonpositive(vec<float> y) {
+    typedef vec<float> V;
+#ifdef GMBENCH_AVX512_EXP
+    y = (V)_mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_min_ps(_mm512_setzero_ps(), (__m512)y));
+    const V n = (V)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const V zero = {};
+    y = y > zero ? zero : y;                  // NaN stays NaN
+    y = y < splat(-126.0f) ? splat(-126.0f) : y;  // the exponent bits below cannot go lower
+    const ivec<float> ni = __builtin_convertvector(y - 0.5f, ivec<float>);  // round half down (y <= 0)
+    const V n = __builtin_convertvector(ni, V);
+#endif
+    const V r = y - n;  // exact, in [-1/2, 1/2]
+    V p = splat(1.5353648689136773e-4f);
+    p = p * r + 1.3398887843886300e-3f;
+    p = p * r + 9.6184363143227910e-3f;
+    p = p * r + 5.5503324243820020e-2f;
+    p = p * r + 2.4022647922330778e-1f;
+    p = p * r + 6.9314720289121490e-1f;
+    p = p * r + 1.0f;
+#ifdef GMBENCH_AVX512_EXP
+    return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+    const ivec<float> bits = (ni + 127) << 23;
+    return p * (V)bits;
+#endif
+}
+
+static inline vec<double> exp2_nonpositive(vec<double> y) {
+    typedef vec<double> V;
+#ifdef GMBENCH_AVX512_EXP
+    y = (V)_mm512_max_pd(_mm512_set1_pd(-1075.0), _mm512_min_pd(_mm512_setzero_pd(), (__m512d)y));
+    const V n = (V)_mm512_roundscale_pd((__m512d)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    const V zero = {};
+    y = y > zero ? zero : y;
+    y = y < splat(-1022.0) ? splat(-1022.0) : y;
+    const ivec<double> ni = __builtin_convertvector(y - 0.5, ivec<double>);
+    const V n = __builtin_convertvector(ni, V);
+#endif
+    const V r = (y - n) * 0.69314718055994530942;  // exp(r ln 2), |r ln 2| <= 0.35
+    V p = splat(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+#ifdef GMBENCH_AVX512_EXP
+    return (V)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#else
+    const ivec<double> bits = (ni + 1023) << 52;
+    return p * (V)bits;
+#endif
+}
 
 // Runs body(worker, workers) on `threads` std::threads.  Plain threads rather
 // than an OpenMP runtime: PyTorch ships its own libgomp, and two OpenMP
@@ -29,96 +166,248 @@ static void run_parallel(int threads, Body body) {
     for (auto& thread : pool) thread.join();
 }
 
-// Forward: one task per (mixture, point tile); Gaussian coefficients are
-// stored transposed (At [G, F, N], c [G, W, N]) so the inner loop over
-// Gaussians is contiguous and vectorises, exponential included.  W (1 or 2)
-// weight sets share each exponential; out is [G, M, W].
+template <typename T> static inline i64 blocks_of(i64 N) { return (N + lanes<T>() - 1) / lanes<T>(); }
+
+// A[G, N, F], c[G, N, W] -> packed[G, blocks, F + W, L]: log2(e) A, then c; zero padding.
 template <typename T, int F, int W>
-static void forward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, T* out,
-                    i64 tm, i64 tn, const uint8_t* mask, int threads) {
-    const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
+static void pack(i64 G, i64 N, const T* A, const T* c, T* packed, int threads) {
+    constexpr int L = lanes<T>(), B = (F + W) * L;
+    const i64 nb = blocks_of<T>(N);
+    const T log2e = T(1.44269504088896340736);
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
-        for (i64 item = next++; item < G * nmt; item = next++) {
-            const i64 g = item / nmt, pt = item % nmt;
-            {
-            const T* a = At + g * F * N;
-            const T* c0 = c + g * W * N;
-            const T* c1 = c0 + (W - 1) * N;
-            const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
-            const i64 i1 = (pt + 1) * tm < M ? (pt + 1) * tm : M;
-            for (i64 i = pt * tm; i < i1; ++i) {
-                T x[F];
-                for (int f = 0; f < F; ++f) x[f] = X[(g * M + i) * F + f];
-                T acc0 = 0, acc1 = 0;
-                for (i64 nt = 0; nt < nnt; ++nt) {
-                    if (row && !row[nt]) continue;
-                    // Merge a run of active tiles into one loop (Morton order clusters them).
-                    const i64 j0 = nt * tn;
-                    if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
-                    const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
-                    #pragma omp simd reduction(+ : acc0, acc1)
-                    for (i64 j = j0; j < j1; ++j) {
-                        T q = 0;
-                        for (int f = 0; f < F; ++f) q += x[f] * a[f * N + j];
-                        q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                        const T e = exp_nonpositive(q);
-                        acc0 += c0[j] * e;
-                        if (W == 2) acc1 += c1[j] * e;
-                    }
+        for (i64 g = next++; g < G; g = next++) {
+            for (i64 b = 0; b < nb; ++b) {
+                T* blk = packed + (g * nb + b) * B;
+                for (int l = 0; l < L; ++l) {
+                    const i64 j = b * L + l;
+                    const bool real = j < N;
+                    for (int f = 0; f < F; ++f) blk[f * L + l] = real ? A[(g * N + j) * F + f] * log2e : T(0);
+                    for (int w = 0; w < W; ++w) blk[(F + w) * L + l] = real ? c[(g * N + j) * W + w] : T(0);
                 }
-                out[(g * M + i) * W] = acc0;
-                if (W == 2) out[(g * M + i) * W + 1] = acc1;
-            }
             }
         }
     });
 }
 
+// The Gaussian blocks of one run of active tiles [j0, j1), CHUNK blocks at a
+// time.  A block only partly inside the run (tiles narrower than a vector)
+// is replaced by a copy with the outside lanes zeroed, and `keep` says which
+// lanes' gradients count; padding lanes past N are zero in the packed data
+// already and need neither.
+template <typename T, int F, int W, int CHUNK>
+struct Chunk {
+    static constexpr int L = lanes<T>(), B = (F + W) * L;
+    const T* block[CHUNK];
+    i64 index[CHUNK];
+    int partial[CHUNK];  // -1, or which of the copies below
+    alignas(64) T copy[2][B];
+    ivec<T> keep[2];
+    int count = 0;
+
+    // Fills the chunk starting at block b of the run; returns the next block.
+    i64 fill(const T* packed, i64 N, i64 j0, i64 j1, i64 b, i64 b_end) {
+        count = 0;
+        int copies = 0;
+        for (; b < b_end && count < CHUNK; ++b) {
+            const i64 lo = std::max(j0, b * L) - b * L, hi = std::min(j1, (b + 1) * L) - b * L;
+            const T* src = packed + b * B;
+            index[count] = b;
+            partial[count] = -1;
+            if (lo > 0 || (hi < L && b * L + hi < N)) {
+                T* dst = copy[copies];
+                ivec<T> k;
+                for (int l = 0; l < L; ++l) k[l] = l >= lo && l < hi ? -1 : 0;
+                for (int r = 0; r < F + W; ++r)
+                    for (int l = 0; l < L; ++l) dst[r * L + l] = l >= lo && l < hi ? src[r * L + l] : T(0);
+                keep[copies] = k;
+                partial[count] = copies++;
+                src = dst;
+            }
+            block[count++] = src;  // only a run's first and last blocks can be partial: copies <= 2
+        }
+        return b;
+    }
+};
+
+// Calls visit(j0, j1) for every run of consecutive active Gaussian tiles of a
+// mask row (the whole [0, N) without a mask).
+template <typename Visit>
+static inline void for_each_run(const uint8_t* row, i64 nnt, i64 tn, i64 N, Visit visit) {
+    if (!row) { if (N > 0) visit(i64(0), N); return; }
+    for (i64 nt = 0; nt < nnt; ++nt) {
+        if (!row[nt]) continue;
+        const i64 j0 = nt * tn;
+        while (nt + 1 < nnt && row[nt + 1]) ++nt;  // Morton order clusters them
+        visit(j0, (nt + 1) * tn < N ? (nt + 1) * tn : N);
+    }
+}
+
+// The sums of P points over a chunk's blocks, added to acc [P][W] (lanes).
+template <typename T, int F, int W, int P>
+static inline void forward_points(const T* const* blocks, int count, const T* __restrict x, vec<T>* __restrict acc) {
+    constexpr int L = lanes<T>();
+    typedef vec<T> V;
+    V sum[P][W];
+    for (int p = 0; p < P; ++p)
+        for (int w = 0; w < W; ++w) sum[p][w] = acc[p * W + w];
+    for (int k = 0; k < count; ++k) {
+        const T* __restrict blk = blocks[k];
+        V a[F], cw[W];
+        for (int f = 0; f < F; ++f) a[f] = loadv(blk + f * L);
+        for (int w = 0; w < W; ++w) cw[w] = loadv(blk + (F + w) * L);
+        for (int p = 0; p < P; ++p) {
+            const V e = exp2_nonpositive(exponent<T, F>(a, x + p * F));
+            for (int w = 0; w < W; ++w) sum[p][w] = fmadd(cw[w], e, sum[p][w]);
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        for (int w = 0; w < W; ++w) acc[p * W + w] = sum[p][w];
+}
+
+// Forward: one task per (mixture, point tile).  P points at a time against a
+// chunk of Gaussian blocks (in L1); each point keeps W lane accumulators,
+// summed across lanes once at the end of the tile.  out is [G, M, W].
+template <typename T, int F, int W>
+static void forward(i64 G, i64 M, i64 N, const T* X, const T* packed, T* out,
+                    i64 tm, i64 tn, const uint8_t* mask, int threads) {
+    constexpr int L = lanes<T>(), B = (F + W) * L;
+    constexpr int P = 4;  // registers: F + W coefficient vectors, P * W accumulators, the exponential's constants
+    constexpr int CHUNK = 32;
+    typedef vec<T> V;
+    const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn, nb = blocks_of<T>(N);
+    std::atomic<i64> next(0);
+    run_parallel(threads, [&](int, int) {
+        std::vector<V> acc_tile((size_t)(tm + P) * W);
+        Chunk<T, F, W, CHUNK> chunk;
+        for (i64 item = next++; item < G * nmt; item = next++) {
+            const i64 g = item / nmt, pt = item % nmt;
+            const T* gp = packed + g * nb * B;
+            const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
+            const i64 i0 = pt * tm, np = std::min(M, i0 + tm) - i0;
+            std::fill(acc_tile.begin(), acc_tile.end(), V{});
+            for_each_run(row, nnt, tn, N, [&](i64 j0, i64 j1) {
+                const i64 b_end = (j1 + L - 1) / L;
+                for (i64 b = j0 / L; b < b_end;) {
+                    b = chunk.fill(gp, N, j0, j1, b, b_end);
+                    for (i64 p0 = 0; p0 < np; p0 += P) {
+                        T x[P][F];
+                        for (int p = 0; p < P; ++p)
+                            for (int f = 0; f < F; ++f)
+                                x[p][f] = p0 + p < np ? X[(g * M + i0 + p0 + p) * F + f] : T(0);
+                        forward_points<T, F, W, P>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
+                    }
+                }
+            });
+            for (i64 p = 0; p < np; ++p)
+                for (int w = 0; w < W; ++w) out[(g * M + i0 + p) * W + w] = hsum<T>(acc_tile[p * W + w]);
+        }
+    });
+}
+
+// Backward pass 1 for one block and P points: s_p = e_p (g_p . c) into
+// s[p * stride], and the block's lanes of dA = sum_p s_p x_p and dc = sum_p
+// g_p e_p.  dA is summed after all P exponentials, from s in L1: with the
+// coefficients, dA and the exponential's constants all live at once, the
+// registers spill.
+template <typename T, int F, int W, int P>
+static inline void backward_block(const T* __restrict blk, const T* __restrict x, const T* __restrict gw,
+                                  vec<T>* __restrict s, int stride, vec<T> (&da)[F], vec<T> (&dc)[W]) {
+    constexpr int L = lanes<T>();
+    typedef vec<T> V;
+    V a[F], cw[W];
+    for (int f = 0; f < F; ++f) a[f] = loadv(blk + f * L);
+    for (int w = 0; w < W; ++w) { cw[w] = loadv(blk + (F + w) * L); dc[w] = V{}; }
+    for (int p = 0; p < P; ++p) {
+        const V e = exp2_nonpositive(exponent<T, F>(a, x + p * F));
+        V sp;
+        if (W == 2) {
+            const V t0 = e * gw[p * W], t1 = e * gw[p * W + W - 1];
+            dc[0] += t0;
+            dc[W - 1] += t1;
+            sp = fmadd(t1, cw[W - 1], t0 * cw[0]);
+        } else {
+            const V t = e * gw[p];
+            dc[0] += t;
+            sp = t * cw[0];
+        }
+        s[p * stride] = sp;
+    }
+    for (int f = 0; f < F; ++f) da[f] = V{};
+    for (int p = 0; p < P; ++p) {
+        const V sp = s[p * stride];
+        for (int f = 0; f < F; ++f) da[f] = fmadd(sp, splat(x[p * F + f]), da[f]);
+    }
+}
+
+// Backward pass 2 for two points: dx += sum over the chunk's blocks of s a (lanes).
+template <typename T, int F, int CHUNK>
+static inline void backward_dx(const T* const* blocks, int count, const vec<T>* __restrict s0,
+                               const vec<T>* __restrict s1, vec<T>* __restrict dx0, vec<T>* __restrict dx1) {
+    constexpr int L = lanes<T>();
+    typedef vec<T> V;
+    V acc0[F], acc1[F];
+    for (int f = 0; f < F; ++f) { acc0[f] = dx0[f]; acc1[f] = dx1[f]; }
+    for (int k = 0; k < count; ++k) {
+        const T* __restrict blk = blocks[k];
+        const V u = s0[k], v = s1[k];
+        for (int f = 0; f < F; ++f) {
+            const V a = loadv(blk + f * L);
+            acc0[f] = fmadd(u, a, acc0[f]);
+            acc1[f] = fmadd(v, a, acc1[f]);
+        }
+    }
+    for (int f = 0; f < F; ++f) { dx0[f] = acc0[f]; dx1[f] = acc1[f]; }
+}
+
 // Backward: each exponential is computed once and feeds all three gradients.
-// Points are taken P at a time against chunks of JC Gaussians: the per-pair
-// values s_ij = g_i c_j e_ij of the block stay in L1, so dA and dc are read
-// and written once per Gaussian for P points (not once per pair), which made
-// the backward memory-bound before.
+// P points at a time against a chunk of Gaussian blocks.  Pass 1, per block:
+// the exponent and s = e (g . c) for the P points, with dA and dc of the
+// block's lanes summed over the points in registers (read-modified-written
+// once per block for P points) and s kept in L1; pass 2: dX += s a from the
+// same chunk, two points per load of a, in lane accumulators summed across
+// lanes once per block of points.
 // Work items (mixture, chunk of point tiles) are handed out dynamically (an
 // atomic counter, as in the forward), so a thread slowed by other jobs on its
 // core does not hold up the others.  Each item accumulates dA and dc in its
 // own buffer; a mixture split into several chunks (only when there are fewer
 // than 4 mixtures per thread) has them summed in chunk order at the end, so
 // the result does not depend on which thread ran what.  go is [G, M, W],
-// gc [G, N, W].
-template <typename T, int F, int W, int P = 8, int JC = 512>
-static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, const T* go,
+// gA [G, N, F], gc [G, N, W].
+template <typename T, int F, int W>
+static void backward(i64 G, i64 M, i64 N, const T* X, const T* packed, const T* go,
                      T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask, int threads) {
-    const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn;
+    constexpr int L = lanes<T>(), B = (F + W) * L;
+    constexpr int P = 8, CHUNK = 16;
+    typedef vec<T> V;
+    const i64 nmt = (M + tm - 1) / tm, nnt = (N + tn - 1) / tn, nb = blocks_of<T>(N);
     const i64 wanted = G >= 4 * (i64)threads || G == 0 ? 1 : (4 * (i64)threads + G - 1) / G;
     const i64 chunks_per_g = wanted < nmt ? wanted : (nmt > 0 ? nmt : 1);
     const i64 pts_per_chunk = ((nmt + chunks_per_g - 1) / chunks_per_g);
     const i64 items = G * chunks_per_g;
+    const size_t grad_size = (size_t)nb * B;  // dA and dc of a mixture, packed layout
     if (gX) std::memset(gX, 0, sizeof(T) * G * M * F);
-    // Per-chunk partial sums [item][F + W][N] when mixtures are split.
-    std::vector<T> partial(chunks_per_g > 1 ? (size_t)items * (F + W) * N : 0);
-    // dAt [F, N] and dc [W, N] of mixture g into gA [G, N, F] and gc [G, N, W].
-    auto write_out = [&](i64 g, const T* dAt, const T* dc) {
+    std::vector<T> partial(chunks_per_g > 1 ? (size_t)items * grad_size : 0);
+    auto write_out = [&](i64 g, const T* d) {
         for (i64 j = 0; j < N; ++j) {
-            if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] = dc[w * N + j];
-            if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] = dAt[f * N + j];
+            const T* blk = d + (j / L) * B + j % L;
+            if (gc) for (int w = 0; w < W; ++w) gc[(g * N + j) * W + w] = blk[(F + w) * L];
+            if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] = blk[f * L];
         }
     };
+    const T ln2 = T(0.69314718055994530942);
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
-        std::vector<T> own(chunks_per_g > 1 ? 0 : (size_t)(F + W) * N);
-        alignas(64) T sbuf[P][JC];
-        alignas(64) T ebuf[P][JC];
+        std::vector<T> own(chunks_per_g > 1 ? 0 : grad_size);
+        alignas(64) V sbuf[P][CHUNK];
+        alignas(64) V dx[P][F];
+        Chunk<T, F, W, CHUNK> chunk;
         for (i64 w = next++; w < items; w = next++) {
-            const i64 g = w / chunks_per_g, chunk = w % chunks_per_g;
-            T* dAt = chunks_per_g > 1 ? partial.data() + (size_t)w * (F + W) * N : own.data();
-            T* dcp = dAt + (size_t)F * N;
-            std::fill(dAt, dAt + (size_t)(F + W) * N, T(0));
-            const T* a = At + g * F * N;
-            const T* c0 = c + g * W * N;
-            const T* c1 = c0 + (W - 1) * N;
-            const i64 pt0 = chunk * pts_per_chunk;
+            const i64 g = w / chunks_per_g, part = w % chunks_per_g;
+            T* d = chunks_per_g > 1 ? partial.data() + (size_t)w * grad_size : own.data();
+            std::fill(d, d + grad_size, T(0));
+            const T* gp = packed + g * nb * B;
+            const i64 pt0 = part * pts_per_chunk;
             const i64 pt1 = pt0 + pts_per_chunk < nmt ? pt0 + pts_per_chunk : nmt;
             for (i64 pt = pt0; pt < pt1; ++pt) {
                 const uint8_t* row = mask ? mask + (g * nmt + pt) * nnt : nullptr;
@@ -126,122 +415,78 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* At, const T* c, c
                 for (i64 ib = pt * tm; ib < i1; ib += P) {
                     const i64 np = i1 - ib < P ? i1 - ib : P;
                     // A block of P points (zero-padded; a padded point has no gradient).
-                    T x[P][F], dx[P][F], g0[P], g1[P];
+                    T x[P][F], gw[P][W];
                     bool any = false;
                     for (int p = 0; p < P; ++p) {
                         const bool real = p < np;
-                        g0[p] = real ? go[(g * M + ib + p) * W] : T(0);
-                        g1[p] = real && W == 2 ? go[(g * M + ib + p) * W + 1] : T(0);
-                        any |= g0[p] != T(0) || g1[p] != T(0);
-                        for (int f = 0; f < F; ++f) { x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(0); dx[p][f] = 0; }
+                        for (int v = 0; v < W; ++v) {
+                            gw[p][v] = real ? go[(g * M + ib + p) * W + v] : T(0);
+                            any |= gw[p][v] != T(0);
+                        }
+                        for (int f = 0; f < F; ++f) { x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(0); dx[p][f] = V{}; }
                     }
                     if (!any) continue;
-                    for (i64 nt = 0; nt < nnt; ++nt) {
-                        if (row && !row[nt]) continue;
-                        const i64 j0 = nt * tn;
-                        if (row) while (nt + 1 < nnt && row[nt + 1]) ++nt; else nt = nnt - 1;
-                        const i64 j1 = (nt + 1) * tn < N ? (nt + 1) * tn : N;
-                        for (i64 jc = j0; jc < j1; jc += JC) {
-                            const i64 len = j1 - jc < JC ? j1 - jc : JC;
-                            const T* ac = a + jc;
-                            const T* c0c = c0 + jc;
-                            const T* c1c = c1 + jc;
-                            // s[p][j] = g . c_j e_pj and e[p][j] for the chunk, one exponential per pair.
-                            // dX in the same pass: the a_j loaded for the exponent feed it too.
-                            for (int p = 0; p < P; ++p) {
-                                T* sp = sbuf[p];
-                                T* ep = ebuf[p];
-                                const T gp0 = g0[p], gp1 = g1[p];
-                                T xp[F], dxp[F];
-                                for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
-                                #pragma omp simd reduction(+ : dxp[:F])
-                                for (i64 j = 0; j < len; ++j) {
-                                    T q = 0;
-                                    for (int f = 0; f < F; ++f) q += xp[f] * ac[f * N + j];
-                                    q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                                    const T e = exp_nonpositive(q);
-                                    T sj;
-                                    if (W == 2) {
-                                        ep[j] = e;
-                                        sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
-                                        sp[j] = sj;
-                                    } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
-                                        const T t = gp0 * e;
-                                        sp[j] = t;
-                                        sj = t * c0c[j];
-                                    }
-                                    for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * N + j];
+                    for_each_run(row, nnt, tn, N, [&](i64 j0, i64 j1) {
+                        const i64 b_end = (j1 + L - 1) / L;
+                        for (i64 b = j0 / L; b < b_end;) {
+                            b = chunk.fill(gp, N, j0, j1, b, b_end);
+                            for (int k = 0; k < chunk.count; ++k) {  // pass 1
+                                V da[F], dc[W];
+                                backward_block<T, F, W, P>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
+                                T* dst = d + chunk.index[k] * B;
+                                const int copy = chunk.partial[k];
+                                for (int f = 0; f < F; ++f) {
+                                    const V add = copy < 0 ? da[f] : (chunk.keep[copy] ? da[f] : V{});
+                                    storev(dst + f * L, loadv(dst + f * L) + add);
                                 }
-                                for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
-                            }
-                            // dc and dA: one read-modify-write per Gaussian (and feature) for all P points.
-                            T* dc0 = dcp + jc;
-                            T* dc1 = dcp + (W - 1) * N + jc;
-                            if (W == 2) {
-                                #pragma omp simd
-                                for (i64 j = 0; j < len; ++j) {
-                                    T acc0 = 0, acc1 = 0;
-                                    for (int p = 0; p < P; ++p) {
-                                        acc0 += g0[p] * ebuf[p][j];
-                                        acc1 += g1[p] * ebuf[p][j];
-                                    }
-                                    dc0[j] += acc0;
-                                    dc1[j] += acc1;
-                                }
-                            } else {
-                                #pragma omp simd
-                                for (i64 j = 0; j < len; ++j) {
-                                    T acc = 0;
-                                    for (int p = 0; p < P; ++p) acc += sbuf[p][j];
-                                    dc0[j] += acc;
+                                for (int v = 0; v < W; ++v) {
+                                    const V add = copy < 0 ? dc[v] : (chunk.keep[copy] ? dc[v] : V{});
+                                    storev(dst + (F + v) * L, loadv(dst + (F + v) * L) + add);
                                 }
                             }
-                            for (int f = 0; f < F; ++f) {
-                                T* dap = dAt + f * N + jc;
-                                T xf[P];
-                                for (int p = 0; p < P; ++p) xf[p] = x[p][f];
-                                #pragma omp simd
-                                for (i64 j = 0; j < len; ++j) {
-                                    T acc = 0;
-                                    for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
-                                    dap[j] += W == 2 ? acc : acc * c0c[j];
-                                }
-                            }
+                            for (int p = 0; p < P; p += 2)  // pass 2
+                                backward_dx<T, F, CHUNK>(chunk.block, chunk.count, sbuf[p], sbuf[p + 1], dx[p], dx[p + 1]);
                         }
-                    }
+                    });
                     if (gX) for (int p = 0; p < np; ++p)
-                        for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = dx[p][f];
+                        for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = ln2 * hsum<T>(dx[p][f]);
                 }
             }
-            if (chunks_per_g == 1) write_out(g, dAt, dAt + (size_t)F * N);
+            if (chunks_per_g == 1) write_out(g, d);
         }
     });
     if (chunks_per_g > 1) {  // sum each mixture's chunks in chunk order
         std::atomic<i64> next_g(0);
         run_parallel(threads, [&](int, int) {
-            std::vector<T> sum((size_t)(F + W) * N);
+            std::vector<T> sum(grad_size);
             for (i64 g = next_g++; g < G; g = next_g++) {
-                const T* first = partial.data() + (size_t)g * chunks_per_g * (F + W) * N;
-                std::copy(first, first + sum.size(), sum.begin());
+                const T* first = partial.data() + (size_t)g * chunks_per_g * grad_size;
+                std::copy(first, first + grad_size, sum.begin());
                 for (i64 k = 1; k < chunks_per_g; ++k) {
-                    const T* part = first + (size_t)k * (F + W) * N;
-                    for (size_t n = 0; n < sum.size(); ++n) sum[n] += part[n];
+                    const T* part = first + (size_t)k * grad_size;
+                    for (size_t n = 0; n < grad_size; ++n) sum[n] += part[n];
                 }
-                write_out(g, sum.data(), sum.data() + (size_t)F * N);
+                write_out(g, sum.data());
             }
         });
     }
 }
 
+extern "C" int ekmv_vector_bytes() { return GMBENCH_VECTOR_BYTES; }
+
 #define INSTANTIATE(T, F, W, SUFFIX)                                                         \
-extern "C" void ekmv_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* At,      \
-        const T* c, T* out, i64 tm, i64 tn, const uint8_t* mask, int threads) {           \
-    forward<T, F, W>(G, M, N, X, At, c, out, tm, tn, mask, threads);                       \
+extern "C" void ekmv_pack_##SUFFIX(i64 G, i64 N, const T* A, const T* c, T* packed,      \
+        int threads) {                                                                     \
+    pack<T, F, W>(G, N, A, c, packed, threads);                                            \
 }                                                                                          \
-extern "C" void ekmv_backward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* At,     \
-        const T* c, const T* go, T* gX, T* gA, T* gc, i64 tm, i64 tn,                     \
-        const uint8_t* mask, int threads) {                                                \
-    backward<T, F, W>(G, M, N, X, At, c, go, gX, gA, gc, tm, tn, mask, threads);           \
+extern "C" void ekmv_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* packed,  \
+        T* out, i64 tm, i64 tn, const uint8_t* mask, int threads) {                        \
+    forward<T, F, W>(G, M, N, X, packed, out, tm, tn, mask, threads);                      \
+}                                                                                          \
+extern "C" void ekmv_backward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* packed, \
+        const T* go, T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask,            \
+        int threads) {                                                                     \
+    backward<T, F, W>(G, M, N, X, packed, go, gX, gA, gc, tm, tn, mask, threads);          \
 }
 INSTANTIATE(float, 6, 1, f32_6_w1)
 INSTANTIATE(float, 10, 1, f32_10_w1)

@@ -45,10 +45,13 @@ FLAGS = list(VECTOR_KERNEL_FLAGS)
 def _symbols() -> dict:
     """ctypes signatures of the exported functions (one forward and one backward per variant)."""
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    return mat_vec_variant_symbols({
-        "ekmv_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, cint],
-        "ekmv_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, cint],
+    symbols = mat_vec_variant_symbols({
+        "ekmv_pack": [i64, i64, ptr, ptr, ptr, cint],
+        "ekmv_forward": [i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, cint],
+        "ekmv_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, cint],
     })
+    symbols["ekmv_vector_bytes"] = ([], cint)
+    return symbols
 
 
 LIBRARY = NativeLibrary(
@@ -83,6 +86,12 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def packed_elements(library: ctypes.CDLL, n: int, features: int, sets: int, element_size: int) -> int:
+    """Elements of one mixture's packed Gaussians: ``ceil(n / L)`` blocks of ``(features + sets) x L`` (L lanes)."""
+    lanes = library.ekmv_vector_bytes() // element_size
+    return -(-n // lanes) * (features + sets) * lanes
+
+
 class CPUExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_j c[g, j] exp(min(X[g, i] . A[g, j], 0))`` by the C++ CPU kernel.
 
@@ -96,20 +105,23 @@ class CPUExpKernelMatVec(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor, A: Tensor, c: Tensor, mask: Tensor | None, tile_m: int, tile_n: int) -> Tensor:
         library = load()
-        G, M, _ = X.shape
+        G, M, F = X.shape
         N = A.shape[1]
         sets = 1 if c.dim() == 2 else c.shape[-1]
         if sets not in (1, 2):
             raise ValueError(f"the C++ kernel takes one or two weight sets, got {sets}")
         X = X.contiguous()
-        At = A.transpose(1, 2).contiguous()
-        ct = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]: contiguous over Gaussians
+        suffix = _suffix(X, sets)
+        packed = X.new_empty(G, packed_elements(library, N, F, sets, X.element_size()))
+        A, c_sets = A.contiguous(), c.reshape(G, N, sets).contiguous()  # kept alive through the call
+        getattr(library, f"ekmv_pack_{suffix}")(G, N, _ptr(A), _ptr(c_sets), _ptr(packed), torch.get_num_threads())
         mask = None if mask is None else mask.to(torch.uint8).contiguous()
         out = X.new_empty(G, M, sets)
-        getattr(library, f"ekmv_forward_{_suffix(X, sets)}")(
-            G, M, N, _ptr(X), _ptr(At), _ptr(ct), _ptr(out), tile_m, tile_n, _ptr(mask), torch.get_num_threads()
+        getattr(library, f"ekmv_forward_{suffix}")(
+            G, M, N, _ptr(X), _ptr(packed), _ptr(out), tile_m, tile_n, _ptr(mask), torch.get_num_threads()
         )
-        ctx.save_for_backward(X, At, ct, mask)
+        ctx.save_for_backward(X, packed, mask)
+        ctx.sizes = (N, sets)
         ctx.tiles = (tile_m, tile_n)
         ctx.c_shape = c.shape
         return out.view(G, M, *c.shape[2:])
@@ -117,9 +129,9 @@ class CPUExpKernelMatVec(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         library = load()
-        X, At, ct, mask = ctx.saved_tensors
+        X, packed, mask = ctx.saved_tensors
         G, M, F = X.shape
-        N, sets = At.shape[2], ct.shape[1]
+        N, sets = ctx.sizes
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(X.dtype).reshape(G, M, sets).contiguous()
         grad_x = X.new_empty(G, M, F) if need_x else None
@@ -127,7 +139,7 @@ class CPUExpKernelMatVec(torch.autograd.Function):
         grad_c = X.new_empty(G, N, sets) if need_c else None
         if need_x or need_a or need_c:
             getattr(library, f"ekmv_backward_{_suffix(X, sets)}")(
-                G, M, N, _ptr(X), _ptr(At), _ptr(ct), _ptr(grad_out), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
+                G, M, N, _ptr(X), _ptr(packed), _ptr(grad_out), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
                 *ctx.tiles, _ptr(mask), torch.get_num_threads(),
             )
         if grad_c is not None:

@@ -127,3 +127,17 @@ def test_cpp_choice_is_validated_and_gemm_choice_matches():
 
     with pytest.raises(PluginError, match="cpu_kernel must be one of"):
         backends.use("torch", cpu_kernel="openmp")
+
+
+@pytest.mark.parametrize("sets", [1, 2])
+def test_non_contiguous_inputs_match_contiguous_copies(sets):
+    # The wrapper packs copies of A and c; the copies must outlive the C call (a freed
+    # temporary would be read after its memory was reused).
+    X, A, c = features(4, 150, 150, 10, seed=8)
+    A_wide = torch.stack([A, -A], -1)[..., 0]  # strided views of the same values
+    c_wide = torch.stack([c] * 3, -1)[..., 1] if sets == 1 else torch.stack([c, -c, c], -1)[..., 1:]
+    assert not A_wide.is_contiguous() and not c_wide.is_contiguous()
+    expected = ExpKernelMatVec.apply(X, A, c_wide.contiguous(), 64)
+    for _ in range(3):
+        out = cpu_kernel.CPUExpKernelMatVec.apply(X, A_wide, c_wide, None, 64, 256)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
