@@ -133,77 +133,115 @@ static bool influence(const double* b, const double* C, double peak, double tau,
     return true;
 }
 
-// The influences of one mixture's Gaussians, one array per field, so that the
-// test of a box against many Gaussians vectorises.
+// Float bounds of a double: at most / at least it.  Moved away by more than
+// the half ulp of rounding to nearest (2^-24 relative; 1e-37 absolute for
+// the smallest values), without branches or libm calls.
+static inline float float_below(double v) { return (float)(v - (std::fabs(v) * (1.0 / (1 << 22)) + 1e-37)); }
+static inline float float_above(double v) { return (float)(v + (std::fabs(v) * (1.0 / (1 << 22)) + 1e-37)); }
+
+// Relative slack of the float tests: covers the rounding of the centre,
+// difference, dot products and sums (about (D + 4) 2^-24 relative each) with
+// a factor of more than 10 to spare.
+static const double ROUNDING = 1.0 / (1 << 19);
+
+// The influences of one mixture's Gaussians in float, one array per field, so
+// that the test of a box against many Gaussians runs in wide vectors (twice
+// the lanes and half the memory traffic of double, which bound the plan).
+// Coordinates are relative to the mixture's origin o (the centre of its
+// points' box), so their float rounding is relative to the mixture's extent.
+// Still conservative: the axis-aligned boxes are rounded outwards, and each
+// whitened distance is reduced by err_a = ROUNDING sum_d |w_ad| (P_d + |b_d|)
+// (P_d = max |x_d - o_d| over the points), a bound on the float error of
+// w_a . (c - b) and of the extent.
 template <int D>
 struct Influences {
-    std::vector<double> b[D], half[D], w[D][D];
+    static const int WN = D * (D + 1) / 2;  // w is lower triangular: w[a][d], d <= a
+    std::vector<float> lo[D], hi[D], b[D], err[D], w[WN];
     std::vector<i32> id;
     i64 size = 0;
     void resize(i64 n) {
-        for (int d = 0; d < D; ++d) {
-            b[d].resize(n); half[d].resize(n);
-            for (int e = 0; e < D; ++e) w[d][e].resize(n);
-        }
+        for (int d = 0; d < D; ++d) { lo[d].resize(n); hi[d].resize(n); b[d].resize(n); err[d].resize(n); }
+        for (int e = 0; e < WN; ++e) w[e].resize(n);
         id.resize(n);
     }
-    void set(i64 k, const Influence<D>& g, i32 j) {
+    void set(i64 k, const Influence<D>& g, i32 j, const double* origin, const double* extent) {
+        double rel[D];
         for (int d = 0; d < D; ++d) {
-            b[d][k] = g.b[d]; half[d][k] = g.half[d];
-            for (int e = 0; e < D; ++e) w[d][e][k] = g.w[d][e];
+            rel[d] = g.b[d] - origin[d];
+            lo[d][k] = float_below(rel[d] - g.half[d]);
+            hi[d][k] = float_above(rel[d] + g.half[d]);
+            b[d][k] = (float)rel[d];
+        }
+        int e = 0;
+        for (int a = 0; a < D; ++a) {
+            double bound = 0;
+            for (int d = 0; d <= a; ++d, ++e) {
+                w[e][k] = (float)g.w[a][d];
+                bound += std::fabs(g.w[a][d]) * (extent[d] + std::fabs(rel[d]));
+            }
+            err[a][k] = float_above(ROUNDING * bound);
         }
         id[k] = j;
     }
     // This = the entries sel[0, n) of from, one field at a time (gathers).
     void select(const Influences& from, const i32* __restrict sel, i64 n) {
-        auto take = [&](std::vector<double>& to, const std::vector<double>& src) {
-            double* __restrict t = to.data();
-            const double* __restrict f = src.data();
+        auto take = [&](std::vector<float>& to, const std::vector<float>& src) {
+            float* __restrict t = to.data();
+            const float* __restrict f = src.data();
             #pragma omp simd
             for (i64 k = 0; k < n; ++k) t[k] = f[sel[k]];
         };
-        for (int d = 0; d < D; ++d) {
-            take(b[d], from.b[d]); take(half[d], from.half[d]);
-            for (int e = 0; e < D; ++e) take(w[d][e], from.w[d][e]);
-        }
+        for (int d = 0; d < D; ++d) { take(lo[d], from.lo[d]); take(hi[d], from.hi[d]); take(b[d], from.b[d]); take(err[d], from.err[d]); }
+        for (int e = 0; e < WN; ++e) take(w[e], from.w[e]);
         for (i64 k = 0; k < n; ++k) id[k] = from.id[sel[k]];
         size = n;
     }
 };
 
-// keep[k] = 1 iff the box [lo, hi] may hold a point where Gaussian k exceeds
-// tau: its axis-aligned box meets the box, and the whitened lower bound
-// sum_k dist(0, I_k)^2 is at most 1 (slack 1e-9 for the rounding of the bound).
+// keep[k] = 1 iff the box [lo, hi] (relative to the mixture's origin) may
+// hold a point where Gaussian k exceeds tau: its axis-aligned box meets the
+// box, and the whitened lower bound sum_a dist(0, I_a)^2 is at most 1.
 template <int D>
 static void test_box(const Influences<D>& s, i64 count, const double* lo, const double* hi, uint8_t* __restrict keep) {
-    double c[D], h[D], l[D], u[D];
-    for (int d = 0; d < D; ++d) { c[d] = 0.5 * (lo[d] + hi[d]); h[d] = 0.5 * (hi[d] - lo[d]); l[d] = lo[d]; u[d] = hi[d]; }
+    float c[D], h[D], l[D], u[D];
+    for (int d = 0; d < D; ++d) {
+        l[d] = float_below(lo[d]); u[d] = float_above(hi[d]);
+        c[d] = (float)(0.5 * (lo[d] + hi[d]));
+        h[d] = float_above(0.5 * (hi[d] - lo[d]));
+    }
     // Loop-invariant local pointers: keep (a char type) may alias anything, and the
     // vectors' data pointers would otherwise be reloaded in every iteration.
-    const double* __restrict b[D];
-    const double* __restrict half[D];
-    const double* __restrict w[D][D];
-    for (int d = 0; d < D; ++d) {
-        b[d] = s.b[d].data(); half[d] = s.half[d].data();
-        for (int e = 0; e < D; ++e) w[d][e] = s.w[d][e].data();
-    }
+    const float* __restrict blo[D];
+    const float* __restrict bhi[D];
+    const float* __restrict b[D];
+    const float* __restrict err[D];
+    const float* __restrict w[Influences<D>::WN];
+    for (int d = 0; d < D; ++d) { blo[d] = s.lo[d].data(); bhi[d] = s.hi[d].data(); b[d] = s.b[d].data(); err[d] = s.err[d].data(); }
+    for (int e = 0; e < Influences<D>::WN; ++e) w[e] = s.w[e].data();
     #pragma omp simd
     for (i64 k = 0; k < count; ++k) {
         int ok = 1;
-        double rel[D];
+        float rel[D];
         for (int d = 0; d < D; ++d) {
-            ok &= (l[d] <= b[d][k] + half[d][k]) & (u[d] >= b[d][k] - half[d][k]);
+            ok &= (l[d] <= bhi[d][k]) & (u[d] >= blo[d][k]);
             rel[d] = c[d] - b[d][k];
         }
-        double near = 0;
+        float near = 0;
+        #pragma GCC unroll 4
         for (int a = 0; a < D; ++a) {
-            double centre = 0, extent = 0;
-            for (int d = 0; d < D; ++d) { centre += w[a][d][k] * rel[d]; extent += std::fabs(w[a][d][k]) * h[d]; }
-            double dist = std::fabs(centre) - extent;
-            dist = dist > 0.0 ? dist : 0.0;  // not std::fmax: a libm call that blocks vectorisation
+            float centre = 0, extent = 0;
+            #pragma GCC unroll 4
+            for (int d = 0; d < D; ++d) {
+                if (d > a) continue;  // resolved at compile time once unrolled
+                const float wk = w[a * (a + 1) / 2 + d][k];
+                centre += wk * rel[d];
+                extent += std::fabs(wk) * h[d];
+            }
+            float dist = std::fabs(centre) - extent - err[a][k];
+            dist = dist > 0.0f ? dist : 0.0f;  // not std::fmax: a libm call that blocks vectorisation
             near += dist * dist;
         }
-        keep[k] = (uint8_t)(ok & (near <= 1.0 + 1e-9));
+        keep[k] = (uint8_t)(ok & !(near > 1.0f + 1e-5f));  // NaN (an overflowed bound): kept
     }
 }
 
@@ -267,6 +305,14 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
             nodes.clear();
             build<D>(nodes, pts.data(), 0, M, tm);
             for (i64 i = 0; i < M; ++i) ord[i] = pts[i].id;
+            // Origin and extent of the float tests; the points and boxes relative to it.
+            double origin[D], extent[D];
+            for (int d = 0; d < D; ++d) {
+                origin[d] = 0.5 * (nodes[0].lo[d] + nodes[0].hi[d]);
+                extent[d] = 0.5 * (nodes[0].hi[d] - nodes[0].lo[d]);
+            }
+            for (i64 i = 0; i < M; ++i)
+                for (int d = 0; d < D; ++d) pts[i].x[d] -= origin[d];
             const double* pk = peaks + g * N;
             double top = 0;
             for (i64 j = 0; j < N; ++j) top = std::max(top, std::fabs(pk[j]));
@@ -276,7 +322,7 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
             for (i64 j = 0; j < N; ++j) {
                 Influence<D> inf;
                 if (influence<D>(centres + (g * N + j) * D, covariances + (g * N + j) * D * D, std::fabs(pk[j]), tau, inf))
-                    all.set(valid++, inf, (i32)j);
+                    all.set(valid++, inf, (i32)j, origin, extent);
             }
             if ((i64)keep.size() < valid) { keep.resize(valid); sel.resize(valid); }
             candidates.resize(valid);
@@ -527,14 +573,15 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, co
                         }
                     }
                     T* __restrict da = la.data + jc;
-                    #pragma omp simd
-                    for (i64 j = 0; j < len; ++j) {
-                        T sj[P];
-                        for (int p = 0; p < P; ++p) sj[p] = sbuf[p][j];
-                        for (int f = 0; f < F; ++f) {
+                    for (int f = 0; f < F; ++f) {
+                        T xf[P];
+                        for (int p = 0; p < P; ++p) xf[p] = x[p][f];
+                        T* __restrict daf = da + f * S;
+                        #pragma omp simd
+                        for (i64 j = 0; j < len; ++j) {
                             T acc = 0;
-                            for (int p = 0; p < P; ++p) acc += sj[p] * x[p][f];
-                            da[f * S + j] += W == 2 ? acc : acc * c0c[j];
+                            for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
+                            daf[j] += W == 2 ? acc : acc * c0c[j];
                         }
                     }
                 }

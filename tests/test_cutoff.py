@@ -8,6 +8,7 @@ from torch.autograd import gradcheck
 from gmbench import backends, plugins
 from gmbench import mixture as gm
 from gmbench.backends import cutoff, cutoff_native
+from gmbench.backends import torch as torch_backend
 from gmbench.errors import PluginError
 
 TOLERANCE = 1e-5
@@ -232,3 +233,49 @@ def test_without_the_pair_list_kernel_the_tile_masks_keep_the_bound(monkeypatch)
         truncated = gm.evaluate_at_centroids(m)
     peak = gm.normalisation_factors(m).abs().amax(-1, keepdim=True)
     assert 0 < ((truncated - exact).abs() / peak).max().item() < 10 * TOLERANCE
+
+
+@needs_pair_lists
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_float_plan_lists_every_pair_above_the_threshold_of_small_gaussians_far_from_the_origin(offset):
+    # The plan tests boxes in float: its rounding allowance must hold where coordinates are large
+    # against the Gaussians (offset 1e4, standard deviations about 0.1) and at the dense fit's points
+    # (the centroids themselves).
+    g = torch.Generator().manual_seed(13)
+    n = 400
+    m = gm.pack(torch.randn(2, n, generator=g, dtype=torch.float64).abs() + 0.1,
+                torch.randn(2, n, 3, generator=g, dtype=torch.float64) * 3 + offset,
+                gm.covariance_from_factor(torch.randn(2, n, 3, 3, generator=g, dtype=torch.float64) * 0.1, 1e-3))
+    positions, peaks = gm.positions(m), gm.normalisation_factors(m)
+    plan = cutoff_native.make_plan(positions, positions, gm.covariances(m), peaks, TOLERANCE)
+    listed = listed_pairs(plan, n)
+    above = pair_contributions(m, positions) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    assert 0.01 < plan.active_fraction < 0.5  # the test is not vacuous
+    assert not (above & ~listed).any()
+
+
+@needs_pair_lists
+@pytest.mark.parametrize("sets", [1, 2])
+def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets):
+    # 250 points: the last tile is partial; the kernel reads rows through the plan's order.
+    g = torch.Generator().manual_seed(14)
+    m = random_mixture(300, 3, seed=15, spread=6.0)
+    points = torch.randn(2, 250, 3, dtype=torch.float64, generator=g) * 6
+    peaks = gm.normalisation_factors(m)
+    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
+    centre = gm.positions(m).mean(-2, keepdim=True)
+    weight_sets = torch.randn(2, 300, sets, dtype=torch.float64, generator=g)
+    A, c = torch_backend.gaussian_coefficients(m, centre, weight_sets)
+    X = gm.quadratic_features(points - centre)
+    c = c if sets == 2 else c[..., 0]
+    X, A, c = (t.clone().requires_grad_() for t in (X, A, c))
+    out = cutoff_native.matvec_sets(X, A, c, plan)
+    mask = listed_pairs(plan, 300).double()
+    e = torch.exp(torch.einsum("gif,gjf->gij", X, A).clamp_max(0)) * mask
+    expected = torch.einsum("gij,gjw->giw", e, c.reshape(2, 300, sets)).reshape(out.shape)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (X, A, c), upstream)
+    want = torch.autograd.grad(expected, (X, A, c), upstream)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
