@@ -29,7 +29,7 @@
 #else
 #define GMBENCH_VECTOR_BYTES 16
 #endif
-#if defined(__AVX512F__) && !defined(GMBENCH_PORTABLE_EXP)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(GMBENCH_PORTABLE_EXP)
 #include <immintrin.h>
 #define GMBENCH_AVX512_EXP 1
 #endif
@@ -73,11 +73,21 @@ static inline vec<double> fmadd(vec<double> a, vec<double> b, vec<double> c) {
 #endif
 }
 // x . a for one point (scalar features, broadcast) and one block of Gaussians.
-template <typename T, int F>
+// Unit: the last feature is 1 (the backend's features [x x^T, x, 1]), one
+// multiply fewer.
+template <typename T, int F, bool Unit>
 static inline vec<T> exponent(const vec<T> (&a)[F], const T* __restrict x) {
-    vec<T> y = a[0] * x[0];
-    for (int f = 1; f < F; ++f) y = fmadd(a[f], splat(x[f]), y);
-    return y;
+    vec<T> y = Unit ? a[F - 1] : a[0] * x[0];
+    for (int f = Unit ? 0 : 1; f < F - 1; ++f) y = fmadd(a[f], splat(x[f]), y);
+    return Unit ? y : fmadd(a[F - 1], splat(x[F - 1]), y);
+}
+
+// Whether the last feature of all P points is exactly 1.
+template <typename T, int F, int P>
+static inline bool unit_last_feature(const T* x) {
+    bool unit = true;
+    for (int p = 0; p < P; ++p) unit &= x[p * F + F - 1] == T(1);
+    return unit;
 }
 template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: reproducible
     T s = 0;
@@ -85,23 +95,25 @@ template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: rep
     return s;
 }
 
-// 2^y for y <= 0 (or NaN) after clamping to [-150, 0] (-1075 in double):
-// exactly 0 far below, NaN stays NaN.  Float: degree-6 fit of 2^r on
+// 2^min(y, 0): exactly 0 far below (down to the smallest denormal with
+// AVX-512; about 1e-38 / 2e-308 at the most without), NaN stays NaN.  Float: degree-6 fit of 2^r on
 // [-1/2, 1/2] (relative error 2e-9, below float rounding); double: Taylor
 // series of exp(r ln 2) to degree 13 (4e-18).
 static inline vec<float> exp2_nonpositive(vec<float> y) {
     typedef vec<float> V;
 #ifdef GMBENCH_AVX512_EXP
-    y = (V)_mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_min_ps(_mm512_setzero_ps(), (__m512)y));
-    const V n = (V)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = (V)_mm512_min_ps(_mm512_setzero_ps(), (__m512)y);  // NaN stays NaN (second operand)
+    // r = y - round(y) in one instruction; -inf gives r = 0, n = -inf, 2^n = 0.
+    const V r = (V)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V n = y - r;
 #else
     const V zero = {};
     y = y > zero ? zero : y;                  // NaN stays NaN
     y = y < splat(-126.0f) ? splat(-126.0f) : y;  // the exponent bits below cannot go lower
     const ivec<float> ni = __builtin_convertvector(y - 0.5f, ivec<float>);  // round half down (y <= 0)
     const V n = __builtin_convertvector(ni, V);
-#endif
     const V r = y - n;  // exact, in [-1/2, 1/2]
+#endif
     V p = splat(1.5353648689136773e-4f);
     p = p * r + 1.3398887843886300e-3f;
     p = p * r + 9.6184363143227910e-3f;
@@ -120,16 +132,18 @@ static inline vec<float> exp2_nonpositive(vec<float> y) {
 static inline vec<double> exp2_nonpositive(vec<double> y) {
     typedef vec<double> V;
 #ifdef GMBENCH_AVX512_EXP
-    y = (V)_mm512_max_pd(_mm512_set1_pd(-1075.0), _mm512_min_pd(_mm512_setzero_pd(), (__m512d)y));
-    const V n = (V)_mm512_roundscale_pd((__m512d)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = (V)_mm512_min_pd(_mm512_setzero_pd(), (__m512d)y);
+    const V f = (V)_mm512_reduce_pd((__m512d)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V n = y - f;
 #else
     const V zero = {};
     y = y > zero ? zero : y;
     y = y < splat(-1022.0) ? splat(-1022.0) : y;
     const ivec<double> ni = __builtin_convertvector(y - 0.5, ivec<double>);
     const V n = __builtin_convertvector(ni, V);
+    const V f = y - n;
 #endif
-    const V r = (y - n) * 0.69314718055994530942;  // exp(r ln 2), |r ln 2| <= 0.35
+    const V r = f * 0.69314718055994530942;  // exp(r ln 2), |r ln 2| <= 0.35
     V p = splat(1.0 / 6227020800.0);
     p = p * r + 1.0 / 479001600.0;
     p = p * r + 1.0 / 39916800.0;
@@ -244,7 +258,7 @@ static inline void for_each_run(const uint8_t* row, i64 nnt, i64 tn, i64 N, Visi
 }
 
 // The sums of P points over a chunk's blocks, added to acc [P][W] (lanes).
-template <typename T, int F, int W, int P>
+template <typename T, int F, int W, int P, bool Unit>
 static inline void forward_points(const T* const* blocks, int count, const T* __restrict x, vec<T>* __restrict acc) {
     constexpr int L = lanes<T>();
     typedef vec<T> V;
@@ -256,10 +270,11 @@ static inline void forward_points(const T* const* blocks, int count, const T* __
         V a[F], cw[W];
         for (int f = 0; f < F; ++f) a[f] = loadv(blk + f * L);
         for (int w = 0; w < W; ++w) cw[w] = loadv(blk + (F + w) * L);
-        for (int p = 0; p < P; ++p) {
-            const V e = exp2_nonpositive(exponent<T, F>(a, x + p * F));
-            for (int w = 0; w < W; ++w) sum[p][w] = fmadd(cw[w], e, sum[p][w]);
-        }
+        V e[P];  // the P chains side by side
+        for (int p = 0; p < P; ++p) e[p] = exponent<T, F, Unit>(a, x + p * F);
+        for (int p = 0; p < P; ++p) e[p] = exp2_nonpositive(e[p]);
+        for (int p = 0; p < P; ++p)
+            for (int w = 0; w < W; ++w) sum[p][w] = fmadd(cw[w], e[p], sum[p][w]);
     }
     for (int p = 0; p < P; ++p)
         for (int w = 0; w < W; ++w) acc[p * W + w] = sum[p][w];
@@ -292,10 +307,13 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* packed, T* out,
                     b = chunk.fill(gp, N, j0, j1, b, b_end);
                     for (i64 p0 = 0; p0 < np; p0 += P) {
                         T x[P][F];
-                        for (int p = 0; p < P; ++p)
+                        for (int p = 0; p < P; ++p)  // padding points: features (0, ..., 0, 1)
                             for (int f = 0; f < F; ++f)
-                                x[p][f] = p0 + p < np ? X[(g * M + i0 + p0 + p) * F + f] : T(0);
-                        forward_points<T, F, W, P>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
+                                x[p][f] = p0 + p < np ? X[(g * M + i0 + p0 + p) * F + f] : T(f == F - 1);
+                        if (unit_last_feature<T, F, P>(&x[0][0]))
+                            forward_points<T, F, W, P, true>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
+                        else
+                            forward_points<T, F, W, P, false>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
                     }
                 }
             });
@@ -310,7 +328,7 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* packed, T* out,
 // g_p e_p.  dA is summed after all P exponentials, from s in L1: with the
 // coefficients, dA and the exponential's constants all live at once, the
 // registers spill.
-template <typename T, int F, int W, int P>
+template <typename T, int F, int W, int P, bool Unit>
 static inline void backward_block(const T* __restrict blk, const T* __restrict x, const T* __restrict gw,
                                   vec<T>* __restrict s, int stride, vec<T> (&da)[F], vec<T> (&dc)[W]) {
     constexpr int L = lanes<T>();
@@ -318,20 +336,25 @@ static inline void backward_block(const T* __restrict blk, const T* __restrict x
     V a[F], cw[W];
     for (int f = 0; f < F; ++f) a[f] = loadv(blk + f * L);
     for (int w = 0; w < W; ++w) { cw[w] = loadv(blk + (F + w) * L); dc[w] = V{}; }
-    for (int p = 0; p < P; ++p) {
-        const V e = exp2_nonpositive(exponent<T, F>(a, x + p * F));
-        V sp;
-        if (W == 2) {
-            const V t0 = e * gw[p * W], t1 = e * gw[p * W + W - 1];
-            dc[0] += t0;
-            dc[W - 1] += t1;
-            sp = fmadd(t1, cw[W - 1], t0 * cw[0]);
-        } else {
-            const V t = e * gw[p];
-            dc[0] += t;
-            sp = t * cw[0];
+    static_assert(P % 2 == 0, "points are taken in pairs");
+    for (int p = 0; p < P; p += 2) {  // two independent chains side by side: latency, not throughput, limits one
+        V e[2];
+        for (int q = 0; q < 2; ++q) e[q] = exponent<T, F, Unit>(a, x + (p + q) * F);
+        for (int q = 0; q < 2; ++q) e[q] = exp2_nonpositive(e[q]);
+        for (int q = 0; q < 2; ++q) {
+            V sp;
+            if (W == 2) {
+                const V t0 = e[q] * gw[(p + q) * W], t1 = e[q] * gw[(p + q) * W + W - 1];
+                dc[0] += t0;
+                dc[W - 1] += t1;
+                sp = fmadd(t1, cw[W - 1], t0 * cw[0]);
+            } else {
+                const V t = e[q] * gw[p + q];
+                dc[0] += t;
+                sp = t * cw[0];
+            }
+            s[(p + q) * stride] = sp;
         }
-        s[p * stride] = sp;
     }
     for (int f = 0; f < F; ++f) da[f] = V{};
     for (int p = 0; p < P; ++p) {
@@ -423,16 +446,23 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* packed, const T* 
                             gw[p][v] = real ? go[(g * M + ib + p) * W + v] : T(0);
                             any |= gw[p][v] != T(0);
                         }
-                        for (int f = 0; f < F; ++f) { x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(0); dx[p][f] = V{}; }
+                        for (int f = 0; f < F; ++f) {
+                            x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(f == F - 1);  // as in the forward
+                            dx[p][f] = V{};
+                        }
                     }
                     if (!any) continue;
+                    const bool unit = unit_last_feature<T, F, P>(&x[0][0]);
                     for_each_run(row, nnt, tn, N, [&](i64 j0, i64 j1) {
                         const i64 b_end = (j1 + L - 1) / L;
                         for (i64 b = j0 / L; b < b_end;) {
                             b = chunk.fill(gp, N, j0, j1, b, b_end);
                             for (int k = 0; k < chunk.count; ++k) {  // pass 1
                                 V da[F], dc[W];
-                                backward_block<T, F, W, P>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
+                                if (unit)
+                                    backward_block<T, F, W, P, true>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
+                                else
+                                    backward_block<T, F, W, P, false>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
                                 T* dst = d + chunk.index[k] * B;
                                 const int copy = chunk.partial[k];
                                 for (int f = 0; f < F; ++f) {

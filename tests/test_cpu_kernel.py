@@ -141,3 +141,61 @@ def test_non_contiguous_inputs_match_contiguous_copies(sets):
     for _ in range(3):
         out = cpu_kernel.CPUExpKernelMatVec.apply(X, A_wide, c_wide, None, 64, 256)
         assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def matches_gemm_form(f, sets, dtype, last_feature=None, seed=9):
+    """Values and gradients of the kernel against the GEMM form (float64), relative to the largest."""
+    X, A, c = features(3, 37, 300, f, seed=seed)
+    if last_feature is not None:
+        X[..., -1] = last_feature
+    if sets == 2:
+        c = torch.stack([c, c.flip(-1)], -1)
+    probe = torch.randn(3, 37, *c.shape[2:], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    results = []
+    for apply, cast in ((lambda *t: ExpKernelMatVec.apply(*t, 64), torch.float64),
+                        (lambda *t: cpu_kernel.CPUExpKernelMatVec.apply(*t, None, 16, 64), dtype)):
+        leaves = [t.to(cast).requires_grad_() for t in (X, A, c)]
+        out = apply(*leaves)
+        results.append((out, *torch.autograd.grad((out * probe.to(cast)).sum(), leaves)))
+    return [float((got.detach().double() - want.detach()).abs().max() / want.detach().abs().max())
+            for want, got in zip(*results)]
+
+
+@pytest.mark.parametrize("f", [6, 10])
+def test_points_without_a_unit_last_feature(f):
+    # The dot product special-cases a last feature of exactly 1 (the backend's [x x^T, x, 1]);
+    # any other value takes the general path.
+    last = torch.linspace(0.5, 1.5, 37, dtype=torch.float64)[None, :]
+    assert max(matches_gemm_form(f, 1, torch.float64, last_feature=last)) < 1e-12
+    assert max(matches_gemm_form(f, 2, torch.float64, last_feature=last)) < 1e-12
+
+
+def test_exponentials_far_below_zero_are_tiny_not_nan():
+    X, A, c = features(1, 20, 40, 10, seed=10, dtype=torch.float32)
+    A[0, :20, -1] = -1e4  # 2^(-14427): underflows
+    A[0, 20:30, -1] = float("-inf")
+    out_far = cpu_kernel.CPUExpKernelMatVec.apply(X, A[:, :30], c[:, :30], None, 16, 64)
+    assert torch.isfinite(out_far).all() and out_far.abs().max() < 1e-36
+    expected = ExpKernelMatVec.apply(X.double(), A[:, 30:].double(), c[:, 30:].double(), 64)
+    out = cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, 16, 64)
+    assert (out.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("flags", [["-DGMBENCH_PORTABLE_EXP"], ["-mno-avx512f"]], ids=["portable-exp", "no-avx512"])
+def test_builds_without_the_avx512_exponential_agree(flags, monkeypatch):
+    # The exponential without AVX-512 intrinsics (vector-extension code only) and, with
+    # -mno-avx512f, 32-byte vectors: both built here and compared against the GEMM form.
+    from gmbench.backends.native import NativeLibrary
+
+    library = NativeLibrary(cpu_kernel.SOURCE_FILE, cpu_kernel._symbols(), cpu_kernel.FLAGS + flags,
+                            description="C++ CPU kernel (test build)", fallback="skipping the test").load()
+    if library is None:
+        pytest.skip("this compiler or machine does not build the variant")
+    monkeypatch.setattr(cpu_kernel, "load", lambda: library)
+    for f in (6, 10):
+        for sets in (1, 2):
+            assert max(matches_gemm_form(f, sets, torch.float64)) < 1e-12
+            assert max(matches_gemm_form(f, sets, torch.float32)) < 2e-5
+    X, A, c = features(1, 4, 8, 10, seed=6, dtype=torch.float32)
+    A[0, 3, 0] = float("nan")
+    assert torch.isnan(cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, 4, 4)).all()
