@@ -448,6 +448,76 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
     });
 }
 
+// Float forward vectorised over the points of a tile instead of over its
+// Gaussians: the TILE (16) points are one vector (GCC vector extensions; the
+// loop-vectoriser left a 16-iteration loop scalar), each listed Gaussian's
+// coefficients are one row of Rows [G, N, ROW] (F exponent coefficients, then
+// the W peaks, zero-padded) read by address and broadcast.  Nothing is
+// gathered and nothing is reduced horizontally: about 2.5x faster than the
+// gathered loop above, whose gathers of F + W coefficients per listed
+// Gaussian and tile cost as much as the exponentials.  Each point's sum runs
+// over its tile's list in order.
+static const int TILE = 16;
+static const int ROW = 16;
+typedef float lanes_f __attribute__((vector_size(TILE * sizeof(float))));
+typedef int32_t lanes_i __attribute__((vector_size(TILE * sizeof(int32_t))));
+
+// exp_nonpositive (fast_exp.h) on a vector: the same reduction and polynomial;
+// n is rounded by truncating x log2(e) - 1/2 (x <= 0), ties downwards.
+static inline lanes_f exp_nonpositive(lanes_f x) {
+    const lanes_f zero = {};
+    x = x < -87.0f ? zero - 87.0f : x;
+    const lanes_i ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, lanes_i);
+    const lanes_f n = __builtin_convertvector(ni, lanes_f);
+    const lanes_f r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+    lanes_f p = zero + 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (lanes_f)((ni + 127) << 23);
+}
+
+template <int F, int W>
+static void forward_rows(i64 G, i64 M, i64 N, const float* X, const float* Rows, float* out, const i64* offsets,
+                         const i32* index, const i64* order, int threads) {
+    static_assert(F + W <= ROW, "coefficient row too short");
+    const i64 tiles = (M + TILE - 1) / TILE;
+    std::atomic<i64> next(0);
+    run_parallel(threads, [&](int, int) {
+        for (i64 item = next++; item < G * tiles; item = next++) {
+            const i64 g = item / tiles, pt = item % tiles;
+            const i64 i0 = pt * TILE, np = std::min((i64)TILE, M - i0);
+            i64 rows[TILE];
+            lanes_f x[F];  // padding lanes: features 0 (exponential 1), dropped
+            for (int f = 0; f < F; ++f) x[f] = lanes_f{};
+            for (int p = 0; p < np; ++p) {
+                rows[p] = row_of(order, g, M, i0 + p);
+                for (int f = 0; f < F; ++f) x[f][p] = X[(g * M + rows[p]) * F + f];
+            }
+            lanes_f acc0 = {}, acc1 = {};
+            const i32* idx = index + offsets[item];
+            const i64 L = offsets[item + 1] - offsets[item];
+            const float* base = Rows + g * N * ROW;
+            for (i64 k = 0; k < L; ++k) {
+                const float* __restrict r = base + (i64)idx[k] * ROW;
+                lanes_f q = x[0] * r[0];
+                for (int f = 1; f < F; ++f) q += x[f] * r[f];
+                q = q > 0.0f ? lanes_f{} : q;  // NaN stays NaN
+                const lanes_f e = exp_nonpositive(q);
+                acc0 += r[F] * e;
+                if (W == 2) acc1 += r[F + 1] * e;
+            }
+            for (int p = 0; p < np; ++p) {
+                out[(g * M + rows[p]) * W] = acc0[p];
+                if (W == 2) out[(g * M + rows[p]) * W + 1] = acc1[p];
+            }
+        }
+    });
+}
+
 // Backward: each exponential once for all three gradients, laid out as the
 // exact kernel's backward (cpu_kernel.cpp) within each tile: the tile's P
 // points against chunks of JC listed Gaussians, the per-pair values of the
@@ -599,6 +669,7 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, co
 }
 
 extern "C" {
+int cutoff_tile_points() { return TILE; }
 void* cutoff_plan_d2(i64 G, i64 M, i64 N, const double* p, const double* b, const double* C, const double* peaks,
                      double tol, i64 tm, i64* order, i64* counts, int threads) {
     return plan<2>(G, M, N, p, b, C, peaks, tol, tm, order, counts, threads);
@@ -636,3 +707,13 @@ INSTANTIATE(float, 6, 2, f32_6_w2)
 INSTANTIATE(float, 10, 2, f32_10_w2)
 INSTANTIATE(double, 6, 2, f64_6_w2)
 INSTANTIATE(double, 10, 2, f64_10_w2)
+
+#define INSTANTIATE_ROWS(F, W, SUFFIX)                                                                 \
+extern "C" void sparse_forward_rows_##SUFFIX(i64 G, i64 M, i64 N, const float* X, const float* Rows,  \
+        float* out, const i64* offsets, const i32* index, const i64* order, int threads) {             \
+    forward_rows<F, W>(G, M, N, X, Rows, out, offsets, index, order, threads);                         \
+}
+INSTANTIATE_ROWS(6, 1, f32_6_w1)
+INSTANTIATE_ROWS(10, 1, f32_10_w1)
+INSTANTIATE_ROWS(6, 2, f32_6_w2)
+INSTANTIATE_ROWS(10, 2, f32_10_w2)

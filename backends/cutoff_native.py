@@ -50,6 +50,9 @@ def _symbols() -> dict:
     symbols = {f"cutoff_plan_d{d}": ([i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i64, ptr, ptr, cint], ptr)
                for d in (2, 3)}
     symbols["cutoff_plan_take"] = ([ptr, ptr], None)
+    symbols["cutoff_tile_points"] = ([], cint)
+    symbols.update({f"sparse_forward_rows_f32_{f}_w{w}": ([i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, cint], None)
+                    for f in (6, 10) for w in (1, 2)})
     symbols.update(mat_vec_variant_symbols({
         "sparse_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint],
         "sparse_backward": [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint],
@@ -149,6 +152,16 @@ def _suffix(X: Tensor, sets: int) -> str:
     return f"{'f32' if X.dtype == torch.float32 else 'f64'}_{X.shape[-1]}_w{sets}"
 
 
+ROW_VALUES = 16  # values per coefficient row of the float forward (F exponent coefficients, W peaks, zeros)
+
+
+def _coefficient_rows(A: Tensor, c: Tensor) -> Tensor:
+    """``[G, N, 16]``: each Gaussian's ``A`` and weight sets in one row, read by address (not gathered)."""
+    G, N, F = A.shape
+    sets = c.reshape(G, N, -1)
+    return torch.cat([A, sets, A.new_zeros(G, N, ROW_VALUES - F - sets.shape[-1])], -1).contiguous()
+
+
 class PairListExpKernelMatVec(torch.autograd.Function):
     """``f[g, i] = sum_{j listed for i's tile} c[g, j] exp(min(X[g, i] . A[g, j], 0))``.
 
@@ -168,13 +181,21 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         if sets not in (1, 2):
             raise ValueError(f"the cut-off kernel takes one or two weight sets, got {sets}")
         X = X.contiguous()
-        At = A.transpose(1, 2).contiguous()  # [G, F, N]: the kernel gathers each feature's row
+        At = A.transpose(1, 2).contiguous()  # [G, F, N]: the gathering kernels take each feature's row
         cs = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]
         out = X.new_empty(G, M, sets)
-        getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
-            G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
-            _ptr(plan.point_order), torch.get_num_threads(),
-        )
+        if X.dtype == torch.float32 and plan.tile_m == library.cutoff_tile_points():
+            # Vectorised over each tile's points, coefficients read as rows (no gathers).
+            rows = _coefficient_rows(A, c)  # named: a temporary would be freed before the call
+            getattr(library, f"sparse_forward_rows_{_suffix(X, sets)}")(
+                G, M, N, _ptr(X), _ptr(rows), _ptr(out), _ptr(plan.offsets), _ptr(plan.index),
+                _ptr(plan.point_order), torch.get_num_threads(),
+            )
+        else:
+            getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
+                G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
+                _ptr(plan.point_order), torch.get_num_threads(),
+            )
         ctx.save_for_backward(X, At, cs)
         ctx.plan = plan
         ctx.c_shape = c.shape

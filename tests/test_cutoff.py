@@ -255,9 +255,11 @@ def test_float_plan_lists_every_pair_above_the_threshold_of_small_gaussians_far_
 
 
 @needs_pair_lists
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sets", [1, 2])
-def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets):
-    # 250 points: the last tile is partial; the kernel reads rows through the plan's order.
+def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets, dtype):
+    # 250 points: the last tile is partial; the kernel reads rows through the plan's order.  float32
+    # takes the forward vectorised over each tile's points (its own exponential), float64 the gathering one.
     g = torch.Generator().manual_seed(14)
     m = random_mixture(300, 3, seed=15, spread=6.0)
     points = torch.randn(2, 250, 3, dtype=torch.float64, generator=g) * 6
@@ -269,13 +271,20 @@ def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets
     X = gm.quadratic_features(points - centre)
     c = c if sets == 2 else c[..., 0]
     X, A, c = (t.clone().requires_grad_() for t in (X, A, c))
-    out = cutoff_native.matvec_sets(X, A, c, plan)
+    out = cutoff_native.matvec_sets(X.to(dtype), A.to(dtype), c.to(dtype), plan)
     mask = listed_pairs(plan, 300).double()
     e = torch.exp(torch.einsum("gif,gjf->gij", X, A).clamp_max(0)) * mask
     expected = torch.einsum("gij,gjw->giw", e, c.reshape(2, 300, sets)).reshape(out.shape)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
-    upstream = torch.randn_like(out)
-    got = torch.autograd.grad(out, (X, A, c), upstream)
+    # float32: the feature form's rounding (exponents of several hundred, about 1e-4 absolute), relative
+    # to the sum of |terms|; a wrongly included or dropped pair would be of the order of a whole term.
+    scale = torch.einsum("gij,gjw->giw", e, c.reshape(2, 300, sets).abs()).reshape(out.shape)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-3
+    floor = 0.0 if dtype == torch.float64 else 1e-35 * float(c.abs().max())  # float exp(q < -87) is 1e-38, not 0
+    assert ((out.double() - expected).abs() <= tolerance * scale + floor).all()
+    assert (mask.sum() > 0) and (out != 0).any()
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (X, A, c), upstream.to(dtype))
     want = torch.autograd.grad(expected, (X, A, c), upstream)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.double(), b, rtol=1e-10 if dtype == torch.float64 else 2e-3,
+                                   atol=1e-12 if dtype == torch.float64 else 2e-3 * float(b.abs().max()))
