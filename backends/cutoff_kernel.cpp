@@ -32,6 +32,11 @@
 
 #include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define CUTOFF_COMPRESS_AVX512 1
+#endif
+
 typedef int64_t i64;
 typedef int32_t i32;
 
@@ -133,6 +138,32 @@ static bool influence(const double* b, const double* C, double peak, double tau,
     return true;
 }
 
+// Slack after every array compress() writes into: it stores whole vectors.
+static const i64 COMPRESS_SLACK = 16;
+
+// dst = the src[k] (4-byte values) with keep[k] set, k < n, in order; returns
+// their number.  With AVX-512 16 at a time (vpcompressd, one vector store, so
+// dst needs COMPRESS_SLACK entries beyond the result); else branch-free scalar
+// (whether a Gaussian survives is unpredictable).
+template <typename V>
+static i64 compress(const V* __restrict src, const uint8_t* __restrict keep, i64 n, V* __restrict dst) {
+    static_assert(sizeof(V) == 4, "4-byte values");
+    i64 count = 0;
+#ifdef CUTOFF_COMPRESS_AVX512
+    for (i64 k = 0; k < n; k += 16) {
+        const __mmask16 valid = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        const __m128i flags = _mm_maskz_loadu_epi8(valid, keep + k);
+        const __mmask16 take = _mm_test_epi8_mask(flags, flags);
+        const __m512i values = _mm512_maskz_loadu_epi32(valid, src + k);
+        _mm512_storeu_si512(dst + count, _mm512_maskz_compress_epi32(take, values));
+        count += __builtin_popcount((unsigned)take);
+    }
+#else
+    for (i64 k = 0; k < n; ++k) { dst[count] = src[k]; count += keep[k]; }
+#endif
+    return count;
+}
+
 // Float bounds of a double: at most / at least it.  Moved away by more than
 // the half ulp of rounding to nearest (2^-24 relative; 1e-37 absolute for
 // the smallest values), without branches or libm calls.
@@ -160,6 +191,7 @@ struct Influences {
     std::vector<i32> id;
     i64 size = 0;
     void resize(i64 n) {
+        n += COMPRESS_SLACK;
         for (int d = 0; d < D; ++d) { lo[d].resize(n); hi[d].resize(n); b[d].resize(n); err[d].resize(n); }
         for (int e = 0; e < WN; ++e) w[e].resize(n);
         id.resize(n);
@@ -183,18 +215,17 @@ struct Influences {
         }
         id[k] = j;
     }
-    // This = the entries sel[0, n) of from, one field at a time (gathers).
-    void select(const Influences& from, const i32* __restrict sel, i64 n) {
-        auto take = [&](std::vector<float>& to, const std::vector<float>& src) {
-            float* __restrict t = to.data();
-            const float* __restrict f = src.data();
-            #pragma omp simd
-            for (i64 k = 0; k < n; ++k) t[k] = f[sel[k]];
-        };
-        for (int d = 0; d < D; ++d) { take(lo[d], from.lo[d]); take(hi[d], from.hi[d]); take(b[d], from.b[d]); take(err[d], from.err[d]); }
-        for (int e = 0; e < WN; ++e) take(w[e], from.w[e]);
-        for (i64 k = 0; k < n; ++k) id[k] = from.id[sel[k]];
-        size = n;
+    // This = the entries k < n of from with keep[k] set, one field at a time; returns their number.
+    i64 select(const Influences& from, const uint8_t* keep, i64 n) {
+        for (int d = 0; d < D; ++d) {
+            compress(from.lo[d].data(), keep, n, lo[d].data());
+            compress(from.hi[d].data(), keep, n, hi[d].data());
+            compress(from.b[d].data(), keep, n, b[d].data());
+            compress(from.err[d].data(), keep, n, err[d].data());
+        }
+        for (int e = 0; e < WN; ++e) compress(from.w[e].data(), keep, n, w[e].data());
+        size = compress(from.id.data(), keep, n, id.data());
+        return size;
     }
 };
 
@@ -268,13 +299,6 @@ static void box_of(const Point<D>* pts, i64 begin, i64 end, double* lo, double* 
         }
 }
 
-// The positions k < n with keep[k] set, written to sel; returns their number.
-// Branch-free: whether a Gaussian survives is unpredictable.
-static i64 compact(const uint8_t* __restrict keep, i64 n, i32* __restrict sel) {
-    i64 count = 0;
-    for (i64 k = 0; k < n; ++k) { sel[count] = (i32)k; count += keep[k]; }
-    return count;
-}
 
 // Orders points (order [G, M]), counts the listed Gaussians of every tile
 // (counts [G * Tm]) and keeps the lists; cutoff_plan_take copies them out.
@@ -290,7 +314,6 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
         std::vector<Point<D>> pts;
         Influences<D> all, candidates;
         std::vector<uint8_t> keep;
-        std::vector<i32> sel;
         for (i64 g = next++; g < G; g = next++) {
             const double* x = points + g * M * D;
             i64* ord = order + g * M;
@@ -324,7 +347,7 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
                 if (influence<D>(centres + (g * N + j) * D, covariances + (g * N + j) * D * D, std::fabs(pk[j]), tau, inf))
                     all.set(valid++, inf, (i32)j, origin, extent);
             }
-            if ((i64)keep.size() < valid) { keep.resize(valid); sel.resize(valid); }
+            if ((i64)keep.size() < valid) keep.resize(valid);
             candidates.resize(valid);
             std::vector<i32>& index = result->mixtures[g].index;
             index.clear();
@@ -333,17 +356,13 @@ static Plan* plan(i64 G, i64 M, i64 N, const double* points, const double* centr
                 double lo[D], hi[D];
                 box_of<D>(pts.data(), ct * tm, std::min(ct1 * tm, M), lo, hi);
                 test_box<D>(all, valid, lo, hi, keep.data());
-                const i64 survivors = compact(keep.data(), valid, sel.data());
-                candidates.select(all, sel.data(), survivors);
+                const i64 survivors = candidates.select(all, keep.data(), valid);
                 for (i64 t = ct; t < ct1; ++t) {
                     box_of<D>(pts.data(), t * tm, std::min((t + 1) * tm, M), lo, hi);
                     test_box<D>(candidates, survivors, lo, hi, keep.data());
                     const size_t before = index.size();
-                    index.resize(before + survivors);
-                    i32* __restrict out = index.data() + before;
-                    const i32* __restrict ids = candidates.id.data();
-                    i64 listed = 0;
-                    for (i64 k = 0; k < survivors; ++k) { out[listed] = ids[k]; listed += keep[k]; }
+                    index.resize(before + survivors + COMPRESS_SLACK);
+                    const i64 listed = compress(candidates.id.data(), keep.data(), survivors, index.data() + before);
                     index.resize(before + listed);
                     cnt[t] = listed;
                 }
