@@ -24,10 +24,16 @@ sets in one pass) on the shapes3d layers with N = 640 and 2560, forward and
 forward+backward, for ``exact`` (``cutoff: null``), ``cutoff`` (1e-5, pair
 lists) and ``morton`` (1e-5, the tile masks: the pair lists switched off);
 the session prints every case's time relative to ``exact`` in the same run.
+
+``test_time_breakdown`` splits one dense-fit evaluation (both weight sets) of
+the shapes3d layers into the plan, the pair-list kernel forward and backward
+and the exact kernel forward and backward, in process CPU time (run it with
+``OMP_NUM_THREADS=1``), medians of 5 interleaved repetitions.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -35,7 +41,8 @@ import torch
 
 from gmbench import backends, plugins
 from gmbench import mixture as gm
-from gmbench.backends import cutoff, cutoff_native
+from gmbench.backends import cpu_kernel, cutoff, cutoff_native
+from gmbench.backends.torch import CPU_TILE_M, CPU_TILE_N, gaussian_coefficients
 from gmbench.fitting.dense import fit_relu_dense
 
 TOLERANCE = 1e-5
@@ -47,6 +54,7 @@ DATASETS = {
 IMPLEMENTATIONS = ("exact", "cutoff", "morton")
 RESULTS: dict[tuple[int, str, str], float] = {}
 PAIR_ROWS: list[str] = []
+BREAKDOWN_ROWS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +88,11 @@ def write_summary(reporter) -> None:
         reporter.write_line(f"{'data set':<9} {'layer':>5} {'N':>5} {'above':>7} {'pair lists':>10} {'morton 16':>10} "
                             f"{'plan ms':>8} {'exact fwd ms':>12}")
         for row in PAIR_ROWS:
+            reporter.write_line(row)
+    if BREAKDOWN_ROWS:
+        reporter.section("one evaluation of both weight sets, process CPU ms, median of 5 (this run)")
+        reporter.write_line(f"{'N':>5} {'plan':>7} {'fwd':>7} {'bwd':>7} {'exact fwd':>10} {'exact bwd':>10}")
+        for row in BREAKDOWN_ROWS:
             reporter.write_line(row)
     if RESULTS:
         reporter.section("dense fit: time relative to exact (this run)")
@@ -165,3 +178,35 @@ def test_dense_fit(benchmark, activations, monkeypatch, implementation, layer, m
         benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=0)
     if benchmark.stats is not None:
         RESULTS[(m.shape[2], mode, implementation)] = benchmark.stats.stats.min
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_time_breakdown(activations, layer):
+    if cutoff_native.load() is None or cpu_kernel.load() is None:
+        pytest.skip("the C++ kernels are unavailable")
+    m = activations["shapes3d"][layer]
+    flat = m.reshape(-1, *m.shape[-2:])
+    positions = gm.positions(flat)
+    centre = positions.mean(-2, keepdim=True)
+    A, c = gaussian_coefficients(flat, centre, torch.stack([gm.weights(flat), gm.weights(flat).abs()], -1))
+    X = gm.quadratic_features(positions - centre)
+    times: dict[str, list[float]] = {}
+
+    def timed(name, call):
+        start = time.process_time()
+        result = call()
+        times.setdefault(name, []).append(time.process_time() - start)
+        return result
+
+    for _ in range(6):  # the first round warms up (kernel builds, allocator) and is dropped
+        plan = timed("plan", lambda: cutoff_native.make_plan(positions, positions, gm.covariances(flat),
+                                                             c.abs().amax(-1), TOLERANCE))
+        leaves = [t.clone().requires_grad_() for t in (X, A, c)]
+        out = timed("fwd", lambda: cutoff_native.matvec_sets(*leaves, plan))
+        upstream = torch.randn_like(out)
+        timed("bwd", lambda: torch.autograd.grad(out, leaves, upstream))
+        out = timed("exact fwd", lambda: cpu_kernel.CPUExpKernelMatVec.apply(*leaves, None, CPU_TILE_M, CPU_TILE_N))
+        timed("exact bwd", lambda: torch.autograd.grad(out, leaves, upstream))
+    ms = {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
+    BREAKDOWN_ROWS.append(f"{flat.shape[1]:>5} {ms['plan']:>7.1f} {ms['fwd']:>7.1f} {ms['bwd']:>7.1f} "
+                          f"{ms['exact fwd']:>10.1f} {ms['exact bwd']:>10.1f}")

@@ -279,7 +279,7 @@ def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets
     # to the sum of |terms|; a wrongly included or dropped pair would be of the order of a whole term.
     scale = torch.einsum("gij,gjw->giw", e, c.reshape(2, 300, sets).abs()).reshape(out.shape)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-3
-    floor = 0.0 if dtype == torch.float64 else 1e-35 * float(c.abs().max())  # float exp(q < -87) is 1e-38, not 0
+    floor = 0.0 if dtype == torch.float64 else 1e-35 * float(c.detach().abs().max())  # float exp(q < -87) is 1e-38, not 0
     assert ((out.double() - expected).abs() <= tolerance * scale + floor).all()
     assert (mask.sum() > 0) and (out != 0).any()
     upstream = torch.randn_like(expected)
