@@ -5,14 +5,12 @@
 // ABI, no PyTorch headers.
 //
 // Layout: ekmv_pack copies a mixture's Gaussians into blocks of L lanes (one
-// SIMD vector: 16 floats with AVX-512), F coefficient rows scaled by log2(e)
-// then W peak-value rows, zero-padded.  Forward and backward take the lanes
-// over Gaussians and broadcast the point features: each loaded coefficient
-// vector serves P points (register blocking; the coefficients were reloaded
-// from L2 for every pair before), and the per-lane sums over points (the
-// forward's outputs, the backward's dA and dc) stay in registers.  With the
-// log2(e) scaling the exponential is 2^y: round, a degree-6 polynomial,
-// ldexp (vrndscale / vscalef with AVX-512), no extra multiply.
+// SIMD vector: 16 floats with AVX-512), F coefficient rows then W peak-value
+// rows, zero-padded.  Forward and backward take the lanes over Gaussians and
+// broadcast the point features: each loaded coefficient vector serves P
+// points (register blocking; the coefficients were reloaded from L2 for
+// every pair before), and the per-lane sums over points (the forward's
+// outputs, the backward's dA and dc) stay in registers.
 
 #include <algorithm>
 #include <atomic>
@@ -37,8 +35,8 @@
 typedef int64_t i64;
 
 // GCC vector extensions: one code path for every instruction set (-march=native
-// picks AVX-512, AVX2 or SSE); only the exponential's round and ldexp have
-// AVX-512 intrinsics.
+// picks AVX-512, AVX2 or SSE); only the exponential's round and ldexp (and
+// fused multiply-adds) have AVX-512 intrinsics.
 template <typename T> struct Simd;
 template <> struct Simd<float> {
     typedef float V __attribute__((vector_size(GMBENCH_VECTOR_BYTES)));
@@ -72,22 +70,15 @@ static inline vec<double> fmadd(vec<double> a, vec<double> b, vec<double> c) {
     return a * b + c;
 #endif
 }
-// x . a for one point (scalar features, broadcast) and one block of Gaussians.
-// Unit: the last feature is 1 (the backend's features [x x^T, x, 1]), one
-// multiply fewer.
-template <typename T, int F, bool Unit>
+// x . a for one point (scalar features, broadcast) and one block of Gaussians,
+// summed in feature order as the GEMM form does (adding the constant term
+// first, one multiply fewer, doubled the float32 error on ill-conditioned
+// mixtures).
+template <typename T, int F>
 static inline vec<T> exponent(const vec<T> (&a)[F], const T* __restrict x) {
-    vec<T> y = Unit ? a[F - 1] : a[0] * x[0];
-    for (int f = Unit ? 0 : 1; f < F - 1; ++f) y = fmadd(a[f], splat(x[f]), y);
-    return Unit ? y : fmadd(a[F - 1], splat(x[F - 1]), y);
-}
-
-// Whether the last feature of all P points is exactly 1.
-template <typename T, int F, int P>
-static inline bool unit_last_feature(const T* x) {
-    bool unit = true;
-    for (int p = 0; p < P; ++p) unit &= x[p * F + F - 1] == T(1);
-    return unit;
+    vec<T> y = a[0] * x[0];
+    for (int f = 1; f < F; ++f) y = fmadd(a[f], splat(x[f]), y);
+    return y;
 }
 template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: reproducible
     T s = 0;
@@ -95,32 +86,38 @@ template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: rep
     return s;
 }
 
-// 2^min(y, 0): exactly 0 far below (down to the smallest denormal with
-// AVX-512; about 1e-38 / 2e-308 at the most without), NaN stays NaN.  Float: degree-6 fit of 2^r on
-// [-1/2, 1/2] (relative error 2e-9, below float rounding); double: Taylor
-// series of exp(r ln 2) to degree 13 (4e-18).
-static inline vec<float> exp2_nonpositive(vec<float> y) {
+// exp(min(q, 0)) as 2^t, t = q log2(e): exactly 0 far below (down to the
+// smallest denormal with AVX-512; about 1e-38 / 2e-308 at the most without),
+// NaN stays NaN.  r = t - round(t) (vreduce with AVX-512, exact), 2^r by a
+// polynomial, times 2^round(t) (vscalef).  Rounding t costs a relative error
+// of at most u |q|, no more than the rounding of q itself (scaling the
+// coefficients by log2(e) instead, one multiply fewer, added u sum |x_f a_f|
+// and doubled the float32 error on ill-conditioned mixtures).  Float:
+// degree-6 fit of 2^r on [-1/2, 1/2] (relative error 2e-9, below float
+// rounding); double: the Taylor series of exp(r ln 2) to degree 13 (4e-18).
+static inline vec<float> exp_nonpositive(vec<float> q) {
     typedef vec<float> V;
 #ifdef GMBENCH_AVX512_EXP
-    y = (V)_mm512_min_ps(_mm512_setzero_ps(), (__m512)y);  // NaN stays NaN (second operand)
-    // r = y - round(y) in one instruction; -inf gives r = 0, n = -inf, 2^n = 0.
-    const V r = (V)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V n = y - r;
+    // min returns its second operand when one is NaN: NaN stays NaN.
+    const V t = (V)_mm512_min_ps(_mm512_setzero_ps(), (__m512)q) * 1.44269504088896341f;
+    // -inf: r = 0, t - r = -inf, 2^-inf = 0.
+    const V r = (V)_mm512_reduce_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V n = t - r;
 #else
     const V zero = {};
-    y = y > zero ? zero : y;                  // NaN stays NaN
-    y = y < splat(-126.0f) ? splat(-126.0f) : y;  // the exponent bits below cannot go lower
-    const ivec<float> ni = __builtin_convertvector(y - 0.5f, ivec<float>);  // round half down (y <= 0)
+    V t = (q > zero ? zero : q) * 1.44269504088896341f;  // NaN stays NaN
+    t = t < splat(-126.0f) ? splat(-126.0f) : t;      // the exponent bits below cannot go lower
+    const ivec<float> ni = __builtin_convertvector(t - 0.5f, ivec<float>);  // round half down (t <= 0)
     const V n = __builtin_convertvector(ni, V);
-    const V r = y - n;  // exact, in [-1/2, 1/2]
+    const V r = t - n;  // exact, in [-1/2, 1/2]
 #endif
     V p = splat(1.5353648689136773e-4f);
-    p = p * r + 1.3398887843886300e-3f;
-    p = p * r + 9.6184363143227910e-3f;
-    p = p * r + 5.5503324243820020e-2f;
-    p = p * r + 2.4022647922330778e-1f;
-    p = p * r + 6.9314720289121490e-1f;
-    p = p * r + 1.0f;
+    p = fmadd(p, r, splat(1.3398887843886300e-3f));
+    p = fmadd(p, r, splat(9.6184363143227910e-3f));
+    p = fmadd(p, r, splat(5.5503324243820020e-2f));
+    p = fmadd(p, r, splat(2.4022647922330778e-1f));
+    p = fmadd(p, r, splat(6.9314720289121490e-1f));
+    p = fmadd(p, r, splat(1.0f));
 #ifdef GMBENCH_AVX512_EXP
     return (V)_mm512_scalef_ps((__m512)p, (__m512)n);
 #else
@@ -129,35 +126,26 @@ static inline vec<float> exp2_nonpositive(vec<float> y) {
 #endif
 }
 
-static inline vec<double> exp2_nonpositive(vec<double> y) {
+static inline vec<double> exp_nonpositive(vec<double> q) {
     typedef vec<double> V;
 #ifdef GMBENCH_AVX512_EXP
-    y = (V)_mm512_min_pd(_mm512_setzero_pd(), (__m512d)y);
-    const V f = (V)_mm512_reduce_pd((__m512d)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V n = y - f;
+    const V t = (V)_mm512_min_pd(_mm512_setzero_pd(), (__m512d)q) * 1.44269504088896340736;
+    const V f = (V)_mm512_reduce_pd((__m512d)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V n = t - f;
 #else
     const V zero = {};
-    y = y > zero ? zero : y;
-    y = y < splat(-1022.0) ? splat(-1022.0) : y;
-    const ivec<double> ni = __builtin_convertvector(y - 0.5, ivec<double>);
+    V t = (q > zero ? zero : q) * 1.44269504088896340736;
+    t = t < splat(-1022.0) ? splat(-1022.0) : t;
+    const ivec<double> ni = __builtin_convertvector(t - 0.5, ivec<double>);
     const V n = __builtin_convertvector(ni, V);
-    const V f = y - n;
+    const V f = t - n;
 #endif
-    const V r = f * 0.69314718055994530942;  // exp(r ln 2), |r ln 2| <= 0.35
+    const V r = f * 0.69314718055994530942;  // exp(r), |r| <= ln(2) / 2
     V p = splat(1.0 / 6227020800.0);
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    const double inverse_factorials[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                         1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                                         1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (double k : inverse_factorials) p = fmadd(p, r, splat(k));
 #ifdef GMBENCH_AVX512_EXP
     return (V)_mm512_scalef_pd((__m512d)p, (__m512d)n);
 #else
@@ -182,12 +170,11 @@ static void run_parallel(int threads, Body body) {
 
 template <typename T> static inline i64 blocks_of(i64 N) { return (N + lanes<T>() - 1) / lanes<T>(); }
 
-// A[G, N, F], c[G, N, W] -> packed[G, blocks, F + W, L]: log2(e) A, then c; zero padding.
+// A[G, N, F], c[G, N, W] -> packed[G, blocks, F + W, L]: A, then c; zero padding.
 template <typename T, int F, int W>
 static void pack(i64 G, i64 N, const T* A, const T* c, T* packed, int threads) {
     constexpr int L = lanes<T>(), B = (F + W) * L;
     const i64 nb = blocks_of<T>(N);
-    const T log2e = T(1.44269504088896340736);
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
         for (i64 g = next++; g < G; g = next++) {
@@ -196,7 +183,7 @@ static void pack(i64 G, i64 N, const T* A, const T* c, T* packed, int threads) {
                 for (int l = 0; l < L; ++l) {
                     const i64 j = b * L + l;
                     const bool real = j < N;
-                    for (int f = 0; f < F; ++f) blk[f * L + l] = real ? A[(g * N + j) * F + f] * log2e : T(0);
+                    for (int f = 0; f < F; ++f) blk[f * L + l] = real ? A[(g * N + j) * F + f] : T(0);
                     for (int w = 0; w < W; ++w) blk[(F + w) * L + l] = real ? c[(g * N + j) * W + w] : T(0);
                 }
             }
@@ -258,7 +245,7 @@ static inline void for_each_run(const uint8_t* row, i64 nnt, i64 tn, i64 N, Visi
 }
 
 // The sums of P points over a chunk's blocks, added to acc [P][W] (lanes).
-template <typename T, int F, int W, int P, bool Unit>
+template <typename T, int F, int W, int P>
 static inline void forward_points(const T* const* blocks, int count, const T* __restrict x, vec<T>* __restrict acc) {
     constexpr int L = lanes<T>();
     typedef vec<T> V;
@@ -271,8 +258,8 @@ static inline void forward_points(const T* const* blocks, int count, const T* __
         for (int f = 0; f < F; ++f) a[f] = loadv(blk + f * L);
         for (int w = 0; w < W; ++w) cw[w] = loadv(blk + (F + w) * L);
         V e[P];  // the P chains side by side
-        for (int p = 0; p < P; ++p) e[p] = exponent<T, F, Unit>(a, x + p * F);
-        for (int p = 0; p < P; ++p) e[p] = exp2_nonpositive(e[p]);
+        for (int p = 0; p < P; ++p) e[p] = exponent<T, F>(a, x + p * F);
+        for (int p = 0; p < P; ++p) e[p] = exp_nonpositive(e[p]);
         for (int p = 0; p < P; ++p)
             for (int w = 0; w < W; ++w) sum[p][w] = fmadd(cw[w], e[p], sum[p][w]);
     }
@@ -307,13 +294,10 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* packed, T* out,
                     b = chunk.fill(gp, N, j0, j1, b, b_end);
                     for (i64 p0 = 0; p0 < np; p0 += P) {
                         T x[P][F];
-                        for (int p = 0; p < P; ++p)  // padding points: features (0, ..., 0, 1)
+                        for (int p = 0; p < P; ++p)  // zero-padded
                             for (int f = 0; f < F; ++f)
-                                x[p][f] = p0 + p < np ? X[(g * M + i0 + p0 + p) * F + f] : T(f == F - 1);
-                        if (unit_last_feature<T, F, P>(&x[0][0]))
-                            forward_points<T, F, W, P, true>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
-                        else
-                            forward_points<T, F, W, P, false>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
+                                x[p][f] = p0 + p < np ? X[(g * M + i0 + p0 + p) * F + f] : T(0);
+                        forward_points<T, F, W, P>(chunk.block, chunk.count, &x[0][0], &acc_tile[p0 * W]);
                     }
                 }
             });
@@ -328,7 +312,7 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* packed, T* out,
 // g_p e_p.  dA is summed after all P exponentials, from s in L1: with the
 // coefficients, dA and the exponential's constants all live at once, the
 // registers spill.
-template <typename T, int F, int W, int P, bool Unit>
+template <typename T, int F, int W, int P>
 static inline void backward_block(const T* __restrict blk, const T* __restrict x, const T* __restrict gw,
                                   vec<T>* __restrict s, int stride, vec<T> (&da)[F], vec<T> (&dc)[W]) {
     constexpr int L = lanes<T>();
@@ -339,8 +323,8 @@ static inline void backward_block(const T* __restrict blk, const T* __restrict x
     static_assert(P % 2 == 0, "points are taken in pairs");
     for (int p = 0; p < P; p += 2) {  // two independent chains side by side: latency, not throughput, limits one
         V e[2];
-        for (int q = 0; q < 2; ++q) e[q] = exponent<T, F, Unit>(a, x + (p + q) * F);
-        for (int q = 0; q < 2; ++q) e[q] = exp2_nonpositive(e[q]);
+        for (int q = 0; q < 2; ++q) e[q] = exponent<T, F>(a, x + (p + q) * F);
+        for (int q = 0; q < 2; ++q) e[q] = exp_nonpositive(e[q]);
         for (int q = 0; q < 2; ++q) {
             V sp;
             if (W == 2) {
@@ -418,7 +402,6 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* packed, const T* 
             if (gA) for (int f = 0; f < F; ++f) gA[(g * N + j) * F + f] = blk[f * L];
         }
     };
-    const T ln2 = T(0.69314718055994530942);
     std::atomic<i64> next(0);
     run_parallel(threads, [&](int, int) {
         std::vector<T> own(chunks_per_g > 1 ? 0 : grad_size);
@@ -447,22 +430,18 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* packed, const T* 
                             any |= gw[p][v] != T(0);
                         }
                         for (int f = 0; f < F; ++f) {
-                            x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(f == F - 1);  // as in the forward
+                            x[p][f] = real ? X[(g * M + ib + p) * F + f] : T(0);
                             dx[p][f] = V{};
                         }
                     }
                     if (!any) continue;
-                    const bool unit = unit_last_feature<T, F, P>(&x[0][0]);
                     for_each_run(row, nnt, tn, N, [&](i64 j0, i64 j1) {
                         const i64 b_end = (j1 + L - 1) / L;
                         for (i64 b = j0 / L; b < b_end;) {
                             b = chunk.fill(gp, N, j0, j1, b, b_end);
                             for (int k = 0; k < chunk.count; ++k) {  // pass 1
                                 V da[F], dc[W];
-                                if (unit)
-                                    backward_block<T, F, W, P, true>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
-                                else
-                                    backward_block<T, F, W, P, false>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
+                                backward_block<T, F, W, P>(chunk.block[k], &x[0][0], &gw[0][0], &sbuf[0][k], CHUNK, da, dc);
                                 T* dst = d + chunk.index[k] * B;
                                 const int copy = chunk.partial[k];
                                 for (int f = 0; f < F; ++f) {
@@ -479,7 +458,7 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* packed, const T* 
                         }
                     });
                     if (gX) for (int p = 0; p < np; ++p)
-                        for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = ln2 * hsum<T>(dx[p][f]);
+                        for (int f = 0; f < F; ++f) gX[(g * M + ib + p) * F + f] = hsum<T>(dx[p][f]);
                 }
             }
             if (chunks_per_g == 1) write_out(g, d);

@@ -1,6 +1,7 @@
 r"""``evaluate_at_centroids``: the torch backend against a naive dense reference, with speed and memory targets.
 
 Run:  python -m pytest benchmarks/bench_evaluate.py -q
+      python benchmarks/bench_evaluate.py --baseline REV [--threads 1,2] [--dims 3,2] [--repeats 5]
 
 Cases: 3D, a batch of 8 mixtures (``[8, 1, N, 13]``), N in {640, 2560}, forward
 (no autograd) and forward+backward (gradients w.r.t. weights, positions and
@@ -26,6 +27,15 @@ kernel: at most 3), by wall time of the fastest rounds and by CPU time.
 N = 2560 at least 4x the naive throughput and at least 10x lower peak memory
 (the ``torch_gemm`` fallback's ratios are printed, not asserted).
 
+Before/after mode (``--baseline REV``): the C++ kernel of git revision REV
+(its ``cpu_kernel.py``, ``cpu_kernel.cpp`` and ``fast_exp.h``, built into a
+temporary folder) against this tree's, in one process, on 8 x 8 mixtures of
+N = 2560 through the torch backend's ``evaluate_at_centroids``: forward (no
+autograd) and forward+backward, the two kernels' repetitions interleaved,
+for each thread count and dimension; prints the fastest wall and process CPU
+times, G pairs/s, forward+backward over forward, new over old, the largest
+difference of values and gradients, and the load average before and after.
+
 The ``paper_scale`` cases time 8 x 8 mixtures of N = 2560 (the paper authors'
 OpenMP CPU implementation: 3.3 s forward, 29.9 s backward on a comparable
 machine; budget for this backend: <= 3.3 s forward, <= 10 s forward+backward).
@@ -33,8 +43,14 @@ machine; budget for this backend: <= 3.3 s forward, <= 10 s forward+backward).
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,12 +65,12 @@ MODES = ("forward", "forward_backward")
 RESULTS: dict[tuple[str, int, str], dict] = {}  # (implementation, N, mode) -> extra_info
 
 
-def make_leaves(batch: int, channels: int, n: int, seed: int = 0):
-    """Float32 leaf tensors: weights ``[B, C, N]``, positions ``[B, C, N, 3]``, factors ``[B, C, N, 3, 3]``."""
+def make_leaves(batch: int, channels: int, n: int, seed: int = 0, dims: int = DIMS):
+    """Float32 leaf tensors: weights ``[B, C, N]``, positions ``[B, C, N, D]``, factors ``[B, C, N, D, D]``."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(batch, channels, n, generator=g)
-    p = torch.randn(batch, channels, n, DIMS, generator=g) * 2.0
-    f = torch.randn(batch, channels, n, DIMS, DIMS, generator=g) * 0.3
+    p = torch.randn(batch, channels, n, dims, generator=g) * 2.0
+    f = torch.randn(batch, channels, n, dims, dims, generator=g) * 0.3
     return w, p, f
 
 
@@ -176,3 +192,92 @@ def test_targets_at_2560():
             pytest.skip("needs the timed N=2560 cases of this run (not deselected, benchmarks enabled)")
         assert case["speedup_vs_naive"] >= 4, (mode, case, naive_case)
         assert case["memory_ratio_vs_naive"] >= 10, (mode, case, naive_case)
+
+
+# -- before/after mode ---------------------------------------------------------
+BASELINE_FILES = ("backends/cpu_kernel.py", "backends/cpu_kernel.cpp", "backends/fast_exp.h")
+
+
+def load_baseline(revision: str, folder: Path):
+    """The ``cpu_kernel`` module of ``revision``, its library built from that revision's source."""
+    root = Path(__file__).resolve().parents[1]
+    for name in BASELINE_FILES:
+        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=root, capture_output=True, check=True).stdout
+        (folder / Path(name).name).write_bytes(text)
+    spec = importlib.util.spec_from_file_location("cpu_kernel_baseline", folder / "cpu_kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.load() is None:
+        raise RuntimeError(f"the C++ kernel of {revision} does not build: {module.unavailable_reason()}")
+    return module
+
+
+def _timed(call) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare_with_baseline(revision: str, threads: list[int], dims: list[int], repeats: int) -> None:
+    import gmbench.backends.torch as torch_backend
+    from gmbench.backends import cpu_kernel
+
+    batch, channels, n = 8, 8, 2560
+    pairs = batch * channels * n * n
+    with tempfile.TemporaryDirectory(prefix="gmbench-baseline-") as folder:
+        sides = {"baseline": load_baseline(revision, Path(folder)), "this tree": cpu_kernel}
+        print(f"C++ kernel: {revision} (baseline) vs this tree; {batch} x {channels} mixtures, N = {n}, float32, "
+              f"evaluate_at_centroids; fastest of {repeats} interleaved repetitions; "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"{'D':>2}{'thr':>4}{'side':>11}{'fwd s':>8}{'fwd cpu':>9}{'f+b s':>8}{'f+b cpu':>9}{'Gpair/s':>9}"
+              f"{'f+b/f':>7}{'f+b/f cpu':>10}")
+        original = torch_backend.cpu_kernel
+        previous_threads = torch.get_num_threads()
+        try:
+            for d in dims:
+                leaves = make_leaves(batch, channels, n, dims=d)
+                for count in threads:
+                    torch.set_num_threads(count)
+                    best: dict[str, dict[str, list[float]]] = {}
+                    results = {}
+                    for repeat in range(repeats + 1):  # the first round warms up
+                        for side in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+                            torch_backend.cpu_kernel = sides[side]
+                            with backends.use("torch", cpu_kernel="cpp"):
+                                forward = make_call("torch", "forward", leaves)
+                                w, p, f = (t.clone().requires_grad_() for t in leaves)
+
+                                def both():
+                                    out = backend_evaluate_at_centroids(gm.pack(w, p, gm.covariance_from_factor(f)))
+                                    out.square().sum().backward()
+                                    results[side] = (out.detach(), w.grad, p.grad, f.grad)
+
+                                times = (*_timed(forward), *_timed(both))
+                            if repeat:
+                                row = best.setdefault(side, {"times": [math.inf] * 4})["times"]
+                                row[:] = [min(a, b) for a, b in zip(row, times)]
+                    for side in sides:
+                        fw, fc, bw, bc = best[side]["times"]
+                        print(f"{d:>2}{count:>4}{side:>11}{fw:>8.3f}{fc:>9.3f}{bw:>8.3f}{bc:>9.3f}{pairs / fw / 1e9:>9.2f}"
+                              f"{bw / fw:>7.2f}{bc / fc:>10.2f}")
+                    old, new = best["baseline"]["times"], best["this tree"]["times"]
+                    diffs = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(results["baseline"],
+                                                                                       results["this tree"])]
+                    print(f"{'':>6}{'new/old':>11}{new[0] / old[0]:>8.3f}{new[1] / old[1]:>9.3f}{new[2] / old[2]:>8.3f}"
+                          f"{new[3] / old[3]:>9.3f}   max |new - old| / max |old|: values {diffs[0]:.1e}, "
+                          f"gradients {max(diffs[1:]):.1e}")
+        finally:
+            torch_backend.cpu_kernel = original
+            torch.set_num_threads(previous_threads)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="C++ evaluation kernel before/after (see the module docstring)")
+    parser.add_argument("--baseline", required=True, help="git revision whose C++ kernel to compare against")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--dims", default="3,2", help="comma-separated dimensions (default 3,2)")
+    parser.add_argument("--repeats", type=int, default=5)
+    arguments = parser.parse_args()
+    compare_with_baseline(arguments.baseline, [int(v) for v in arguments.threads.split(",")],
+                          [int(v) for v in arguments.dims.split(",")], arguments.repeats)

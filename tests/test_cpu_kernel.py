@@ -163,8 +163,7 @@ def matches_gemm_form(f, sets, dtype, last_feature=None, seed=9):
 
 @pytest.mark.parametrize("f", [6, 10])
 def test_points_without_a_unit_last_feature(f):
-    # The dot product special-cases a last feature of exactly 1 (the backend's [x x^T, x, 1]);
-    # any other value takes the general path.
+    # The backend's features end in 1 ([x x^T, x, 1]); the kernel takes any value there.
     last = torch.linspace(0.5, 1.5, 37, dtype=torch.float64)[None, :]
     assert max(matches_gemm_form(f, 1, torch.float64, last_feature=last)) < 1e-12
     assert max(matches_gemm_form(f, 2, torch.float64, last_feature=last)) < 1e-12
@@ -199,3 +198,20 @@ def test_builds_without_the_avx512_exponential_agree(flags, monkeypatch):
     X, A, c = features(1, 4, 8, 10, seed=6, dtype=torch.float32)
     A[0, 3, 0] = float("nan")
     assert torch.isnan(cpu_kernel.CPUExpKernelMatVec.apply(X, A, c, None, 4, 4)).all()
+
+
+def test_float32_error_is_the_gemm_forms_on_ill_conditioned_mixtures():
+    # Random covariance factors give nearly singular covariances: the feature form's terms
+    # cancel and its float32 rounding dominates.  The kernel must add nothing to it (scaling
+    # the coefficients by log2(e) in float32, or summing the constant term first, doubled it).
+    g = torch.Generator().manual_seed(11)
+    m = gm.pack(torch.randn(2, 2, 1200, generator=g), torch.randn(2, 2, 1200, 3, generator=g) * 2.0,
+                gm.covariance_from_factor(torch.randn(2, 2, 1200, 3, 3, generator=g) * 0.3))
+    with backends.use("torch", cpu_kernel="gemm"):
+        exact = gm.evaluate_at_centroids(m.double())
+        gemm_error = (gm.evaluate_at_centroids(m).double() - exact).abs()
+    with backends.use("torch", cpu_kernel="cpp"):
+        kernel_error = (gm.evaluate_at_centroids(m).double() - exact).abs()
+    assert gemm_error.max() > 1e-4 * exact.abs().max()  # the case is ill-conditioned
+    assert kernel_error.max() < 1.25 * gemm_error.max()
+    assert kernel_error.mean() < 1.25 * gemm_error.mean()
