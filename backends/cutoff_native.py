@@ -7,14 +7,17 @@ above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
 
 * points are grouped in tiles of ``tile_m`` (16) by a kd split (median along
   the widest axis), so every tile's bounding box is small;
-* each Gaussian descends the kd tree and is listed for every tile whose box
-  may meet its cut-off ellipsoid: its axis-aligned box first, then a bound in
-  the Gaussian's own whitened coordinates (exact for a box shrunk to a point;
-  see the C++ source); there are no Gaussian tiles, so a Gaussian is never
-  evaluated because a neighbour in its tile was needed;
-* the kernel gathers each tile's listed Gaussians into contiguous scratch
-  once and runs the vectorised exponential loop over them for every point of
-  the tile (forward, and backward with each exponential computed once).
+* a Gaussian is listed for every tile whose box may meet its cut-off
+  ellipsoid: its axis-aligned box first, then a bound in the Gaussian's own
+  whitened coordinates (exact for a box shrunk to a point; tested in float
+  with outward rounding, see the C++ source); there are no Gaussian tiles, so
+  a Gaussian is never evaluated because a neighbour in its tile was needed;
+* the float32 forward is vectorised over a tile's 16 points and reads each
+  listed Gaussian's coefficients as one row (no gathers); float64 and the
+  backward gather a tile's listed Gaussians into contiguous scratch once and
+  run the vectorised exponential loop over them for every point of the tile
+  (backward with each exponential computed once).  Point rows are read and
+  written through the plan's order, so callers pass ``X`` unpermuted.
 
 The plan (one native pass: the kd split, then each group of 8 tiles and each
 tile tested against the Gaussians in vectorised loops; measured in
