@@ -15,6 +15,9 @@
 //   with r = 0 contributes exactly nothing to any sum or gradient (every term
 //   carries a factor r), so this is the dense computation, not an approximation.
 
+// The loops over the W lanes of a block: vectorised (GCC otherwise unrolls them into W scalar registers).
+#define LANES _Pragma("omp simd")
+
 template <typename T, int D>
 struct SparseEM {
     static constexpr int K = 1 + D + D * D, DD = D * D;
@@ -131,13 +134,13 @@ struct SparseEM {
         T fl[FT];
         for (int c = 0; c < FT; ++c) fl[c] = f[c];
         T any_c[W];
-        for (int l = 0; l < W; ++l) any_c[l] = 0;
+        LANES for (int l = 0; l < W; ++l) any_c[l] = 0;
         for (i64 b = 0; b < Qp_; b += W) {
             T q[W];
-            for (int l = 0; l < W; ++l) q[l] = fsp[FT * Qp_ + b + l];
+            LANES for (int l = 0; l < W; ++l) q[l] = fsp[FT * Qp_ + b + l];
             for (int c = 0; c < FT; ++c)
-                for (int l = 0; l < W; ++l) q[l] += fl[c] * fsp[c * Qp_ + b + l];
-            for (int l = 0; l < W; ++l) {
+                LANES for (int l = 0; l < W; ++l) q[l] += fl[c] * fsp[c * Qp_ + b + l];
+            LANES for (int l = 0; l < W; ++l) {
                 const T ld = ldp[b + l];
                 const T lv = T(-0.5) * ((q[l] + ld) + log2pi_d);
                 lgp[b + l] = vi * lv + lpp[b + l];
@@ -156,9 +159,9 @@ struct SparseEM {
         const T* __restrict cd = any_candidate > T(0) ? cdp : fvp;
         const T nowhere = T(Qp_);
         T low[W], low_at[W], nan_at[W];
-        for (int l = 0; l < W; ++l) { low[l] = inf; low_at[l] = T(l); nan_at[l] = nowhere; }
+        LANES for (int l = 0; l < W; ++l) { low[l] = inf; low_at[l] = T(l); nan_at[l] = nowhere; }
         for (i64 b = 0; b < Qp_; b += W)
-            for (int l = 0; l < W; ++l) {
+            LANES for (int l = 0; l < W; ++l) {
                 const T v = cd[b + l] > T(0) ? kdp[b + l] : inf;
                 const T at = T(b + l);
                 nan_at[l] = (v != v && nan_at[l] == nowhere) ? at : nan_at[l];
@@ -176,9 +179,9 @@ struct SparseEM {
         const bool use_kl = st.use_kl != 0;
         const T threshold = T(st.kl_threshold);
         T count_a[W], last_a[W];
-        for (int l = 0; l < W; ++l) { count_a[l] = 0; last_a[l] = 0; }
+        LANES for (int l = 0; l < W; ++l) { count_a[l] = 0; last_a[l] = 0; }
         for (i64 b = 0; b < Qp_; b += W)
-            for (int l = 0; l < W; ++l) {
+            LANES for (int l = 0; l < W; ++l) {
                 const i64 s = b + l;
                 const T gate = use_kl ? (kdp[s] < threshold ? T(1) : T(0)) : T(1);  // NaN: closed
                 const T a = (s == best ? T(1) : cd[s] * gate) * fvp[s];
@@ -201,9 +204,9 @@ struct SparseEM {
             return true;
         }
         T top_a[W], top_nan[W];
-        for (int l = 0; l < W; ++l) { top_a[l] = -inf; top_nan[l] = 0; }
+        LANES for (int l = 0; l < W; ++l) { top_a[l] = -inf; top_nan[l] = 0; }
         for (i64 b = 0; b < Qp_; b += W)
-            for (int l = 0; l < W; ++l) {
+            LANES for (int l = 0; l < W; ++l) {
                 const T v = alp[b + l] > T(0) ? lgp[b + l] : -inf;
                 top_nan[l] = v != v ? T(1) : top_nan[l];
                 top_a[l] = v > top_a[l] ? v : top_a[l];
@@ -215,9 +218,9 @@ struct SparseEM {
         }
         if (is_nan > T(0)) top = std::numeric_limits<T>::quiet_NaN();
         T zl[W];
-        for (int l = 0; l < W; ++l) zl[l] = 0;
+        LANES for (int l = 0; l < W; ++l) zl[l] = 0;
         for (i64 b = 0; b < Qp_; b += W)
-            for (int l = 0; l < W; ++l) {
+            LANES for (int l = 0; l < W; ++l) {
                 const T v = exp_nonpositive_flushed(lgp[b + l] - top);
                 const T e = alp[b + l] > T(0) ? v : T(0);
                 exp_[b + l] = e;
