@@ -26,8 +26,9 @@ tree's, in one process, repetitions interleaved, medians):
 
     python benchmarks/bench_reduction.py --baseline REV [--sizes 2560] [--repeats 9]
 
-prints per method the forward+backward time and the time inside the
-kernel's forward and backward calls for both, their ratios and the largest
+prints per method the forward time (no gradient), the forward+backward time,
+the time inside the kernel's forward and backward calls and the autograd
+memory (``saved_mb``) for both, their ratios and the largest
 differences of values and gradients.  The baseline's ``node_fit_cpu.py``,
 ``node_fit_kernel.cpp``, ``fast_exp.h`` (and ``mem_kernel.h`` where it has
 one) are taken with ``git show`` into a fresh private temporary folder and built like any kernel, through
@@ -261,19 +262,23 @@ def compare_with_baseline(revision: str, sizes: list[int], repeats: int) -> None
         print(f"node-fit kernel: {revision} (baseline) vs this tree, {torch.get_num_threads()} threads, "
               f"8x8 3D mixtures -> {N_OUT}, medians of {repeats} interleaved repetitions; "
               f"load average {os.getloadavg()[0]:.2f}")
-        print(f"{'method':<12}{'N_o':>7}{'':>12}{'fwd+bwd s':>11}{'kernel fwd s':>14}{'kernel bwd s':>14}"
-              f"{'max |d out|':>13}{'max |d grad|':>14}")
+        print(f"{'method':<12}{'N_o':>7}{'':>12}{'fwd s':>9}{'fwd+bwd s':>11}{'kernel fwd s':>14}{'kernel bwd s':>14}"
+              f"{'saved MiB':>11}{'max |d out|':>13}{'max |d grad|':>14}")
         for n in sizes:
             m = layer_output(n)
             for method, (name, params) in AB_METHODS.items():
                 reduction = plugins.create("reduction", name, **params)
-                samples = {side: {"fwd+bwd": [], "kernel forward": [], "kernel backward": []} for side in sides}
+                samples = {side: {"fwd": [], "fwd+bwd": [], "kernel forward": [], "kernel backward": []} for side in sides}
                 results = {}
                 for repeat in range(repeats + 1):  # the first round warms up
                     order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
                     for side in order:
                         module = sides[side]
                         treehem_module.native_kernel = mem_module.native_kernel = lambda _i, _m, module=module: module
+                        start = time.perf_counter()
+                        with torch.no_grad():
+                            reduction.reduce(m, N_OUT)
+                        forward = time.perf_counter() - start
                         times[side].clear()
                         x = m.clone().requires_grad_(True)
                         start = time.perf_counter()
@@ -281,20 +286,25 @@ def compare_with_baseline(revision: str, sizes: list[int], repeats: int) -> None
                         out.sum().backward()
                         elapsed = time.perf_counter() - start
                         if repeat:
+                            samples[side]["fwd"].append(forward)
                             samples[side]["fwd+bwd"].append(elapsed)
                             for kind in ("kernel forward", "kernel backward"):
                                 samples[side][kind].append(times[side].get(kind, float("nan")))
                         results[side] = (out.detach(), x.grad)
                 medians = {side: {k: statistics.median(v) for k, v in samples[side].items()} for side in sides}
+                for side, module in sides.items():
+                    treehem_module.native_kernel = mem_module.native_kernel = lambda _i, _m, module=module: module
+                    medians[side]["saved MiB"] = saved_mb(method, m)
                 d_out = float((results["baseline"][0] - results["this tree"][0]).abs().max())
                 d_grad = float((results["baseline"][1] - results["this tree"][1]).abs().max())
                 for side in sides:
                     row = medians[side]
-                    print(f"{method:<12}{n:>7}{side:>12}{row['fwd+bwd']:>11.4f}{row['kernel forward']:>14.4f}"
-                          f"{row['kernel backward']:>14.4f}")
+                    print(f"{method:<12}{n:>7}{side:>12}{row['fwd']:>9.4f}{row['fwd+bwd']:>11.4f}"
+                          f"{row['kernel forward']:>14.4f}{row['kernel backward']:>14.4f}{row['saved MiB']:>11.1f}")
                 ratio = {k: medians["this tree"][k] / medians["baseline"][k] for k in medians["baseline"]}
-                print(f"{'':<12}{'':>7}{'new/old':>12}{ratio['fwd+bwd']:>11.3f}{ratio['kernel forward']:>14.3f}"
-                      f"{ratio['kernel backward']:>14.3f}{d_out:>13.2e}{d_grad:>14.2e}")
+                print(f"{'':<12}{'':>7}{'new/old':>12}{ratio['fwd']:>9.3f}{ratio['fwd+bwd']:>11.3f}"
+                      f"{ratio['kernel forward']:>14.3f}{ratio['kernel backward']:>14.3f}{ratio['saved MiB']:>11.3f}"
+                      f"{d_out:>13.2e}{d_grad:>14.2e}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
