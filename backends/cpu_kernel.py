@@ -10,12 +10,14 @@ gradients with respect to ``X``, ``A`` and ``c``, without ever forming an
 ``M x N`` tensor.  Why it is faster than the GEMM form: the exponent, the
 exponential and the ``c``-weighted sum happen in registers (one pass over the
 ``M x N`` pairs instead of writing and re-reading a tile three times), the
-exponential is an inlined polynomial that GCC vectorises (AVX2/AVX-512 with
-``-march=native``), and the backward pass computes each exponential once for
-all three gradients.  Threads: ``torch.get_num_threads()`` plain threads.
+Gaussians are packed into blocks of one SIMD vector (``ekmv_pack``; AVX-512,
+AVX2 or SSE with ``-march=native``) so that each loaded coefficient vector
+serves several broadcast points, the exponential is an inlined polynomial,
+and the backward pass computes each exponential once for all three
+gradients.  Threads: ``torch.get_num_threads()`` plain threads.
 
 The source, ``cpu_kernel.cpp`` next to this module (package data), is compiled
-with the machine's C++ compiler on first use (about a second; no PyTorch
+with the machine's C++ compiler on first use (about 10 seconds; no PyTorch
 headers, loaded with :mod:`ctypes`) by :mod:`gmbench.backends.native`: into a
 private per-user folder (``~/.cache/gmbench-kernels-<uid>``, never the shared
 ``$GMBENCH_CACHE``), keyed by a hash of the source, the flags and the CPU's
