@@ -19,7 +19,7 @@ per tree level, each costing more in dispatch than in arithmetic.  The kernel
 ``torch.get_num_threads()`` threads.  When a gradient is needed, forward
 keeps each problem's E step: MEM and :func:`em_step` as the list of pairs
 with ``r != 0`` (the KL gate leaves about one per valid row;
-:func:`pair_state_bytes`, about 1 MiB for 8 x 8 mixtures 2560 -> 32 in
+:func:`pair_state_bytes`, 1.2 MiB for 8 x 8 mixtures 2560 -> 32 in
 float32), TreeHEM its node fits' responsibilities and log-likelihoods
 (``2 S Q + S`` values per node: 100 bytes per internal tree node, 12.5 MiB
 for 8 x 8 mixtures of 2560 at T = 2, beside its 26 MiB of node caches) and
