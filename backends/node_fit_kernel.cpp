@@ -1,4 +1,6 @@
 // Fused E and M steps of the reduction methods (TreeHEM's node fits, MEM), CPU.
+// MEM's E and M step and the whole MEM reduction, with sparse responsibilities,
+// are in mem_kernel.h (pasted in below); this file has TreeHEM's dense node fits.
 //
 // The same function as gmbench/reduction/em.py (em_step) and node_fit.py
 // (fit_nodes: single-linkage initial Gaussians, then em_step), one small
