@@ -422,29 +422,9 @@ struct SparseEM {
             const T* pm = &pmu[s * D];
             const T* fq = &fsq[s * FS];
             const T* gq = &gfs[s * FS];
-            T gP[DD], gpm[D];
+            T gP[DD];
             for (int c = 0; c < DD; ++c) gP[c] = gq[c];
-            const T gk = gq[DD + D];
-            for (int a = 0; a < D; ++a) gpm[a] = T(-2) * gq[DD + a] + gk * m[a];
-            for (int a = 0; a < D; ++a) {
-                T acc = gk * pm[a];
-                for (int b = 0; b < D; ++b) acc += fq[b * D + a] * gpm[b];
-                gg[1 + a] += acc;
-            }
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) gP[a * D + b] += gpm[a] * m[b];
-            // P = adj / detc, log det = log(detc), detc = clamp_min(det, tiny).
-            T gadj[DD];
-            T gdetc = glds[s] / detc[s];
-            for (int c = 0; c < DD; ++c) {
-                gadj[c] = gP[c] / detc[s];
-                gdetc -= gP[c] * (A[c] / detc[s]) / detc[s];  // as torch: no underflow of detc^2
-            }
-            const T gdet = det[s] >= tiny<T>() ? gdetc : T(0);
-            Inverse<T, D>::backward(g + 1 + D, gadj, gdet, gg + 1 + D);
-            // log prior = log(clamp_min(|w_s|, tiny)).
-            const T aw = std::fabs(g[0]);
-            if (aw >= tiny<T>()) gg[0] += sign(g[0]) * (glprior[s] / aw);
+            fitting_features_backward<T, D>(g, A, m, pm, fq, gP, gq + DD, gq[DD + D], detc[s], det[s], glds[s], glprior[s], gg);
         }
     }
 };

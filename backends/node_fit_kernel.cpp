@@ -141,6 +141,37 @@ T log_det_clamped(const T* C) {
     return std::log(clamp_tiny(Inverse<T, D>::adjugate(C, adj)));
 }
 
+// Chain rule from one fitting Gaussian's features back to its parameters g
+// (weight, mean, covariance; gradient added into gg): P = adj(C) / detc with
+// detc = clamp_min(det C, tiny), the feature P m (gradient gPm), the constant
+// m^T P m (gradient gk), log det = log(detc) (glds) and the log prior
+// log(clamp_min(|w|, tiny)) (glprior).  gP holds the gradient of P on entry
+// and is used as scratch.  Shared by EMStep and the fused MEM (mem_kernel.h).
+template <typename T, int D>
+static inline void fitting_features_backward(const T* g, const T* A, const T* m, const T* pm, const T* P, T* gP,
+                                             const T* gPm, T gk, T detc, T det, T glds, T glprior, T* gg) {
+    constexpr int DD = D * D;
+    T gpm[D];
+    for (int a = 0; a < D; ++a) gpm[a] = T(-2) * gPm[a] + gk * m[a];
+    for (int a = 0; a < D; ++a) {
+        T acc = gk * pm[a];
+        for (int b = 0; b < D; ++b) acc += P[b * D + a] * gpm[b];
+        gg[1 + a] += acc;
+    }
+    for (int a = 0; a < D; ++a)
+        for (int b = 0; b < D; ++b) gP[a * D + b] += gpm[a] * m[b];
+    T gadj[DD];
+    T gdetc = glds / detc;
+    for (int c = 0; c < DD; ++c) {
+        gadj[c] = gP[c] / detc;
+        gdetc -= gP[c] * (A[c] / detc) / detc;  // as torch: no underflow of detc^2
+    }
+    const T gdet = det >= tiny<T>() ? gdetc : T(0);
+    Inverse<T, D>::backward(g + 1 + D, gadj, gdet, gg + 1 + D);
+    const T aw = std::fabs(g[0]);
+    if (aw >= tiny<T>()) gg[0] += sign(g[0]) * (glprior / aw);
+}
+
 // One E step (Eq. 15, with the sign and KL gates) and one M step (Eq. 16) of
 // S target Gaussians onto Q fitting Gaussians: em.py's em_step.  QC > 0 fixes
 // Q at compile time (TreeHEM's node fits, Q = T or 2T): the loops over the
@@ -542,29 +573,11 @@ struct EMStep {
             const T* A = &adj[s * DD];
             const T* m = &ms[s * D];
             const T* pm = &pmu[s * D];
-            T P[DD], gP[DD], gpm[D];
+            T P[DD], gP[DD], gPm[D];
             for (int c = 0; c < DD; ++c) { P[c] = fs[c * Q + s]; gP[c] = gfs[c * Q + s]; }
-            const T gk = gfs[(DD + D) * Q + s];
-            for (int a = 0; a < D; ++a) gpm[a] = T(-2) * gfs[(DD + a) * Q + s] + gk * m[a];
-            for (int a = 0; a < D; ++a) {
-                T acc = gk * pm[a];
-                for (int b = 0; b < D; ++b) acc += P[b * D + a] * gpm[b];
-                gg[1 + a] += acc;
-            }
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) gP[a * D + b] += gpm[a] * m[b];
-            // P = adj / detc, log det = log(detc), detc = clamp_min(det, tiny).
-            T gadj[DD];
-            T gdetc = glds[s] / detc[s];
-            for (int c = 0; c < DD; ++c) {
-                gadj[c] = gP[c] / detc[s];
-                gdetc -= gP[c] * (A[c] / detc[s]) / detc[s];  // as torch: no underflow of detc^2
-            }
-            const T gdet = det[s] >= tiny<T>() ? gdetc : T(0);
-            Inverse<T, D>::backward(g + 1 + D, gadj, gdet, gg + 1 + D);
-            // log prior = log(clamp_min(|w_s|, tiny)).
-            const T aw = std::fabs(g[0]);
-            if (aw >= tiny<T>()) gg[0] += sign(g[0]) * (glprior[s] / aw);
+            for (int a = 0; a < D; ++a) gPm[a] = gfs[(DD + a) * Q + s];
+            fitting_features_backward<T, D>(g, A, m, pm, P, gP, gPm, gfs[(DD + D) * Q + s], detc[s], det[s], glds[s],
+                                            glprior[s], gg);
         }
     }
 };
