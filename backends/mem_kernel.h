@@ -281,15 +281,7 @@ struct SparseEM {
                 continue;
             }
             const T* u = &U[s * FT];
-            T mean[D], cov[DD];
-            for (int a = 0; a < D; ++a) mean[a] = u[DD + a] / ws[s];
-            for (int c = 0; c < DD; ++c) cov[c] = u[c] / ws[s];
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) cov[a * D + b] -= mean[a] * mean[b];
-            o[0] = ws[s];
-            for (int a = 0; a < D; ++a) o[1 + a] = mean[a] + centre[a];
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) o[1 + D + a * D + b] = T(0.5) * (cov[a * D + b] + cov[b * D + a]);
+            gaussian_from_moments<T, D>(ws[s], u + DD, u, centre, o);
         }
     }
 

@@ -141,6 +141,24 @@ T log_det_clamped(const T* C) {
     return std::log(clamp_tiny(Inverse<T, D>::adjugate(C, adj)));
 }
 
+// The fitted Gaussian from its M-step sums (Eq. 16): weight ws, mean sum sm [D] and
+// second-moment sum sc [DD] (both weighted, relative to the node's centre), written to
+// o [K] with the centre added back and the covariance symmetrised.  Shared by EMStep
+// and the fused MEM (mem_kernel.h).
+template <typename T, int D>
+static inline void gaussian_from_moments(T ws, const T* sm, const T* sc, const T* centre, T* o) {
+    constexpr int DD = D * D;
+    T mean[D], cov[DD];
+    for (int a = 0; a < D; ++a) mean[a] = sm[a] / ws;
+    for (int c = 0; c < DD; ++c) cov[c] = sc[c] / ws;
+    for (int a = 0; a < D; ++a)
+        for (int b = 0; b < D; ++b) cov[a * D + b] -= mean[a] * mean[b];
+    o[0] = ws;
+    for (int a = 0; a < D; ++a) o[1 + a] = mean[a] + centre[a];
+    for (int a = 0; a < D; ++a)
+        for (int b = 0; b < D; ++b) o[1 + D + a * D + b] = T(0.5) * (cov[a * D + b] + cov[b * D + a]);
+}
+
 // Chain rule from one fitting Gaussian's features back to its parameters g
 // (weight, mean, covariance; gradient added into gg): P = adj(C) / detc with
 // detc = clamp_min(det C, tiny), the feature P m (gradient gPm), the constant
@@ -419,15 +437,10 @@ struct EMStep {
                 for (int c = 1; c < K; ++c) o[c] = g[c];
                 continue;
             }
-            T mean[D], cov[DD];
-            for (int a = 0; a < D; ++a) mean[a] = U[(DD + a) * Q + s] / ws[s];
-            for (int c = 0; c < DD; ++c) cov[c] = U[c * Q + s] / ws[s];
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) cov[a * D + b] -= mean[a] * mean[b];
-            o[0] = ws[s];
-            for (int a = 0; a < D; ++a) o[1 + a] = mean[a] + centre[a];
-            for (int a = 0; a < D; ++a)
-                for (int b = 0; b < D; ++b) o[1 + D + a * D + b] = T(0.5) * (cov[a * D + b] + cov[b * D + a]);
+            T sm[D], sc[DD];  // this fitting Gaussian's sums (U is laid out [feature][Q])
+            for (int a = 0; a < D; ++a) sm[a] = U[(DD + a) * Q + s];
+            for (int c = 0; c < DD; ++c) sc[c] = U[c * Q + s];
+            gaussian_from_moments<T, D>(ws[s], sm, sc, centre, o);
         }
     }
 
