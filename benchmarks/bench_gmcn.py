@@ -28,7 +28,9 @@ Gaussian-point pairs the dense fits evaluate, once with the PyTorch node fits
 ("after"), in the same process, their steps interleaved so that both see the
 same machine load; the fastest of three steps after a warm-up is reported.  ``GMBENCH_BENCH_BATCH`` (default 21) and
 ``GMBENCH_BENCH_LAYOUTS`` (comma-separated names: paper, quickstart, mnist)
-choose the cases.
+choose the cases; ``GMBENCH_BENCH_CUTOFF`` (for example ``1e-5``) adds a third
+case, "cutoff": the native kernel with the backend's spatial cut-off at that
+tolerance (the pairs column then still counts the exact sum's pairs).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gmbench import backends, plugins
 from gmbench import mixture as gm
-from gmbench import plugins
 
 PAPER_LAYOUT = "1/128->8/64->16/32->32/16->64/8->10"
 RESULTS: dict[tuple[str, int], dict] = {}
@@ -128,7 +130,11 @@ LAYOUTS = {
 }
 STAGE_LAYOUTS = [n for n in os.environ.get("GMBENCH_BENCH_LAYOUTS", "quickstart,mnist,paper").split(",") if n]
 STAGE_BATCH = int(os.environ.get("GMBENCH_BENCH_BATCH", "21"))
-IMPLEMENTATIONS = {"before": "torch", "after": "native"}
+BENCH_CUTOFF = float(os.environ["GMBENCH_BENCH_CUTOFF"]) if os.environ.get("GMBENCH_BENCH_CUTOFF") else None
+# when -> (node-fit implementation, backend parameters)
+CASES = {"before": ("torch", {}), "after": ("native", {})}
+if BENCH_CUTOFF is not None:
+    CASES["cutoff"] = ("native", {"cutoff": BENCH_CUTOFF})
 STAGES = ["convolution", "dense fit", "reduction", "pooling", "head+rest", "backward", "optimizer"]
 STAGE_RESULTS: dict[tuple[str, str], dict] = {}
 
@@ -167,8 +173,8 @@ def instrumented_model(layout: str, dims: int, implementation: str, clock: Stage
     return model
 
 
-def training_step_case(layout_name: str, implementation: str, batch: int = STAGE_BATCH):
-    """A function that runs one training step and returns its time per stage."""
+def training_step_case(layout_name: str, implementation: str, backend_params: dict, batch: int = STAGE_BATCH):
+    """A function that runs one training step (on the torch backend with ``backend_params``) and returns its time per stage."""
     layout, dims = LAYOUTS[layout_name]
     clock = StageClock()
     model = instrumented_model(layout, dims, implementation, clock)
@@ -178,6 +184,10 @@ def training_step_case(layout_name: str, implementation: str, batch: int = STAGE
     model.train()
 
     def step() -> dict:
+        with backends.use("torch", **backend_params):
+            return timed_step()
+
+    def timed_step() -> dict:
         clock.seconds.clear()
         clock.pairs = 0
         measured = reset_peak_rss()
@@ -208,7 +218,7 @@ def training_step_stages(layout_name: str, batch: int = STAGE_BATCH, steps: int 
 
     One warm-up step each first (it builds the kernel and allocates).
     """
-    cases = {when: training_step_case(layout_name, implementation, batch) for when, implementation in IMPLEMENTATIONS.items()}
+    cases = {when: training_step_case(layout_name, implementation, params, batch) for when, (implementation, params) in CASES.items()}
     best: dict[str, dict] = {}
     for step in range(steps + 1):
         for when, run in cases.items():
@@ -228,12 +238,13 @@ def test_training_step_stages(benchmark, layout_name):
 
 def print_stage_table(results: dict[tuple[str, str], dict], batch: int = STAGE_BATCH) -> None:
     print(f"\nGMCN training step by stage (TreeHEM T=2, batch {batch}, {torch.get_num_threads()} threads, "
-          "wall s; before: PyTorch node fits, after: native kernel; same run)")
+          "wall s; before: PyTorch node fits, after: native kernel"
+          + (f", cutoff: native kernel and cut-off {BENCH_CUTOFF:g}" if BENCH_CUTOFF is not None else "") + "; same run)")
     print(f"{'layout':<12}{'when':<8}" + "".join(f"{s:>11}" for s in STAGES) + f"{'step':>9}{'G pairs':>9}"
           f"{'peak MiB':>10}{'speed-up':>10}")
     for (layout_name, when), info in results.items():
         before = results.get((layout_name, "before"))
-        speed_up = before["step_s"] / info["step_s"] if before and when == "after" else float("nan")
+        speed_up = before["step_s"] / info["step_s"] if before and when != "before" else float("nan")
         print(f"{layout_name:<12}{when:<8}" + "".join(f"{info[s]:>11.3f}" for s in STAGES)
               + f"{info['step_s']:>9.3f}{info['pairs_forward'] / 1e9:>9.3f}{info['peak_rss_mb']:>10.0f}{speed_up:>10.1f}")
 
