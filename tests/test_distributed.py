@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmbench.run.launcher import run_cell_on_ranks
+from gmbench.run.launcher import free_port, run_cell_on_ranks
 from gmbench.errors import GmbenchError
 from gmbench.run.cell import RunOptions, run_cell
 from gmbench.run.ranks import DistributedContext
@@ -31,6 +33,37 @@ cell:
   training: {epochs: 3, batch_size: 21}
 matrix:
   model_params.fail: [false, true]
+"""
+
+# What gmbench.run.ranks.destroy_process_group warns when the group outlives it (its
+# backend's threads then run into interpreter shutdown and can abort the rank there).
+STILL_REFERENCED = "still referenced after destroy_process_group"
+
+# In a fresh interpreter (nothing imported yet that could hide the bug): join a one-rank
+# gloo group, build DDP (it imports torch.distributed.nn lazily), train a step, reduce a
+# Python tensor, leave.  Prints the native thread counts before joining, before leaving
+# and after leaving, and whether destroy_process_group freed the group.
+LEAVE_THE_GROUP = """
+import os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from gmbench.run import ranks
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(1)
+os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+before = threads()
+ranks.init_process_group("cpu")
+model = nn.parallel.DistributedDataParallel(nn.Linear(3, 2))
+model(torch.randn(4, 3)).sum().backward()
+dist.all_reduce(torch.ones(2))
+del model
+joined = threads()
+released = ranks.destroy_process_group()
+print(before, joined, threads(), released)
 """
 
 
@@ -80,7 +113,20 @@ def test_ranks_other_than_zero_write_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_follow_single_process_training(cells, tmp_path):
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_leaving_the_group_frees_the_backend_and_its_threads(tmp_path):
+    # A group that outlives destroy_process_group keeps gloo's worker threads running into
+    # interpreter shutdown, where one that drops a tensor aborts the rank (exit code -6).
+    done = subprocess.run([sys.executable, "-c", LEAVE_THE_GROUP, str(free_port())],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    before, joined, after, released = done.stdout.split()
+    assert int(joined) > int(before)  # the backend had started its threads
+    assert (int(after), released) == (int(before), "True"), done.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_follow_single_process_training(cells, tmp_path, capfd):
     cell = cells[0]
     single = run_cell(cell.config, tmp_path / "single", RunOptions(plugins=("runner_plugins",)))
     seen = []
@@ -100,14 +146,19 @@ def test_two_gloo_ranks_follow_single_process_training(cells, tmp_path):
         torch.testing.assert_close(final[1][name], value, rtol=1e-4, atol=1e-6)
     # Rank 0 wrote the cell folder exactly as a single process does.
     assert {p.name for p in (tmp_path / "ddp").iterdir()} == {p.name for p in (tmp_path / "single").iterdir()}
+    assert STILL_REFERENCED not in capfd.readouterr().err  # the ranks' stderr
 
 
 @pytest.mark.slow
-def test_a_failing_cell_on_ranks_is_recorded_failed_without_hanging(cells, tmp_path):
+def test_a_failing_cell_on_ranks_is_recorded_failed_without_hanging(cells, tmp_path, capfd):
     metrics = run_cell_on_ranks(cells[1].config, tmp_path / "cell", RunOptions(plugins=("runner_plugins",), nproc_per_node=2), nproc=2)
     assert metrics["status"] == "failed"
     assert "this model fails on purpose" in metrics["error"]
     assert json.loads((tmp_path / "cell" / "metrics.json").read_text())["status"] == "failed"
+    # Rank 1 raised with the DDP wrapper on its traceback's frames; it left the group after
+    # letting go of the traceback, so the group was freed there too.
+    err = capfd.readouterr().err
+    assert "rank 1 failed" in err and STILL_REFERENCED not in err
 
 
 @pytest.mark.slow

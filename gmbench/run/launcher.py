@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -140,6 +141,17 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, cell_config:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
+    failed = _train_rank(rank, cell_config, cell_dir, options, errors)
+    # Not in a ``finally``: there the failure's traceback would still hold the frames that
+    # hold the DDP wrapper, which holds the group, and the group must be freed before exit
+    # (see gmbench.run.ranks).
+    destroy_process_group()
+    if failed:
+        sys.exit(1)
+
+
+def _train_rank(rank: int, cell_config: dict, cell_dir: str, options, errors) -> bool:
+    """Join the group and train; True when this rank failed (reported on ``errors`` and logged)."""
     try:
         _, device = init_process_group(options.device)
         options = dataclasses.replace(options, device=device, nproc_per_node=1, progress=options.progress and rank == 0)
@@ -147,12 +159,11 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, cell_config:
             run_cell(cell_config, cell_dir, options)
         else:
             _train_without_writing(cell_config, Path(cell_dir), options)
-    except BaseException as error:
+    except BaseException as error:  # noqa: BLE001 - reported to the launcher; the rank exits 1
         errors.put((rank, f"{type(error).__name__}: {error}".splitlines()[0]))
         log.error("rank %d failed:\n%s", rank, traceback.format_exc())
-        raise
-    finally:
-        destroy_process_group()
+        return True
+    return False
 
 
 def _train_without_writing(cell_config: dict, cell_dir: Path, options) -> None:

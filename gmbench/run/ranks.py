@@ -28,13 +28,25 @@ checkpoint when resuming, so the cell folder must be visible to all of them
 (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so it
 also works in a script started by ``torchrun``; :mod:`gmbench.run.launcher` sets
 them for the ranks it starts.
+
+Leaving the group (:func:`destroy_process_group`) must free the backend before the
+interpreter shuts down: gloo's worker threads hold each collective's tensors a moment
+after it completes, and a worker that drops the last reference to a Python tensor needs
+the GIL.  During interpreter finalization CPython ends such a thread with
+``pthread_exit``, whose unwinding through a ``noexcept`` destructor calls
+``std::terminate``: the rank aborts ("terminate called without an active exception",
+exit code -6) after it trained correctly.  Freed while the interpreter is alive, the
+backend joins its threads and nothing runs during finalization.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -42,6 +54,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gmbench.errors import GmbenchError
+
+log = logging.getLogger("gmbench.run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +159,39 @@ def init_process_group(device: str = "cpu", timeout_s: float = 1800.0) -> tuple[
         backend, rank_device = "nccl", f"cuda:{local_rank}"
     else:
         backend, rank_device = "gloo", "cpu"
+    # torch.distributed.nn's functions default to ``group=group.WORLD``, evaluated when the
+    # module is first imported; DistributedDataParallel imports it lazily.  Imported after
+    # init_process_group, those defaults would hold the default group until the interpreter
+    # shuts down, so destroy_process_group could not free it (see the module docstring).
+    # Imported before, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     _current = DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank)
     return _current, rank_device
 
 
-def destroy_process_group() -> None:
+def destroy_process_group() -> bool:
+    """Leave the process group and free its backend now (its threads joined); idempotent.
+
+    Call it once nothing references the group any more: a DDP wrapper (also one kept alive
+    by a traceback's frames) holds it.  False, with a warning, when something still does:
+    then the backend's threads outlive this call and can abort the process as it exits.
+    """
     global _current
-    if dist.is_initialized():
-        dist.destroy_process_group()
     _current = SINGLE_PROCESS
+    if not dist.is_initialized():
+        return True
+    group = dist.group.WORLD
+    dist.destroy_process_group()
+    # Two references: ``group`` and getrefcount's argument.  More: someone else holds it.
+    if sys.getrefcount(group) > 2:
+        gc.collect()  # a DDP wrapper in a reference cycle
+    if sys.getrefcount(group) > 2:
+        log.warning(
+            "the process group is still referenced after destroy_process_group; its backend's "
+            "threads run until the interpreter exits and can abort this process there"
+        )
+        return False
+    del group  # the last reference: the backend finishes its queued work and joins its threads
+    return True
