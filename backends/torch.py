@@ -63,6 +63,57 @@ def gaussian_coefficients(m: Tensor, centre: Tensor, weight_sets: Tensor | None 
     return coefficients, gm.weights(m) * peak
 
 
+def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(X, A, c)`` of :func:`gaussian_coefficients` and ``quadratic_features(positions - centre)``
+    for mixtures evaluated at their own centres, ``m [G, N, K]``, ``centre [G, 1, D]``.
+
+    The same formulas written per scalar column (D = 2, 3): the mixture is unbound once
+    and every feature is one elementwise op on ``[G, N]``, so autograd holds about 40
+    small nodes instead of the slices, index/index-put pairs, tiny batched matmuls and
+    full-size zero-filled slice gradients of the generic path (most of the dense fit's
+    time outside the kernel on the quickstart layout).  Forward values equal the generic
+    path's except ``P b``, which the generic path forms with ``bmm`` (possibly fused
+    multiply-adds): the two agree to rounding (``tests/test_backend_torch.py``).
+    """
+    d = gm.n_dims(m)
+    columns = m.unbind(-1)
+    x = [p - o for p, o in zip(columns[1 : 1 + d], centre.unbind(-1))]
+    cov = columns[1 + d :]
+    if d == 2:
+        a, b, cc = cov[0], cov[1], cov[3]
+        det = (a * cc - b * b).clamp_min(torch.finfo(m.dtype).tiny)
+        p00, p01, p11 = cc / det, -b / det, a / det
+        pmu = [p00 * x[0] + p01 * x[1], p01 * x[0] + p11 * x[1]]
+        # quadratic_coefficients' factors: -1/2 overall, 2 off the diagonal, -2 on P b (exact powers of 2).
+        upper = [p00 * -0.5, -p01, p11 * -0.5]
+        squares = [x[0] * x[0], x[0] * x[1], x[1] * x[1]]
+    else:
+        a, b, cc, e, f, i = cov[0], cov[1], cov[2], cov[4], cov[5], cov[8]
+        A0 = e * i - f * f
+        B0 = cc * f - b * i
+        C0 = b * f - cc * e
+        E0 = a * i - cc * cc
+        F0 = b * cc - a * f
+        I0 = a * e - b * b
+        det = (a * A0 + b * B0 + cc * C0).clamp_min(torch.finfo(m.dtype).tiny)
+        p00, p01, p02, p11, p12, p22 = A0 / det, B0 / det, C0 / det, E0 / det, F0 / det, I0 / det
+        pmu = [
+            p00 * x[0] + p01 * x[1] + p02 * x[2],
+            p01 * x[0] + p11 * x[1] + p12 * x[2],
+            p02 * x[0] + p12 * x[1] + p22 * x[2],
+        ]
+        upper = [p00 * -0.5, -p01, -p02, p11 * -0.5, -p12, p22 * -0.5]
+        squares = [x[0] * x[0], x[0] * x[1], x[0] * x[2], x[1] * x[1], x[1] * x[2], x[2] * x[2]]
+    constant = x[0] * pmu[0]
+    for k in range(1, d):
+        constant = constant + x[k] * pmu[k]
+    A = torch.stack([*upper, *pmu, constant * -0.5], -1)
+    X = torch.stack([*squares, *x, torch.ones_like(x[0])], -1)
+    peak = torch.exp(gm.log_normaliser(torch.log(det), d))
+    c = columns[0] * peak if weight_sets is None else weight_sets * peak.unsqueeze(-1)
+    return X, A, c
+
+
 class ExpKernelMatVec(torch.autograd.Function):
     """``f[b, i] = sum_j c[b, j] * exp(min(X[b, i] . A[b, j], 0))``, tiled over ``j``.
 
@@ -219,8 +270,11 @@ class TorchBackend:
         # Centring on the (detached) mean position: exact shift, removes the
         # cancellation of x^T P x - 2 x^T P b + b^T P b far from the origin.
         centre = gm.positions(m_flat).mean(-2, keepdim=True).detach()
-        A, c = gaussian_coefficients(m_flat, centre, sets_flat)
-        X = gm.quadratic_features(p_flat - centre)
+        if same_set:
+            X, A, c = centroid_terms(m_flat, centre, sets_flat)
+        else:
+            A, c = gaussian_coefficients(m_flat, centre, sets_flat)
+            X = gm.quadratic_features(p_flat - centre)
         if self.cutoff is None:
             out = self._matvec_sets(X, A, c, None)
         elif self._use_cpu_kernel(X) and cutoff_native.load() is not None:

@@ -311,7 +311,9 @@ def train(
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # foreach: the multi-tensor update (torch picks it by default on CUDA only); on CPU the
+    # same bits as the per-parameter loop in fewer ops (measured); fused=True would round differently.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     scheduler = _scheduler(optimizer, config)
     history: list[dict] = []
 

@@ -388,3 +388,27 @@ def test_weight_sets_fall_back_to_one_evaluation_per_set_on_backends_without_the
     monkeypatch.setattr(backends, "active", lambda: Minimal())
     torch.testing.assert_close(gm.evaluate_weight_sets_at_centroids(m, sets), expected, rtol=1e-12, atol=1e-12)
     assert Minimal.calls == 3
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_centroid_terms_equal_the_generic_coefficients_and_features(dims):
+    """The per-column fast path of evaluations at the centres (``centroid_terms``) against
+    ``gaussian_coefficients`` + ``quadratic_features``: same values (``P b`` may round
+    differently, the generic path forms it with ``bmm``) and the same gradients."""
+    from gmbench.backends.torch import centroid_terms, gaussian_coefficients
+
+    w, p, f = mixture_parameters(3, 1, 17, dims, seed=4)
+    m = build(w, p + 2.0, f).reshape(3, 17, -1)  # off the origin, so the centre matters
+    sets = torch.randn(3, 17, 2, dtype=torch.float64, requires_grad=True)
+    centre = gm.positions(m).mean(-2, keepdim=True).detach()
+    A_ref, c_ref = gaussian_coefficients(m, centre, sets)
+    X_ref = gm.quadratic_features(gm.positions(m) - centre)
+    X, A, c = centroid_terms(m, centre, sets)
+    assert torch.equal(X, X_ref) and torch.equal(c, c_ref)
+    torch.testing.assert_close(A, A_ref, rtol=1e-14, atol=0)
+    probes = [torch.randn_like(t) for t in (X, A, c)]
+    leaves = (w, p, f, sets)
+    grads = torch.autograd.grad(sum((t * r).sum() for t, r in zip((X, A, c), probes)), leaves, retain_graph=True)
+    grads_ref = torch.autograd.grad(sum((t * r).sum() for t, r in zip((X_ref, A_ref, c_ref), probes)), leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)

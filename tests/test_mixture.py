@@ -53,6 +53,18 @@ def test_with_weights_keeps_positions_and_covariances():
     assert torch.equal(m2[..., 1:], m[..., 1:])
 
 
+def test_with_weights_does_not_touch_its_input_and_passes_gradients_to_both():
+    m = random_mixture(1, 2, 5, 2).requires_grad_(True)
+    before = m.detach().clone()
+    new = torch.randn(1, 2, 5, dtype=m.dtype, requires_grad=True)
+    out = gm.with_weights(m, new)
+    assert torch.equal(m.detach(), before) and out.data_ptr() != m.data_ptr()
+    probe = torch.randn_like(out)
+    grad_m, grad_new = torch.autograd.grad((out * probe).sum(), (m, new))
+    assert torch.equal(grad_new, probe[..., 0])
+    assert torch.equal(grad_m[..., 1:], probe[..., 1:]) and torch.equal(grad_m[..., 0], torch.zeros_like(new))
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="7 \\(2D\\) or 13 \\(3D\\)"):
         gm.n_dims(torch.zeros(1, 1, 1, 8))

@@ -43,7 +43,11 @@ VARIANTS = ("paper", "smoothed")
 
 def coarse_weights(m: Tensor, eps: float = 1e-4, variant: str = "paper", offset: float = 0.1) -> Tensor:
     """``[..., N]`` coarse weights a' (Eq. 6; ``smoothed``: ``relu(a) + offset``)."""
-    a = gm.weights(m)
+    return coarse_from_weights(gm.weights(m), eps, variant, offset)
+
+
+def coarse_from_weights(a: Tensor, eps: float = 1e-4, variant: str = "paper", offset: float = 0.1) -> Tensor:
+    """:func:`coarse_weights` from the weights ``a [..., N]`` themselves."""
     if variant == "paper":
         return a.where(a > 0, a.new_tensor(eps))
     if variant == "smoothed":
@@ -66,9 +70,11 @@ def fit_relu_dense(
     centres; the constant keeps the ratio well conditioned where both are
     close to zero (the authors' published pipeline).
     """
-    a1 = coarse_weights(m, eps, variant, offset)
+    # One weight slice for both uses: each slice of m costs a full-size zero-filled gradient in backward.
+    a = gm.weights(m)
+    a1 = coarse_from_weights(a, eps, variant, offset)
     # Input and coarse mixture share every Gaussian: one O(N^2) pass for both.
-    both = gm.evaluate_weight_sets_at_centroids(m, torch.stack([gm.weights(m), a1], -1))
+    both = gm.evaluate_weight_sets_at_centroids(m, torch.stack([a, a1], -1))
     target, current = both[..., 0].clamp_min(0), both[..., 1]
     if variant == "smoothed":
         return gm.with_weights(m, a1 * (target + smoothing) / (current + smoothing))
