@@ -30,6 +30,9 @@
 #if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(GMBENCH_PORTABLE_EXP)
 #include <immintrin.h>
 #define GMBENCH_AVX512_EXP 1
+#elif GMBENCH_VECTOR_BYTES == 32 && defined(__FMA__)
+#include <immintrin.h>
+#define GMBENCH_AVX2_FMA 1
 #endif
 
 typedef int64_t i64;
@@ -55,7 +58,10 @@ template <typename T> static inline void storev(T* p, vec<T> v) { std::memcpy(p,
 template <typename T> static inline vec<T> splat(T s) { return vec<T>{} + s; }
 // a * b + c as one fused operation that -ffast-math may not re-associate: GCC
 // otherwise splits the exponent's dot product into parallel chains joined by
-// extra adds (13 operations instead of 10 for 3D features).
+// extra adds (13 operations instead of 10 for 3D features).  The same happens
+// with AVX2 and FMA (the backward's pass-1 loop had 16 multiplies and 10 adds
+// where 10 and 2 belong, and the ill-conditioned float32 test failed there):
+// see fmadd_ordered.
 static inline vec<float> fmadd(vec<float> a, vec<float> b, vec<float> c) {
 #ifdef GMBENCH_AVX512_EXP
     return (vec<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
@@ -70,6 +76,18 @@ static inline vec<double> fmadd(vec<double> a, vec<double> b, vec<double> c) {
     return a * b + c;
 #endif
 }
+// fmadd, also fused under AVX2 and FMA: for the exponent's dot product only
+// (the order of its sum is what the float32 error depends on; the intrinsic
+// everywhere, polynomial and gradient sums too, made the 3D backward 22%
+// slower on an AVX2 machine).
+template <typename V> static inline V fmadd_ordered(V a, V b, V c) {
+#ifdef GMBENCH_AVX2_FMA
+    if constexpr (sizeof(a[0]) == 4) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+    else return (V)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+    return fmadd(a, b, c);
+#endif
+}
 // x . a for one point (scalar features, broadcast) and one block of Gaussians,
 // summed in feature order as the GEMM form does (adding the constant term
 // first, one multiply fewer, doubled the float32 error on ill-conditioned
@@ -77,7 +95,7 @@ static inline vec<double> fmadd(vec<double> a, vec<double> b, vec<double> c) {
 template <typename T, int F>
 static inline vec<T> exponent(const vec<T> (&a)[F], const T* __restrict x) {
     vec<T> y = a[0] * x[0];
-    for (int f = 1; f < F; ++f) y = fmadd(a[f], splat(x[f]), y);
+    for (int f = 1; f < F; ++f) y = fmadd_ordered(a[f], splat(x[f]), y);
     return y;
 }
 template <typename T> static inline T hsum(vec<T> v) {  // fixed lane order: reproducible

@@ -1,7 +1,7 @@
 r"""``evaluate_at_centroids``: the torch backend against a naive dense reference, with speed and memory targets.
 
 Run:  python -m pytest benchmarks/bench_evaluate.py -q
-      python benchmarks/bench_evaluate.py --baseline REV [--threads 1,2] [--dims 3,2] [--repeats 5]
+      python benchmarks/bench_evaluate.py --baseline REV [--threads 1,2] [--dims 3,2] [--repeats 5] [--n 2560]
 
 Cases: 3D, a batch of 8 mixtures (``[8, 1, N, 13]``), N in {640, 2560}, forward
 (no autograd) and forward+backward (gradients w.r.t. weights, positions and
@@ -30,7 +30,7 @@ N = 2560 at least 4x the naive throughput and at least 10x lower peak memory
 Before/after mode (``--baseline REV``): the C++ kernel of git revision REV
 (its ``cpu_kernel.py``, ``cpu_kernel.cpp`` and ``fast_exp.h``, built into a
 temporary folder) against this tree's, in one process, on 8 x 8 mixtures of
-N = 2560 through the torch backend's ``evaluate_at_centroids``: forward (no
+N = 2560 (``--n``) through the torch backend's ``evaluate_at_centroids``: forward (no
 autograd) and forward+backward, the two kernels' repetitions interleaved,
 for each thread count and dimension; prints the fastest wall and process CPU
 times, G pairs/s, forward+backward over forward, new over old, the largest
@@ -218,11 +218,11 @@ def _timed(call) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare_with_baseline(revision: str, threads: list[int], dims: list[int], repeats: int) -> None:
+def compare_with_baseline(revision: str, threads: list[int], dims: list[int], repeats: int, n: int = 2560) -> None:
     import gmbench.backends.torch as torch_backend
     from gmbench.backends import cpu_kernel
 
-    batch, channels, n = 8, 8, 2560
+    batch, channels = 8, 8
     pairs = batch * channels * n * n
     with tempfile.TemporaryDirectory(prefix="gmbench-baseline-") as folder:
         sides = {"baseline": load_baseline(revision, Path(folder)), "this tree": cpu_kernel}
@@ -278,6 +278,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--dims", default="3,2", help="comma-separated dimensions (default 3,2)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n", type=int, default=2560, help="Gaussians per mixture (default 2560)")
     arguments = parser.parse_args()
     compare_with_baseline(arguments.baseline, [int(v) for v in arguments.threads.split(",")],
-                          [int(v) for v in arguments.dims.split(",")], arguments.repeats)
+                          [int(v) for v in arguments.dims.split(",")], arguments.repeats, arguments.n)
