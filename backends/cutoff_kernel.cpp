@@ -34,6 +34,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define CUTOFF_COMPRESS_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define CUTOFF_COMPRESS_AVX2 1
 #endif
 
 typedef int64_t i64;
@@ -156,6 +159,31 @@ static i64 compress(const V* __restrict src, const uint8_t* __restrict keep, i64
         const __m512i values = _mm512_maskz_loadu_epi32(valid, src + k);
         _mm512_storeu_si512(dst + count, _mm512_maskz_compress_epi32(take, values));
         count += __builtin_popcount((unsigned)take);
+    }
+#elif defined(CUTOFF_COMPRESS_AVX2)
+    // 8 at a time: a permutation from a table of the 256 keep patterns (vpermd), one vector store.
+    struct Table {
+        alignas(32) int32_t perm[256][8];
+        Table() {
+            for (int m = 0; m < 256; ++m) {
+                int c = 0;
+                for (int b = 0; b < 8; ++b) if (m >> b & 1) perm[m][c++] = b;
+                for (; c < 8; ++c) perm[m][c] = 0;
+            }
+        }
+    };
+    static const Table table;
+    for (i64 k = 0; k < n; k += 8) {
+        const i64 left = n - k < 8 ? n - k : 8;
+        uint64_t flags = 0;  // keep has no slack: copy only its entries
+        std::memcpy(&flags, keep + k, (size_t)left);
+        const __m128i bytes = _mm_cvtsi64_si128((long long)flags);
+        const unsigned take = ~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_setzero_si128())) & 0xFFu;
+        // src has COMPRESS_SLACK entries beyond n (Influences::resize, the lists' ids): a whole load is in bounds.
+        const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.perm[take]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + count), _mm256_permutevar8x32_epi32(values, perm));
+        count += __builtin_popcount(take);
     }
 #else
     for (i64 k = 0; k < n; ++k) { dst[count] = src[k]; count += keep[k]; }
