@@ -34,6 +34,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define CUTOFF_COMPRESS_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define CUTOFF_COMPRESS_AVX2 1
 #endif
 
 typedef int64_t i64;
@@ -156,6 +159,31 @@ static i64 compress(const V* __restrict src, const uint8_t* __restrict keep, i64
         const __m512i values = _mm512_maskz_loadu_epi32(valid, src + k);
         _mm512_storeu_si512(dst + count, _mm512_maskz_compress_epi32(take, values));
         count += __builtin_popcount((unsigned)take);
+    }
+#elif defined(CUTOFF_COMPRESS_AVX2)
+    // 8 at a time: a permutation from a table of the 256 keep patterns (vpermd), one vector store.
+    struct Table {
+        alignas(32) int32_t perm[256][8];
+        Table() {
+            for (int m = 0; m < 256; ++m) {
+                int c = 0;
+                for (int b = 0; b < 8; ++b) if (m >> b & 1) perm[m][c++] = b;
+                for (; c < 8; ++c) perm[m][c] = 0;
+            }
+        }
+    };
+    static const Table table;
+    for (i64 k = 0; k < n; k += 8) {
+        const i64 left = n - k < 8 ? n - k : 8;
+        uint64_t flags = 0;  // keep has no slack: copy only its entries
+        std::memcpy(&flags, keep + k, (size_t)left);
+        const __m128i bytes = _mm_cvtsi64_si128((long long)flags);
+        const unsigned take = ~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, _mm_setzero_si128())) & 0xFFu;
+        // src has COMPRESS_SLACK entries beyond n (Influences::resize, the lists' ids): a whole load is in bounds.
+        const __m256i values = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+        const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.perm[take]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + count), _mm256_permutevar8x32_epi32(values, perm));
+        count += __builtin_popcount(take);
     }
 #else
     for (i64 k = 0; k < n; ++k) { dst[count] = src[k]; count += keep[k]; }
@@ -467,8 +495,9 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
 }
 
 // Float forward vectorised over the points of a tile instead of over its
-// Gaussians: the TILE (16) points are one vector (GCC vector extensions; the
-// loop-vectoriser left a 16-iteration loop scalar), each listed Gaussian's
+// Gaussians: the TILE (16) points are one vector with AVX-512, two without
+// (GCC vector extensions; the loop-vectoriser left a 16-iteration loop
+// scalar), each listed Gaussian's
 // coefficients are one row of Rows [G, N, ROW] (F exponent coefficients, then
 // the W peaks, zero-padded) read by address and broadcast.  Nothing is
 // gathered and nothing is reduced horizontally: about 2.5x faster than the
@@ -477,8 +506,19 @@ static void forward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, T* 
 // over its tile's list in order.
 static const int TILE = 16;
 static const int ROW = 16;
-typedef float lanes_f __attribute__((vector_size(TILE * sizeof(float))));
-typedef int32_t lanes_i __attribute__((vector_size(TILE * sizeof(int32_t))));
+// Lanes per vector: the whole tile with AVX-512 (32 registers of 16 floats).
+// With AVX2 only (16 registers of 8) a 16-lane vector takes two registers, and
+// the F = 10 point features alone would take 20: the loop spilled and ran 2x
+// slower relative to the exact kernel (znver3, 2026-12-02), so each tile is
+// swept in halves of 8 points (every listed row read twice, from L1).
+#ifdef __AVX512F__
+static const int LANES = 16;
+#else
+static const int LANES = 8;
+#endif
+static_assert(TILE % LANES == 0, "a tile is whole vectors");
+typedef float lanes_f __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t lanes_i __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 // exp_nonpositive (fast_exp.h) on a vector: the same reduction and polynomial;
 // n is rounded by truncating x log2(e) - 1/2 (x <= 0), ties downwards.
@@ -508,29 +548,32 @@ static void forward_rows(i64 G, i64 M, i64 N, const float* X, const float* Rows,
         for (i64 item = next++; item < G * tiles; item = next++) {
             const i64 g = item / tiles, pt = item % tiles;
             const i64 i0 = pt * TILE, np = std::min((i64)TILE, M - i0);
-            i64 rows[TILE];
-            lanes_f x[F];  // padding lanes: features 0 (exponential 1), dropped
-            for (int f = 0; f < F; ++f) x[f] = lanes_f{};
-            for (int p = 0; p < np; ++p) {
-                rows[p] = row_of(order, g, M, i0 + p);
-                for (int f = 0; f < F; ++f) x[f][p] = X[(g * M + rows[p]) * F + f];
-            }
-            lanes_f acc0 = {}, acc1 = {};
             const i32* idx = index + offsets[item];
             const i64 L = offsets[item + 1] - offsets[item];
             const float* base = Rows + g * N * ROW;
-            for (i64 k = 0; k < L; ++k) {
-                const float* __restrict r = base + (i64)idx[k] * ROW;
-                lanes_f q = x[0] * r[0];
-                for (int f = 1; f < F; ++f) q += x[f] * r[f];
-                q = q > 0.0f ? lanes_f{} : q;  // NaN stays NaN
-                const lanes_f e = exp_nonpositive(q);
-                acc0 += r[F] * e;
-                if (W == 2) acc1 += r[F + 1] * e;
-            }
-            for (int p = 0; p < np; ++p) {
-                out[(g * M + rows[p]) * W] = acc0[p];
-                if (W == 2) out[(g * M + rows[p]) * W + 1] = acc1[p];
+            for (i64 h = 0; h < np; h += LANES) {
+                const int nh = (int)std::min((i64)LANES, np - h);
+                i64 rows[LANES];
+                lanes_f x[F];  // padding lanes: features 0 (exponential 1), dropped
+                for (int f = 0; f < F; ++f) x[f] = lanes_f{};
+                for (int p = 0; p < nh; ++p) {
+                    rows[p] = row_of(order, g, M, i0 + h + p);
+                    for (int f = 0; f < F; ++f) x[f][p] = X[(g * M + rows[p]) * F + f];
+                }
+                lanes_f acc0 = {}, acc1 = {};
+                for (i64 k = 0; k < L; ++k) {
+                    const float* __restrict r = base + (i64)idx[k] * ROW;
+                    lanes_f q = x[0] * r[0];
+                    for (int f = 1; f < F; ++f) q += x[f] * r[f];
+                    q = q > 0.0f ? lanes_f{} : q;  // NaN stays NaN
+                    const lanes_f e = exp_nonpositive(q);
+                    acc0 += r[F] * e;
+                    if (W == 2) acc1 += r[F + 1] * e;
+                }
+                for (int p = 0; p < nh; ++p) {
+                    out[(g * M + rows[p]) * W] = acc0[p];
+                    if (W == 2) out[(g * M + rows[p]) * W + 1] = acc1[p];
+                }
             }
         }
     });
