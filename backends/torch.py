@@ -89,12 +89,7 @@ def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None)
         squares = [x[0] * x[0], x[0] * x[1], x[1] * x[1]]
     else:
         a, b, cc, e, f, i = cov[0], cov[1], cov[2], cov[4], cov[5], cov[8]
-        A0 = e * i - f * f
-        B0 = cc * f - b * i
-        C0 = b * f - cc * e
-        E0 = a * i - cc * cc
-        F0 = b * cc - a * f
-        I0 = a * e - b * b
+        A0, B0, C0, E0, F0, I0 = gm.symmetric_cofactors_3d(a, b, cc, e, f, i)
         det = (a * A0 + b * B0 + cc * C0).clamp_min(torch.finfo(m.dtype).tiny)
         p00, p01, p02, p11, p12, p22 = A0 / det, B0 / det, C0 / det, E0 / det, F0 / det, I0 / det
         pmu = [

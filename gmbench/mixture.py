@@ -86,6 +86,13 @@ def covariance_from_factor(factor: Tensor, eps: float = 1e-4) -> Tensor:
     return factor.transpose(-1, -2) @ factor + eps * eye
 
 
+def symmetric_cofactors_3d(a: Tensor, b: Tensor, c: Tensor, e: Tensor, f: Tensor, i: Tensor) -> tuple[Tensor, ...]:
+    """The six distinct cofactors ``(A, B, C, E, F, I)`` of the symmetric matrix
+    ``[[a, b, c], [b, e, f], [c, f, i]]``: its adjugate is ``[[A, B, C], [B, E, F], [C, F, I]]``
+    and its determinant ``a A + b B + c C``."""
+    return e * i - f * f, c * f - b * i, b * f - c * e, a * i - c * c, b * c - a * f, a * e - b * b
+
+
 def symmetric_inverse_and_logdet(cov: Tensor) -> tuple[Tensor, Tensor]:
     """Inverse and log-determinant of ``[..., D, D]`` SPD matrices (D = 2, 3).
 
@@ -101,12 +108,7 @@ def symmetric_inverse_and_logdet(cov: Tensor) -> tuple[Tensor, Tensor]:
     elif d == 3:
         a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 0, 2]
         e, f, i = cov[..., 1, 1], cov[..., 1, 2], cov[..., 2, 2]
-        A = e * i - f * f
-        B = c * f - b * i
-        Cc = b * f - c * e
-        E = a * i - c * c
-        F = b * c - a * f
-        I = a * e - b * b
+        A, B, Cc, E, F, I = symmetric_cofactors_3d(a, b, c, e, f, i)
         det = a * A + b * B + c * Cc
         adj = torch.stack(
             [torch.stack([A, B, Cc], -1), torch.stack([B, E, F], -1), torch.stack([Cc, F, I], -1)], -2
