@@ -76,11 +76,10 @@ def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None)
     multiply-adds): the two agree to rounding (``tests/test_backend_torch.py``).
     """
     d = gm.n_dims(m)
-    columns = m.unbind(-1)
-    x = [p - o for p, o in zip(columns[1 : 1 + d], centre.unbind(-1))]
-    cov = columns[1 + d :]
+    weight, position, cov = gm.scalar_columns(m)
+    x = [p - o for p, o in zip(position, centre.unbind(-1))]
     if d == 2:
-        a, b, cc = cov[0], cov[1], cov[3]
+        a, b, cc = cov[0][0], cov[0][1], cov[1][1]
         det = (a * cc - b * b).clamp_min(torch.finfo(m.dtype).tiny)
         p00, p01, p11 = cc / det, -b / det, a / det
         pmu = [p00 * x[0] + p01 * x[1], p01 * x[0] + p11 * x[1]]
@@ -88,7 +87,7 @@ def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None)
         upper = [p00 * -0.5, -p01, p11 * -0.5]
         squares = [x[0] * x[0], x[0] * x[1], x[1] * x[1]]
     else:
-        a, b, cc, e, f, i = cov[0], cov[1], cov[2], cov[4], cov[5], cov[8]
+        (a, b, cc), (_, e, f), (_, _, i) = cov
         A0, B0, C0, E0, F0, I0 = gm.symmetric_cofactors_3d(a, b, cc, e, f, i)
         det = (a * A0 + b * B0 + cc * C0).clamp_min(torch.finfo(m.dtype).tiny)
         p00, p01, p02, p11, p12, p22 = A0 / det, B0 / det, C0 / det, E0 / det, F0 / det, I0 / det
@@ -105,7 +104,7 @@ def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None)
     A = torch.stack([*upper, *pmu, constant * -0.5], -1)
     X = torch.stack([*squares, *x, torch.ones_like(x[0])], -1)
     peak = torch.exp(gm.log_normaliser(torch.log(det), d))
-    c = columns[0] * peak if weight_sets is None else weight_sets * peak.unsqueeze(-1)
+    c = weight * peak if weight_sets is None else weight_sets * peak.unsqueeze(-1)
     return X, A, c
 
 

@@ -61,6 +61,19 @@ def covariances(m: Tensor) -> Tensor:
     return m[..., 1 + d :].unflatten(-1, (d, d))
 
 
+def scalar_columns(m: Tensor) -> tuple[Tensor, list[Tensor], list[list[Tensor]]]:
+    """``m``'s columns as separate ``[...]`` tensors, from one ``unbind``: the weight, the D
+    position coordinates and the covariance as a D x D nested list (``[row][column]``).
+
+    For formulas written per scalar (closed-form 2D / 3D algebra): one autograd node for
+    the split instead of a slice, and its full-size gradient, per use.
+    """
+    d = n_dims(m)
+    columns = m.unbind(-1)
+    covariance = columns[1 + d :]
+    return columns[0], list(columns[1 : 1 + d]), [list(covariance[r * d : (r + 1) * d]) for r in range(d)]
+
+
 def pack(weights: Tensor, positions: Tensor, covariances: Tensor) -> Tensor:
     """Build a mixture tensor from ``[..., N]``, ``[..., N, D]`` and ``[..., N, D, D]``."""
     d = positions.shape[-1]

@@ -53,6 +53,15 @@ def test_with_weights_keeps_positions_and_covariances():
     assert torch.equal(m2[..., 1:], m[..., 1:])
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scalar_columns_are_the_weights_positions_and_covariance_entries(dims):
+    m = random_mixture(2, 3, 4, dims)
+    weight, position, covariance = gm.scalar_columns(m)
+    assert torch.equal(weight, gm.weights(m))
+    assert torch.equal(torch.stack(position, -1), gm.positions(m))
+    assert torch.equal(torch.stack([torch.stack(row, -1) for row in covariance], -2), gm.covariances(m))
+
+
 def test_with_weights_does_not_touch_its_input_and_passes_gradients_to_both():
     m = random_mixture(1, 2, 5, 2).requires_grad_(True)
     before = m.detach().clone()
