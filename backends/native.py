@@ -144,8 +144,10 @@ def read_source(source: str | os.PathLike) -> bytes:
                 return b""
             pasted.add(name)
             line = code.count(b"\n", 0, match.end()) + 2
-            return (f'#line 1 "{header}"\n'.encode() + expand(header).rstrip(b"\n")
-                    + f'\n#line {line} "{path}"'.encode())
+            # File names, not paths: the same sources give the same key (and library) wherever
+            # gmbench is installed; a diagnostic still names the file and line.
+            return (f'#line 1 "{header.name}"\n'.encode() + expand(header).rstrip(b"\n")
+                    + f'\n#line {line} "{path.name}"'.encode())
 
         return _LOCAL_INCLUDE.sub(paste, code)
 

@@ -251,6 +251,19 @@ def test_own_header_is_pasted_in_and_a_changed_header_rebuilds(isolated, tmp_pat
     assert build_answer(source).gmbench_test_answer() == 43  # rebuilt under a new name (this process loads a new file)
 
 
+def test_the_same_sources_in_another_folder_have_the_same_key(tmp_path):
+    # An installed wheel and a checkout (or two venvs) share one kernel folder: the key is
+    # made of the bytes, not of where they lie, so neither rebuilds the other's libraries.
+    for folder in ("checkout", "site-packages"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "answer.h").write_text("static int answer() { return 42; }\n")
+        (tmp_path / folder / "uses_header.cpp").write_text('#include "answer.h"\nint f() { return answer(); }\n')
+    first, second = (native.read_source(tmp_path / folder / "uses_header.cpp") for folder in ("checkout", "site-packages"))
+    assert first == second and b'#line 1 "answer.h"' in first and b'#line 2 "uses_header.cpp"' in first
+    (tmp_path / "site-packages" / "answer.h").write_text("static int answer() { return 43; }\n")
+    assert native.read_source(tmp_path / "site-packages" / "uses_header.cpp") != first
+
+
 def test_include_of_a_missing_own_header_is_a_compile_error(isolated, tmp_path):
     source = tmp_path / "missing.cpp"
     source.write_text('#include "nowhere.h"\nextern "C" int gmbench_test_answer() { return 1; }\n')
