@@ -114,12 +114,12 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def layer_output(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """A GMCN convolution output: 8 x 8 mixtures of ``n`` 3D Gaussians with signed weights."""
+def layer_output(n: int, device: torch.device, seed: int = 0, mixtures: tuple[int, int] = (8, 8)) -> torch.Tensor:
+    """A GMCN convolution output: ``mixtures`` (batch x channels, 8 x 8) of ``n`` 3D Gaussians with signed weights."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(8, 8, n, generator=g)
-    p = torch.randn(8, 8, n, 3, generator=g) * 2.0
-    f = torch.randn(8, 8, n, 3, 3, generator=g) * 0.3 + 0.5 * torch.eye(3)
+    w = torch.randn(*mixtures, n, generator=g)
+    p = torch.randn(*mixtures, n, 3, generator=g) * 2.0
+    f = torch.randn(*mixtures, n, 3, 3, generator=g) * 0.3 + 0.5 * torch.eye(3)
     return gm.pack(w, p, gm.covariance_from_factor(f, 0.01)).to(device)
 
 
@@ -141,7 +141,8 @@ def correctness(device: torch.device, n: int) -> dict:
     }
 
 
-def evaluate_cases(device: torch.device, sizes: list[int], repeats: int, peak_tflops: float | None) -> list[dict]:
+def evaluate_cases(device: torch.device, sizes: list[int], repeats: int, peak_tflops: float | None,
+                   mixtures: tuple[int, int] = (8, 8)) -> list[dict]:
     rows = []
     cases = {
         "torch": ("torch", {}),
@@ -150,7 +151,7 @@ def evaluate_cases(device: torch.device, sizes: list[int], repeats: int, peak_tf
         "fused_cutoff_1e-5": ("fused", {"cutoff": 1e-5}),
     }
     for n in sizes:
-        m = layer_output(n, device)
+        m = layer_output(n, device, mixtures=mixtures)
         pairs = m.shape[0] * m.shape[1] * n * n
         for label, (backend, params) in cases.items():
             for mode in ("forward", "forward+backward"):
@@ -174,9 +175,9 @@ def evaluate_cases(device: torch.device, sizes: list[int], repeats: int, peak_tf
     return rows
 
 
-def dense_fit_cases(device: torch.device, n: int, repeats: int) -> list[dict]:
+def dense_fit_cases(device: torch.device, n: int, repeats: int, mixtures: tuple[int, int] = (8, 8)) -> list[dict]:
     rows = []
-    m = layer_output(n, device)
+    m = layer_output(n, device, mixtures=mixtures)
     fitting = plugins.create("transfer_fitting", "dense")
     for backend in ("torch", "fused"):
         x = m.clone().requires_grad_(True)
@@ -190,17 +191,15 @@ def dense_fit_cases(device: torch.device, n: int, repeats: int) -> list[dict]:
     return rows
 
 
-def reduction_cases(device: torch.device, n: int, repeats: int, smoke: bool = False) -> list[dict]:
-    """MEM and TreeHEM T=2, 8 x 8 mixtures ``n -> 32``: the Triton node fits against the PyTorch reference.
+def reduction_cases(device: torch.device, n: int, repeats: int, mixtures: tuple[int, int] = (8, 8)) -> list[dict]:
+    """MEM and TreeHEM T=2, ``mixtures`` (8 x 8) of ``n -> 32``: the Triton node fits against the PyTorch reference.
 
     Each method runs with ``implementation: torch`` and ``triton`` on the same
     input (forward, and forward+backward); ``max_rel_diff`` is the largest
     difference of the triton output from torch's, relative to its largest entry.
     """
     rows = []
-    m = plugins.create("transfer_fitting", "dense").fit(layer_output(n, device)).detach()
-    if smoke:  # the interpreter runs each kernel program in NumPy: two mixtures are enough to check the script
-        m = m[:1, :2]
+    m = plugins.create("transfer_fitting", "dense").fit(layer_output(n, device, mixtures=mixtures)).detach()
     for label, name, params in (("mem", "mem", {}), ("treehem-T2", "treehem", {"T": 2})):
         outputs = {}
         for choice in ("torch", "triton"):
@@ -272,19 +271,22 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_report: no CUDA GPU here; run it on a GPU machine, or --smoke --device cpu with TRITON_INTERPRET=1")
         return 2
-    if args.smoke:
-        sizes, n, layout, batch, repeats = [64], 64, "1/16->4/8->10", 3, 1
+    if args.smoke:  # Triton's interpreter runs each kernel program in NumPy: 1 x 2 mixtures check the script
+        sizes, n, mixtures, layout, batch, repeats = [64], 64, (1, 2), "1/8->4/4->10", 2, 1
     else:
-        sizes, n, layout, batch, repeats = [640, 2560, 10240], 2560, PAPER_LAYOUT, 21, 5
+        sizes, n, mixtures, layout, batch, repeats = [640, 2560, 10240], 2560, (8, 8), PAPER_LAYOUT, 21, 5
+    shape = f"{mixtures[0]} x {mixtures[1]}"
     report: dict = {"environment": environment(device), "smoke": args.smoke}
     print(json.dumps(report["environment"]))
     report["correctness"] = correctness(device, n)
     print(f"\nfused vs torch (float64) on {device}: {report['correctness']}")
     peak = report["environment"].get("fp32_peak_tflops")
     sections = [
-        ("evaluate", "evaluate_at_centroids, 8 x 8 mixtures, 3D, float32", lambda: evaluate_cases(device, sizes, repeats, peak)),
-        ("dense_fit", "dense ReLU fit (shared pass)", lambda: dense_fit_cases(device, n, repeats)),
-        ("reduction", f"reduction 8 x 8, {n} -> 32, node fits torch vs triton", lambda: reduction_cases(device, n, repeats, args.smoke)),
+        ("evaluate", f"evaluate_at_centroids, {shape} mixtures, 3D, float32",
+         lambda: evaluate_cases(device, sizes, repeats, peak, mixtures)),
+        ("dense_fit", f"dense ReLU fit (shared pass), {shape} mixtures", lambda: dense_fit_cases(device, n, repeats, mixtures)),
+        ("reduction", f"reduction {shape}, {n} -> 32, node fits torch vs triton",
+         lambda: reduction_cases(device, n, repeats, mixtures)),
         ("training", f"training step, layout {layout}, batch {batch}", lambda: training_cases(device, layout, batch, repeats)),
     ]
     for key, title, measure in sections:
