@@ -27,7 +27,10 @@ def pair_contributions(m, points):
     """``[G, M, N]`` |c_j| g_j(x_i) / |c_j| peak-scaled, brute force."""
     precision, _ = gm.symmetric_inverse_and_logdet(gm.covariances(m))
     d = points[:, :, None, :] - gm.positions(m)[:, None, :, :]
-    q = torch.einsum("gijd,gjde,gije->gij", d, precision, d)
+    dims = d.shape[-1]
+    # The quadratic form term by term (D^2 elementwise products): einsum contracts it through
+    # a [G, M, N, D] intermediate that is ten times slower on fitted layers of 64 x 640 x 640.
+    q = sum(d[..., a] * precision[:, None, :, a, b] * d[..., b] for a in range(dims) for b in range(dims))
     return gm.normalisation_factors(m).abs()[:, None, :] * torch.exp(-0.5 * q)
 
 
@@ -159,13 +162,15 @@ def listed_pairs(plan, n_gaussians):
     """``[G, M, N]`` bool: the pairs the pair-list plan evaluates."""
     G, M = plan.point_order.shape
     tiles = -(-M // plan.tile_m)
-    listed = torch.zeros(G, M, n_gaussians, dtype=torch.bool)
-    for g in range(G):
-        for t in range(tiles):
-            lo, hi = plan.offsets[g * tiles + t], plan.offsets[g * tiles + t + 1]
-            rows = plan.point_order[g, t * plan.tile_m : (t + 1) * plan.tile_m]
-            listed[g, rows[:, None], plan.index[lo:hi].long()[None, :]] = True
-    return listed
+    offsets = torch.as_tensor(plan.offsets).long()
+    # List entry k belongs to tile t when offsets[t] <= k < offsets[t + 1]; the last tile's
+    # missing rows point at a spare row M, dropped at the end.
+    tile = torch.repeat_interleave(torch.arange(G * tiles), offsets[1:] - offsets[:-1])
+    rows = torch.nn.functional.pad(plan.point_order.long(), (0, tiles * plan.tile_m - M), value=M)
+    listed = torch.zeros(G, M + 1, n_gaussians, dtype=torch.bool)
+    gaussians = plan.index[offsets[0] : offsets[-1]].long()
+    listed[(tile // tiles)[:, None], rows.view(G * tiles, plan.tile_m)[tile], gaussians[:, None]] = True
+    return listed[:, :M]
 
 
 @needs_pair_lists
