@@ -261,8 +261,31 @@ def test_float_plan_lists_every_pair_above_the_threshold_of_small_gaussians_far_
 def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets, dtype, n_points):
     # The last tile is partial: 10 points (without AVX-512 the float32 forward sweeps a tile in halves
     # of 8: a full and a partial half) or 5 (one partial half); the kernel reads rows through the plan's
-    # order.  float32 takes the forward vectorised over each tile's points (its own exponential), float64
-    # the gathering one.
+    # order.  float32 takes the forward vectorised over each tile's points (its own exponential) and the
+    # backward over the same coefficient rows (transposed 16 Gaussians at a time: lists of 1 to 15
+    # Gaussians past a multiple of 16 are padded), float64 the gathering ones.
+    assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, n_points)
+
+
+@needs_pair_lists
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2"]], ids=["avx2", "no-avx2"])
+def test_pair_list_kernel_builds_for_other_instruction_sets_agree(flags, monkeypatch):
+    # Without AVX-512 the plan compacts with AVX2 (or scalar code), the float32 forward sweeps tiles in
+    # halves of 8 points and the float32 backward transposes in 8 x 8 blocks (or scalar code).
+    from gmbench.backends.native import NativeLibrary
+
+    variant = NativeLibrary(cutoff_native.SOURCE_FILE, cutoff_native._symbols(), cutoff_native.FLAGS + flags,
+                            description="C++ cut-off kernel (test build)", fallback="skipping the test")
+    library = variant.load()
+    if library is None:
+        pytest.skip(f"the {' '.join(flags)} build is not possible here: {variant.unavailable_reason()}")
+    monkeypatch.setattr(cutoff_native, "load", lambda: library)
+    for dtype in (torch.float32, torch.float64):
+        for sets in (1, 2):
+            assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, 245)
+
+
+def assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, n_points):
     g = torch.Generator().manual_seed(14)
     m = random_mixture(300, 3, seed=15, spread=6.0)
     points = torch.randn(2, n_points, 3, dtype=torch.float64, generator=g) * 6
