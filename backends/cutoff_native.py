@@ -16,7 +16,9 @@ above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
   listed Gaussian's coefficients as one row (no gathers); float64 and the
   backward gather a tile's listed Gaussians into contiguous scratch once and
   run the vectorised exponential loop over them for every point of the tile
-  (backward with each exponential computed once).  Point rows are read and
+  (backward with each exponential computed once; in float32 from the
+  forward's coefficient rows, transposed 16 at a time, and its gradient rows
+  added the same way).  Point rows are read and
   written through the plan's order, so callers pass ``X`` unpermuted.
 
 The plan (one native pass: the kd split, then each group of 8 tiles and each
