@@ -184,6 +184,29 @@ def test_pair_lists_hold_every_pair_above_the_threshold(dims):
 
 
 @needs_pair_lists
+def test_kd_split_of_points_with_repeated_coordinates_gives_a_permutation_and_conservative_lists():
+    # The split selects on float keys (ties broken by position): coordinates on a coarse grid repeat
+    # along every axis, several points coincide, and two differ only beyond float precision.
+    g = torch.Generator().manual_seed(16)
+    points = torch.randint(0, 4, (2, 300, 3), generator=g).double()
+    points[:, :40] = points[:, :1]  # 40 copies of one point
+    points[:, 40, 0] = points[:, 41, 0] + 1e-12
+    m = random_mixture(200, 3, seed=17, spread=2.0)
+    peaks = gm.normalisation_factors(m)
+    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
+    assert torch.equal(plan.point_order.sort(1).values, torch.arange(300).expand(2, -1))
+    listed = listed_pairs(plan, 200)
+    above = pair_contributions(m, points) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    assert 0.02 < plan.active_fraction < 0.9  # the test is not vacuous
+    assert not (above & ~listed).any()
+    # The kd order is spatial: the first half of the tiles and the second are split along one axis
+    # (in float: the two points 1e-12 apart may fall on either side).
+    ordered = torch.gather(points, 1, plan.point_order[..., None].expand(-1, -1, 3)).float()
+    half = 16 * (-(-300 // 16) // 2)
+    assert any(bool((ordered[0, :half, d].max() <= ordered[0, half:, d].min())) for d in range(3))
+
+
+@needs_pair_lists
 def test_pair_lists_of_fitted_digits_evaluate_under_half_the_pairs_of_morton_tiles(digits_activations):
     # Measured (tiles of 16 points): 2.8x / 1.6x the pairs above tau at N = 160 / 640; Morton 16 x 16: 6.0x / 3.7x.
     for m in digits_activations[1:]:
