@@ -224,15 +224,13 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         grad_x = X.new_empty(G, M, F) if need_x else None
         grad_a = X.new_empty(G, N, F) if need_a else None
         grad_c = X.new_empty(G, N, sets) if need_c else None
-        if not (need_x or need_a or need_c):
-            pass  # nothing asked for: no kernel call
-        elif ctx.rows:
+        if (need_x or need_a or need_c) and ctx.rows:
             # The coefficient rows of forward, transposed 16 Gaussians at a time (no gathers).
             getattr(library, f"sparse_backward_rows_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(coefficients[0]), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
                 _ptr(plan.offsets), _ptr(plan.index), _ptr(plan.point_order), torch.get_num_threads(),
             )
-        else:
+        elif need_x or need_a or need_c:
             At, cs = coefficients
             getattr(library, f"sparse_backward_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
