@@ -16,7 +16,9 @@ above :math:`\tau` while Morton tiles of 16 x 16 kept 55-85 % of them:
   listed Gaussian's coefficients as one row (no gathers); float64 and the
   backward gather a tile's listed Gaussians into contiguous scratch once and
   run the vectorised exponential loop over them for every point of the tile
-  (backward with each exponential computed once).  Point rows are read and
+  (backward with each exponential computed once; in float32 from the
+  forward's coefficient rows, transposed 16 at a time, and its gradient rows
+  added the same way).  Point rows are read and
   written through the plan's order, so callers pass ``X`` unpermuted.
 
 The plan (one native pass: the kd split, then each group of 8 tiles and each
@@ -55,6 +57,8 @@ def _symbols() -> dict:
     symbols["cutoff_plan_take"] = ([ptr, ptr], None)
     symbols["cutoff_tile_points"] = ([], cint)
     symbols.update({f"sparse_forward_rows_f32_{f}_w{w}": ([i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, cint], None)
+                    for f in (6, 10) for w in (1, 2)})
+    symbols.update({f"sparse_backward_rows_f32_{f}_w{w}": ([i64, i64, i64] + [ptr] * 9 + [cint], None)
                     for f in (6, 10) for w in (1, 2)})
     symbols.update(mat_vec_variant_symbols({
         "sparse_forward": [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, cint],
@@ -184,22 +188,26 @@ class PairListExpKernelMatVec(torch.autograd.Function):
         if sets not in (1, 2):
             raise ValueError(f"the cut-off kernel takes one or two weight sets, got {sets}")
         X = X.contiguous()
-        At = A.transpose(1, 2).contiguous()  # [G, F, N]: the gathering kernels take each feature's row
-        cs = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]
         out = X.new_empty(G, M, sets)
-        if X.dtype == torch.float32 and plan.tile_m == library.cutoff_tile_points():
-            # Vectorised over each tile's points, coefficients read as rows (no gathers).
+        ctx.rows = X.dtype == torch.float32 and plan.tile_m == library.cutoff_tile_points()
+        if ctx.rows:
+            # Vectorised over each tile's points, coefficients read as rows (no gathers); the
+            # backward reads the same rows.
             rows = _coefficient_rows(A, c)  # named: a temporary would be freed before the call
             getattr(library, f"sparse_forward_rows_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(rows), _ptr(out), _ptr(plan.offsets), _ptr(plan.index),
                 _ptr(plan.point_order), torch.get_num_threads(),
             )
+            ctx.save_for_backward(X, rows)
         else:
+            At = A.transpose(1, 2).contiguous()  # [G, F, N]: the gathering kernels take each feature's row
+            cs = c.reshape(G, N, sets).transpose(1, 2).contiguous()  # [G, W, N]
             getattr(library, f"sparse_forward_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(out), plan.tile_m, _ptr(plan.offsets), _ptr(plan.index),
                 _ptr(plan.point_order), torch.get_num_threads(),
             )
-        ctx.save_for_backward(X, At, cs)
+            ctx.save_for_backward(X, At, cs)
+        ctx.sets = sets
         ctx.plan = plan
         ctx.c_shape = c.shape
         return out.view(G, M, *c.shape[2:])
@@ -207,16 +215,23 @@ class PairListExpKernelMatVec(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         library = load()
-        X, At, cs = ctx.saved_tensors
-        plan = ctx.plan
+        X, *coefficients = ctx.saved_tensors
+        plan, sets = ctx.plan, ctx.sets
         G, M, F = X.shape
-        N, sets = At.shape[2], cs.shape[1]
+        N = coefficients[0].shape[1 if ctx.rows else 2]
         need_x, need_a, need_c = ctx.needs_input_grad[:3]
         go = grad_out.to(X.dtype).reshape(G, M, sets).contiguous()
         grad_x = X.new_empty(G, M, F) if need_x else None
         grad_a = X.new_empty(G, N, F) if need_a else None
         grad_c = X.new_empty(G, N, sets) if need_c else None
-        if need_x or need_a or need_c:
+        if (need_x or need_a or need_c) and ctx.rows:
+            # The coefficient rows of forward, transposed 16 Gaussians at a time (no gathers).
+            getattr(library, f"sparse_backward_rows_{_suffix(X, sets)}")(
+                G, M, N, _ptr(X), _ptr(coefficients[0]), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
+                _ptr(plan.offsets), _ptr(plan.index), _ptr(plan.point_order), torch.get_num_threads(),
+            )
+        elif need_x or need_a or need_c:
+            At, cs = coefficients
             getattr(library, f"sparse_backward_{_suffix(X, sets)}")(
                 G, M, N, _ptr(X), _ptr(At), _ptr(cs), _ptr(go), _ptr(grad_x), _ptr(grad_a), _ptr(grad_c),
                 plan.tile_m, _ptr(plan.offsets), _ptr(plan.index), _ptr(plan.point_order), torch.get_num_threads(),

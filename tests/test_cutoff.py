@@ -189,6 +189,29 @@ def test_pair_lists_hold_every_pair_above_the_threshold(dims):
 
 
 @needs_pair_lists
+def test_kd_split_of_points_with_repeated_coordinates_gives_a_permutation_and_conservative_lists():
+    # The split selects on float keys (ties broken by position): coordinates on a coarse grid repeat
+    # along every axis, several points coincide, and two differ only beyond float precision.
+    g = torch.Generator().manual_seed(16)
+    points = torch.randint(0, 4, (2, 300, 3), generator=g).double()
+    points[:, :40] = points[:, :1]  # 40 copies of one point
+    points[:, 40, 0] = points[:, 41, 0] + 1e-12
+    m = random_mixture(200, 3, seed=17, spread=2.0)
+    peaks = gm.normalisation_factors(m)
+    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
+    assert torch.equal(plan.point_order.sort(1).values, torch.arange(300).expand(2, -1))
+    listed = listed_pairs(plan, 200)
+    above = pair_contributions(m, points) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    assert 0.02 < plan.active_fraction < 0.9  # the test is not vacuous
+    assert not (above & ~listed).any()
+    # The kd order is spatial: the first half of the tiles and the second are split along one axis
+    # (in float: the two points 1e-12 apart may fall on either side).
+    ordered = torch.gather(points, 1, plan.point_order[..., None].expand(-1, -1, 3)).float()
+    half = 16 * (-(-300 // 16) // 2)
+    assert any(bool((ordered[0, :half, d].max() <= ordered[0, half:, d].min())) for d in range(3))
+
+
+@needs_pair_lists
 def test_pair_lists_of_fitted_digits_evaluate_under_half_the_pairs_of_morton_tiles(digits_activations):
     # Measured (tiles of 16 points): 2.8x / 1.6x the pairs above tau at N = 160 / 640; Morton 16 x 16: 6.0x / 3.7x.
     for m in digits_activations[1:]:
@@ -266,8 +289,31 @@ def test_float_plan_lists_every_pair_above_the_threshold_of_small_gaussians_far_
 def test_pair_list_kernel_matches_the_brute_force_sum_over_the_listed_pairs(sets, dtype, n_points):
     # The last tile is partial: 10 points (without AVX-512 the float32 forward sweeps a tile in halves
     # of 8: a full and a partial half) or 5 (one partial half); the kernel reads rows through the plan's
-    # order.  float32 takes the forward vectorised over each tile's points (its own exponential), float64
-    # the gathering one.
+    # order.  float32 takes the forward vectorised over each tile's points (its own exponential) and the
+    # backward over the same coefficient rows (transposed 16 Gaussians at a time: lists of 1 to 15
+    # Gaussians past a multiple of 16 are padded), float64 the gathering ones.
+    assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, n_points)
+
+
+@needs_pair_lists
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2"]], ids=["avx2", "no-avx2"])
+def test_pair_list_kernel_builds_for_other_instruction_sets_agree(flags, monkeypatch):
+    # Without AVX-512 the plan compacts with AVX2 (or scalar code), the float32 forward sweeps tiles in
+    # halves of 8 points and the float32 backward transposes in 8 x 8 blocks (or scalar code).
+    from gmbench.backends.native import NativeLibrary
+
+    variant = NativeLibrary(cutoff_native.SOURCE_FILE, cutoff_native._symbols(), cutoff_native.FLAGS + flags,
+                            description="C++ cut-off kernel (test build)", fallback="skipping the test")
+    library = variant.load()
+    if library is None:
+        pytest.skip(f"the {' '.join(flags)} build is not possible here: {variant.unavailable_reason()}")
+    monkeypatch.setattr(cutoff_native, "load", lambda: library)
+    for dtype in (torch.float32, torch.float64):
+        for sets in (1, 2):
+            assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, 245)
+
+
+def assert_pair_list_kernel_matches_the_brute_force_sum(sets, dtype, n_points):
     g = torch.Generator().manual_seed(14)
     m = random_mixture(300, 3, seed=15, spread=6.0)
     points = torch.randn(2, n_points, 3, dtype=torch.float64, generator=g) * 6
