@@ -31,6 +31,9 @@ same machine load; the fastest of three steps after a warm-up is reported.  ``GM
 choose the cases; ``GMBENCH_BENCH_CUTOFF`` (for example ``1e-5``) adds a third
 case, "cutoff": the native kernel with the backend's spatial cut-off at that
 tolerance (the pairs column then still counts the exact sum's pairs).
+``GMBENCH_BENCH_INPUT=data`` replaces the random inputs by k-means fits of real
+samples (shapes3d for the paper layout, mnist5k for the 2D layouts), so the
+cut-off sees the activations of point sets that lie on surfaces or strokes.
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ def fitted_like_inputs(batch: int, n: int = 128, seed: int = 0, dims: int = 3) -
     factor = 0.1 * torch.randn(batch, 1, n, dims, dims, generator=g)
     covariances = factor @ factor.transpose(-1, -2) + 0.01 * torch.eye(dims)
     return gm.pack(weights, positions, covariances)
+
+
+# Inputs of the stage breakdown: "random" (fitted_like_inputs) or "data": k-means fits of real
+# samples (shapes3d for the 3D layout, mnist5k for the 2D ones), whose activations are what a
+# spatial cut-off sees in training; random clouds fill a volume, fitted point sets a surface.
+INPUT_DATASETS = {3: ("shapes3d", {}), 2: ("mnist5k", {"reg_covar": 0.1})}
+
+
+def data_inputs(batch: int, n: int, dims: int) -> torch.Tensor:
+    dataset, fitting_params = INPUT_DATASETS[dims]
+    split = plugins.create("dataset", dataset).load("train")
+    return plugins.create("input_fitting", "kmeans", seed=0, **fitting_params).fit(split.points[:batch], n)
 
 
 def reset_peak_rss() -> bool:
@@ -131,6 +146,9 @@ LAYOUTS = {
 STAGE_LAYOUTS = [n for n in os.environ.get("GMBENCH_BENCH_LAYOUTS", "quickstart,mnist,paper").split(",") if n]
 STAGE_BATCH = int(os.environ.get("GMBENCH_BENCH_BATCH", "21"))
 BENCH_CUTOFF = float(os.environ["GMBENCH_BENCH_CUTOFF"]) if os.environ.get("GMBENCH_BENCH_CUTOFF") else None
+BENCH_INPUT = os.environ.get("GMBENCH_BENCH_INPUT", "random")
+if BENCH_INPUT not in ("random", "data"):
+    raise SystemExit(f"GMBENCH_BENCH_INPUT must be 'random' or 'data', got {BENCH_INPUT!r}")
 # when -> (node-fit implementation, backend parameters)
 CASES = {"before": ("torch", {}), "after": ("native", {})}
 if BENCH_CUTOFF is not None:
@@ -179,7 +197,10 @@ def training_step_case(layout_name: str, implementation: str, backend_params: di
     clock = StageClock()
     model = instrumented_model(layout, dims, implementation, clock)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = fitted_like_inputs(batch, model.input_gaussians, dims=dims)
+    if BENCH_INPUT == "data":
+        x = data_inputs(batch, model.input_gaussians, dims)
+    else:
+        x = fitted_like_inputs(batch, model.input_gaussians, dims=dims)
     y = torch.arange(batch) % 10
     model.train()
 
@@ -239,7 +260,8 @@ def test_training_step_stages(benchmark, layout_name):
 def print_stage_table(results: dict[tuple[str, str], dict], batch: int = STAGE_BATCH) -> None:
     print(f"\nGMCN training step by stage (TreeHEM T=2, batch {batch}, {torch.get_num_threads()} threads, "
           "wall s; before: PyTorch node fits, after: native kernel"
-          + (f", cutoff: native kernel and cut-off {BENCH_CUTOFF:g}" if BENCH_CUTOFF is not None else "") + "; same run)")
+          + (f", cutoff: native kernel and cut-off {BENCH_CUTOFF:g}" if BENCH_CUTOFF is not None else "")
+          + f"; {'fitted shapes3d / mnist5k samples' if BENCH_INPUT == 'data' else 'random fitted-like'} inputs; same run)")
     print(f"{'layout':<12}{'when':<8}" + "".join(f"{s:>11}" for s in STAGES) + f"{'step':>9}{'G pairs':>9}"
           f"{'peak MiB':>10}{'speed-up':>10}")
     for (layout_name, when), info in results.items():
