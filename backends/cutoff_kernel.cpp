@@ -624,6 +624,75 @@ static void forward_rows(i64 G, i64 M, i64 N, const float* X, const float* Rows,
     });
 }
 
+// One chunk of the pair-list backward, shared by the gathering (any T) and the row-reading
+// (float32) backward: the block's P points x against the len listed Gaussians whose coefficient
+// rows (stride S) start at ac (F rows) and c0c / c1c (the weight rows). Each exponential is
+// computed once for the three gradients: dx[p] += s_pj a_j, dc_j += sum_p g_p e_pj (per weight
+// set), da_j += sum_p s_pj x_p, with s_pj = e_pj (g_p . c_j).
+template <typename T, int F, int W, int P, int JC>
+static inline __attribute__((always_inline)) void backward_chunk(
+        const T* __restrict ac, const T* __restrict c0c, const T* __restrict c1c, i64 S, i64 len,
+        const T (&x)[P][F], const T (&g0)[P], const T (&g1)[P], T (&dx)[P][F],
+        T (&sbuf)[P][JC], T (&ebuf)[W == 2 ? P : 1][JC],
+        T* __restrict da, T* __restrict dc0, T* __restrict dc1) {
+    for (int p = 0; p < P; ++p) {
+        T* __restrict sp = sbuf[p];
+        T* __restrict ep = ebuf[W == 2 ? p : 0];
+        const T gp0 = g0[p], gp1 = g1[p];
+        T xp[F], dxp[F];
+        for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
+        #pragma omp simd reduction(+ : dxp[:F])
+        for (i64 j = 0; j < len; ++j) {
+            T q = 0;
+            for (int f = 0; f < F; ++f) q += xp[f] * ac[f * S + j];
+            q = q > T(0) ? T(0) : q;  // NaN stays NaN
+            const T e = exp_nonpositive(q);
+            T sj;
+            if (W == 2) {
+                ep[j] = e;
+                sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
+                sp[j] = sj;
+            } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
+                const T t = gp0 * e;
+                sp[j] = t;
+                sj = t * c0c[j];
+            }
+            for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * S + j];
+        }
+        for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
+    }
+    if (W == 2) {
+        #pragma omp simd
+        for (i64 j = 0; j < len; ++j) {
+            T acc0 = 0, acc1 = 0;
+            for (int p = 0; p < P; ++p) {
+                acc0 += g0[p] * ebuf[p][j];
+                acc1 += g1[p] * ebuf[p][j];
+            }
+            dc0[j] += acc0;
+            dc1[j] += acc1;
+        }
+    } else {
+        #pragma omp simd
+        for (i64 j = 0; j < len; ++j) {
+            T acc = 0;
+            for (int p = 0; p < P; ++p) acc += sbuf[p][j];
+            dc0[j] += acc;
+        }
+    }
+    for (int f = 0; f < F; ++f) {
+        T xf[P];
+        for (int p = 0; p < P; ++p) xf[p] = x[p][f];
+        T* __restrict daf = da + f * S;
+        #pragma omp simd
+        for (i64 j = 0; j < len; ++j) {
+            T acc = 0;
+            for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
+            daf[j] += W == 2 ? acc : acc * c0c[j];
+        }
+    }
+}
+
 // Backward: each exponential once for all three gradients, laid out as the
 // exact kernel's backward (cpu_kernel.cpp) within each tile: the tile's P
 // points against chunks of JC listed Gaussians, the per-pair values of the
@@ -701,65 +770,8 @@ static void backward(i64 G, i64 M, i64 N, const T* X, const T* A, const T* c, co
                     const T* __restrict ac = a + jc;
                     const T* __restrict c0c = c0 + jc;
                     const T* __restrict c1c = c1 + jc;
-                    for (int p = 0; p < P; ++p) {
-                        T* __restrict sp = sbuf[p];
-                        T* __restrict ep = ebuf[W == 2 ? p : 0];
-                        const T gp0 = g0[p], gp1 = g1[p];
-                        T xp[F], dxp[F];
-                        for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
-                        #pragma omp simd reduction(+ : dxp[:F])
-                        for (i64 j = 0; j < len; ++j) {
-                            T q = 0;
-                            for (int f = 0; f < F; ++f) q += xp[f] * ac[f * S + j];
-                            q = q > T(0) ? T(0) : q;  // NaN stays NaN
-                            const T e = exp_nonpositive(q);
-                            T sj;
-                            if (W == 2) {
-                                ep[j] = e;
-                                sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
-                                sp[j] = sj;
-                            } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
-                                const T t = gp0 * e;
-                                sp[j] = t;
-                                sj = t * c0c[j];
-                            }
-                            for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * S + j];
-                        }
-                        for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
-                    }
-                    T* __restrict dc0 = lc.data + jc;
-                    T* __restrict dc1 = lc.data + (W - 1) * S + jc;
-                    if (W == 2) {
-                        #pragma omp simd
-                        for (i64 j = 0; j < len; ++j) {
-                            T acc0 = 0, acc1 = 0;
-                            for (int p = 0; p < P; ++p) {
-                                acc0 += g0[p] * ebuf[p][j];
-                                acc1 += g1[p] * ebuf[p][j];
-                            }
-                            dc0[j] += acc0;
-                            dc1[j] += acc1;
-                        }
-                    } else {
-                        #pragma omp simd
-                        for (i64 j = 0; j < len; ++j) {
-                            T acc = 0;
-                            for (int p = 0; p < P; ++p) acc += sbuf[p][j];
-                            dc0[j] += acc;
-                        }
-                    }
-                    T* __restrict da = la.data + jc;
-                    for (int f = 0; f < F; ++f) {
-                        T xf[P];
-                        for (int p = 0; p < P; ++p) xf[p] = x[p][f];
-                        T* __restrict daf = da + f * S;
-                        #pragma omp simd
-                        for (i64 j = 0; j < len; ++j) {
-                            T acc = 0;
-                            for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
-                            daf[j] += W == 2 ? acc : acc * c0c[j];
-                        }
-                    }
+                    backward_chunk<T, F, W, P, JC>(ac, c0c, c1c, S, len, x, g0, g1, dx, sbuf, ebuf, la.data + jc,
+                                                   lc.data + jc, lc.data + (W - 1) * S + jc);
                 }
                 if (gX) for (int p = 0; p < np; ++p)
                     for (int f = 0; f < F; ++f) gX[(g * M + rows[p]) * F + f] = dx[p][f];
@@ -919,65 +931,8 @@ static void backward_rows(i64 G, i64 M, i64 N, const float* X, const float* Rows
                 const float* __restrict ac = a + jc;
                 const float* __restrict c0c = c0 + jc;
                 const float* __restrict c1c = c1 + jc;
-                for (int p = 0; p < P; ++p) {
-                    float* __restrict sp = sbuf[p];
-                    float* __restrict ep = ebuf[W == 2 ? p : 0];
-                    const float gp0 = g0[p], gp1 = g1[p];
-                    float xp[F], dxp[F];
-                    for (int f = 0; f < F; ++f) { xp[f] = x[p][f]; dxp[f] = 0; }
-                    #pragma omp simd reduction(+ : dxp[:F])
-                    for (i64 j = 0; j < len; ++j) {
-                        float q = 0;
-                        for (int f = 0; f < F; ++f) q += xp[f] * ac[f * S + j];
-                        q = q > 0.0f ? 0.0f : q;  // NaN stays NaN
-                        const float e = exp_nonpositive(q);
-                        float sj;
-                        if (W == 2) {
-                            ep[j] = e;
-                            sj = e * (gp0 * c0c[j] + gp1 * c1c[j]);
-                            sp[j] = sj;
-                        } else {  // one buffer: t = g e; s = t c_j, dc_j = sum_p t
-                            const float t = gp0 * e;
-                            sp[j] = t;
-                            sj = t * c0c[j];
-                        }
-                        for (int f = 0; f < F; ++f) dxp[f] += sj * ac[f * S + j];
-                    }
-                    for (int f = 0; f < F; ++f) dx[p][f] += dxp[f];
-                }
-                float* __restrict dc0 = grad.data + F * S + jc;
-                float* __restrict dc1 = grad.data + (F + W - 1) * S + jc;
-                if (W == 2) {
-                    #pragma omp simd
-                    for (i64 j = 0; j < len; ++j) {
-                        float acc0 = 0, acc1 = 0;
-                        for (int p = 0; p < P; ++p) {
-                            acc0 += g0[p] * ebuf[p][j];
-                            acc1 += g1[p] * ebuf[p][j];
-                        }
-                        dc0[j] += acc0;
-                        dc1[j] += acc1;
-                    }
-                } else {
-                    #pragma omp simd
-                    for (i64 j = 0; j < len; ++j) {
-                        float acc = 0;
-                        for (int p = 0; p < P; ++p) acc += sbuf[p][j];
-                        dc0[j] += acc;
-                    }
-                }
-                float* __restrict da = grad.data + jc;
-                for (int f = 0; f < F; ++f) {
-                    float xf[P];
-                    for (int p = 0; p < P; ++p) xf[p] = x[p][f];
-                    float* __restrict daf = da + f * S;
-                    #pragma omp simd
-                    for (i64 j = 0; j < len; ++j) {
-                        float acc = 0;
-                        for (int p = 0; p < P; ++p) acc += sbuf[p][j] * xf[p];
-                        daf[j] += W == 2 ? acc : acc * c0c[j];
-                    }
-                }
+                backward_chunk<float, F, W, P, JC>(ac, c0c, c1c, S, len, x, g0, g1, dx, sbuf, ebuf, grad.data + jc,
+                                                   grad.data + F * S + jc, grad.data + (F + W - 1) * S + jc);
             }
             if (gX) for (int p = 0; p < np; ++p)
                 for (int f = 0; f < F; ++f) gX[(g * M + rows[p]) * F + f] = dx[p][f];
