@@ -173,18 +173,26 @@ def listed_pairs(plan, n_gaussians):
     return listed[:, :M]
 
 
+def plan_listing_every_pair_above_the_threshold(m, points):
+    """The pair-list plan of ``points`` against ``m`` and its listed pairs, after asserting that its
+    point order is a permutation and that it lists every pair above tau (brute force)."""
+    peaks = gm.normalisation_factors(m)
+    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
+    groups, n_points = points.shape[:2]
+    assert torch.equal(plan.point_order.sort(1).values, torch.arange(n_points).expand(groups, -1))
+    listed = listed_pairs(plan, m.shape[-2])
+    above = pair_contributions(m, points) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    assert not (above & ~listed).any()
+    return plan, listed
+
+
 @needs_pair_lists
 @pytest.mark.parametrize("dims", [2, 3])
 def test_pair_lists_hold_every_pair_above_the_threshold(dims):
     m = random_mixture(300, dims, seed=3, spread=10.0)
     points = torch.randn(2, 250, dims, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 10
-    peaks = gm.normalisation_factors(m)
-    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
-    assert torch.equal(plan.point_order.sort(1).values, torch.arange(250).expand(2, -1))
-    listed = listed_pairs(plan, 300)
-    above = pair_contributions(m, points) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    plan, listed = plan_listing_every_pair_above_the_threshold(m, points)
     assert 0.02 < plan.active_fraction < 0.5  # the test is not vacuous
-    assert not (above & ~listed).any()
     assert plan.pairs_evaluated == int(listed.sum())  # tiles are disjoint: no pair is listed twice
 
 
@@ -197,13 +205,8 @@ def test_kd_split_of_points_with_repeated_coordinates_gives_a_permutation_and_co
     points[:, :40] = points[:, :1]  # 40 copies of one point
     points[:, 40, 0] = points[:, 41, 0] + 1e-12
     m = random_mixture(200, 3, seed=17, spread=2.0)
-    peaks = gm.normalisation_factors(m)
-    plan = cutoff_native.make_plan(points, gm.positions(m), gm.covariances(m), peaks, TOLERANCE)
-    assert torch.equal(plan.point_order.sort(1).values, torch.arange(300).expand(2, -1))
-    listed = listed_pairs(plan, 200)
-    above = pair_contributions(m, points) >= TOLERANCE * peaks.abs().amax(-1)[:, None, None]
+    plan, _ = plan_listing_every_pair_above_the_threshold(m, points)
     assert 0.02 < plan.active_fraction < 0.9  # the test is not vacuous
-    assert not (above & ~listed).any()
     # The kd order is spatial: the first half of the tiles and the second are split along one axis
     # (in float: the two points 1e-12 apart may fall on either side).
     ordered = torch.gather(points, 1, plan.point_order[..., None].expand(-1, -1, 3)).float()
