@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -185,6 +186,8 @@ static void run_parallel(int threads, Body body) {
     body(0, threads);
     for (auto& thread : pool) thread.join();
 }
+
+#include "centroid_terms.h"  // the mat-vec's inputs X, A, c from a mixture: pasted in by native.py
 
 template <typename T> static inline i64 blocks_of(i64 N) { return (N + lanes<T>() - 1) / lanes<T>(); }
 

@@ -74,6 +74,9 @@ def centroid_terms(m: Tensor, centre: Tensor, weight_sets: Tensor | None = None)
     time outside the kernel on the quickstart layout).  Forward values equal the generic
     path's except ``P b``, which the generic path forms with ``bmm`` (possibly fused
     multiply-adds): the two agree to rounding (``tests/test_backend_torch.py``).
+    On CPU the backend runs the same operations in C++ (:class:`cpu_kernel.CPUCentroidTerms`,
+    tested against this function); this form is the reference, and the path on CUDA and
+    with ``cpu_kernel="gemm"``.
     """
     d = gm.n_dims(m)
     weight, position, cov = gm.scalar_columns(m)
@@ -224,6 +227,9 @@ class TorchBackend:
     def _use_cpu_kernel(self, X: Tensor) -> bool:
         return self.cpu_kernel != "gemm" and cpu_kernel.supports(X) and cpu_kernel.load() is not None
 
+    def _use_cpu_centroid_terms(self, m: Tensor) -> bool:
+        return self.cpu_kernel != "gemm" and cpu_kernel.supports_mixture(m) and cpu_kernel.load() is not None
+
     def _cutoff_tile(self, X: Tensor) -> int:
         return CPU_CUTOFF_TILE if self._use_cpu_kernel(X) else cutoff.DEFAULT_TILE
 
@@ -264,7 +270,9 @@ class TorchBackend:
         # Centring on the (detached) mean position: exact shift, removes the
         # cancellation of x^T P x - 2 x^T P b + b^T P b far from the origin.
         centre = gm.positions(m_flat).mean(-2, keepdim=True).detach()
-        if same_set:
+        if same_set and self._use_cpu_centroid_terms(m_flat):
+            X, A, c = cpu_kernel.CPUCentroidTerms.apply(m_flat, centre, sets_flat)
+        elif same_set:
             X, A, c = centroid_terms(m_flat, centre, sets_flat)
         else:
             A, c = gaussian_coefficients(m_flat, centre, sets_flat)

@@ -263,7 +263,10 @@ def scale(m: Tensor, factor: Tensor) -> Tensor:
         factor = factor.unsqueeze(-1)
     d = n_dims(m)
     s = factor[..., None, None]
-    return torch.cat([m[..., :1], m[..., 1 : 1 + d] * s, m[..., 1 + d :] * s * s], dim=-1)
+    # One multiply by a [..., 1, K] row (1, s, .., s^2, ..): slicing, three products and a
+    # concatenation made four passes over a reduction's full input, and as many in backward.
+    row = torch.cat([torch.ones_like(s), s.expand(*s.shape[:-1], d), (s * s).expand(*s.shape[:-1], d * d)], -1)
+    return m * row
 
 
 def normalize_scale(m: Tensor, factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
