@@ -7,7 +7,8 @@ Gaussians, E and M step, masks, scaling back: one autograd node);
 (single-linkage initial Gaussians, then one E and one M step; optionally with
 TreeHEM's pass-through of nodes that hold at most ``n_out`` Gaussians);
 :func:`treehem` computes TreeHEM after the Morton sort (every tree level, the
-top-down cut and the partial node fit) in one call.  All give the values and
+top-down cut and the partial node fit) in one call, and :func:`morton_order`
+that sort (``morton_kernel.h``: the same order as the PyTorch form).  All give the values and
 gradients of the PyTorch functions up to float rounding; those stay the
 reference, and ``tests/test_node_fit_cpu.py`` compares the two.
 
@@ -75,6 +76,7 @@ for _suffix in SUFFIXES:
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
     _SYMBOLS[f"fit_nodes_backward_{_suffix}"] = (
         [_i64, _i64, _i64, _ptr, _ptr, _ptr, *_SETTINGS, _int, _ptr, _ptr, _int], None)
+    _SYMBOLS[f"morton_order_{_suffix}"] = ([_i64, _i64, _ptr, _double, _int, _ptr, _ptr, _int], _int)
     _SYMBOLS[f"treehem_forward_{_suffix}"] = (
         [_i64, _i64, _i64, _i64, _i64, _i64, *_SETTINGS, *[_ptr] * 10, _int], None)
     _SYMBOLS[f"treehem_backward_{_suffix}"] = (
@@ -312,6 +314,26 @@ class _TreeHEM(torch.autograd.Function):
             grad_m.data_ptr(), _ptr_or_null(state), torch.get_num_threads(),
         )
         return grad_m, None, None, None, None, None, None, None, None
+
+
+def morton_order(m: Tensor, weight_threshold: float, bits: int) -> tuple[Tensor, Tensor] | None:
+    """TreeHEM's sort of ``m [G, N, K]``: ``(order [G, N] int64, valid [G, N] bool)``, or ``None``
+    where a valid centroid is not finite (the PyTorch form then decides).
+
+    The same as ``TreeHEMReduction._morton_order`` (:func:`gmbench.reduction.morton.morton_codes`
+    in each mixture's box of valid centroids, dropped Gaussians last, a stable argsort), with the
+    same float operations, so the same order; no gradient (the order is discrete).
+    """
+    library = LIBRARY.load()
+    g, n, _ = m.shape
+    m = m.detach().contiguous()
+    order = torch.empty(g, n, dtype=torch.int64)
+    valid = torch.empty(g, n, dtype=torch.uint8)
+    finite = getattr(library, f"morton_order_{_suffix(m)}")(
+        g, n, m.data_ptr(), float(weight_threshold), int(bits), order.data_ptr(), valid.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return (order, valid.bool()) if finite else None
 
 
 def treehem(

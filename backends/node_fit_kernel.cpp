@@ -1044,7 +1044,14 @@ void run_treehem(i64 G, i64 Tn, int threads, Fields... fields) {
         for_each_problem(G, 1, threads, TreeHEMWork<T, D>{fields...});
 }
 
+#include "morton_kernel.h"  // morton_order: TreeHEM's sort; pasted in here by native.py
+
 }  // namespace
+
+INSTANTIATE_MORTON(float, 2, f32_2)
+INSTANTIATE_MORTON(float, 3, f32_3)
+INSTANTIATE_MORTON(double, 2, f64_2)
+INSTANTIATE_MORTON(double, 3, f64_3)
 
 #define INSTANTIATE(T, D, SUFFIX)                                                                       \
 extern "C" void em_step_forward_##SUFFIX(i64 M, i64 S, i64 Q, const T* tg, const uint8_t* tv,           \

@@ -394,3 +394,33 @@ def test_disabled_kernel_falls_back_to_torch_and_native_says_why():
     assert auto_is_torch == "True"
     assert abs(float(mass_ratio) - 1.0) < 1e-6
     assert "disabled by GMBENCH_DISABLE_NODE_FIT_KERNEL" in refusal and "implementation: auto or torch" in refusal
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weight_threshold, bits", [(0.0, 10), (0.3, 3), (0.0, 16)])
+def test_native_morton_order_is_the_pytorch_order(dims, dtype, weight_threshold, bits):
+    from gmbench.reduction.treehem import TreeHEMReduction
+
+    m = random_mixture(12, 97, dims, seed=21, dtype=dtype, signed=True)
+    m[1] = m[1, :1]  # every centroid the same: the codes tie, the stable sort keeps the input order
+    m[2, :, 0] = 0.0  # no Gaussian valid at a positive threshold: the box falls back to [0, 1]
+    m[3, 5:9, 1:] = m[3, :4, 1:]  # duplicated centroids among distinct ones
+    reduction = TreeHEMReduction(T=2, weight_threshold=weight_threshold, morton_bits=bits)
+    order, valid, n_leaves = reduction._morton_order(m)
+    native_order, native_valid, native_leaves = reduction._morton_order(m, node_fit_cpu)
+    assert torch.equal(native_order, order) and torch.equal(native_valid, valid) and native_leaves == n_leaves
+    assert not torch.equal(order, torch.arange(97).expand(12, -1))  # the sort moved something
+
+
+def test_native_morton_order_defers_to_the_pytorch_form_on_non_finite_centroids():
+    m = random_mixture(3, 20, 3, seed=22)
+    m[1, 4, 2] = float("nan")
+    assert node_fit_cpu.morton_order(m, 0.0, 10) is None
+    m[1, 4, 0] = 0.0  # the NaN Gaussian dropped by the threshold: its centroid no longer counts
+    order, valid = node_fit_cpu.morton_order(m, 0.5, 10)
+    assert not valid[1, 4] and (order[1] == 4).nonzero().item() >= int(valid[1].sum())  # sorted among the dropped
+    # At threshold 0 the NaN Gaussian is valid: the native TreeHEM takes the PyTorch sort and agrees with it.
+    native = plugins.create("reduction", "treehem", T=2, implementation="native").reduce(m.unsqueeze(0), 8)
+    reference = plugins.create("reduction", "treehem", T=2, implementation="torch").reduce(m.unsqueeze(0), 8)
+    torch.testing.assert_close(native, reference, **TOL[torch.float64], equal_nan=True)

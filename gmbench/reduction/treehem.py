@@ -125,15 +125,22 @@ class TreeHEMReduction:
         return reduce_batched(m, n_components, self.normalize_scale, self._reduce_flat)
 
     # -- bottom-up ---------------------------------------------------------
-    def _morton_order(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
-        """``(order [G, N], valid [G, N], n_leaves)``: the sort of the Gaussians, valid ones first."""
+    def _morton_order(self, m: Tensor, kernel=None) -> tuple[Tensor, Tensor, int]:
+        """``(order [G, N], valid [G, N], n_leaves)``: the sort of the Gaussians, valid ones first.
+
+        ``kernel``: the native node-fit module, which sorts in one pass (the same order).
+        """
         n = m.shape[1]
+        n_leaves = max(2, 1 << math.ceil(math.log2(math.ceil(n / self.T))))
+        native = None if kernel is None else kernel.morton_order(m, self.weight_threshold, self.morton_bits)
+        if native is not None:
+            return (*native, n_leaves)
         valid = gm.weights(m).detach().abs() >= self.weight_threshold
         codes = morton_codes(gm.positions(m), valid, self.morton_bits)
         # Dropped Gaussians go to the end so they do not dilute the tree.
         codes = torch.where(valid, codes, torch.full_like(codes, torch.iinfo(torch.int64).max))
         order = torch.argsort(codes, dim=-1, stable=True)
-        return order, valid, max(2, 1 << math.ceil(math.log2(math.ceil(n / self.T))))
+        return order, valid, n_leaves
 
     def _sorted_leaves(self, m: Tensor) -> tuple[Tensor, Tensor, int]:
         g, n, k = m.shape
@@ -185,8 +192,8 @@ class TreeHEMReduction:
     def _reduce_flat(self, m: Tensor, n_out: int) -> Tensor:
         T = self.T
         kernel = native_kernel(self.implementation, m)
-        if kernel is not None and hasattr(kernel, "treehem"):  # native: leaves, tree, cut, partial fit in one call
-            order, valid, n_leaves = self._morton_order(m)
+        if kernel is not None and hasattr(kernel, "treehem"):  # native: sort, leaves, tree, cut, partial fit
+            order, valid, n_leaves = self._morton_order(m, kernel)
             out, _ = kernel.treehem(m, valid, order, n_leaves, T, n_out, self.virtual_points, self.kl_threshold)
             return out
         fit = kernel.fit_nodes if kernel is not None else fit_nodes  # Triton: one launch per level
