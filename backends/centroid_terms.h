@@ -194,6 +194,8 @@ static void centroid_terms(i64 G, i64 N, const T* m, const T* centre, const T* s
                            int threads) {
     typedef CentroidLayout<T, D> L;
     const int C = W == 0 ? 1 : W;
+    advise_huge_pages(X, sizeof(T) * G * N * L::F);
+    advise_huge_pages(A, sizeof(T) * G * N * L::F);
     rows_in_parallel(G * N, threads, [&](i64 r) {
         centroid_terms_one<T, D>(m + r * L::K, centre + (r / N) * D, s ? s + r * W : nullptr, W,
                                  X + r * L::F, A + r * L::F, c + r * C);
@@ -205,6 +207,7 @@ static void centroid_terms_backward(i64 G, i64 N, const T* m, const T* centre, c
                                     const T* gA, const T* gc, T* gm, T* gs, int threads) {
     typedef CentroidLayout<T, D> L;
     const int C = W == 0 ? 1 : W;
+    advise_huge_pages(gm, sizeof(T) * G * N * L::K);
     rows_in_parallel(G * N, threads, [&](i64 r) {
         centroid_terms_one_backward<T, D>(m + r * L::K, centre + (r / N) * D, s ? s + r * W : nullptr, W,
                                           gX ? gX + r * L::F : nullptr, gA ? gA + r * L::F : nullptr,

@@ -187,6 +187,7 @@ static void run_parallel(int threads, Body body) {
     for (auto& thread : pool) thread.join();
 }
 
+#include "huge_pages.h"  // advise_huge_pages: pasted in by native.py
 #include "centroid_terms.h"  // the mat-vec's inputs X, A, c from a mixture: pasted in by native.py
 
 template <typename T> static inline i64 blocks_of(i64 N) { return (N + lanes<T>() - 1) / lanes<T>(); }
@@ -507,6 +508,7 @@ extern "C" int ekmv_vector_bytes() { return GMBENCH_VECTOR_BYTES; }
 #define INSTANTIATE(T, F, W, SUFFIX)                                                         \
 extern "C" void ekmv_pack_##SUFFIX(i64 G, i64 N, const T* A, const T* c, T* packed,      \
         int threads) {                                                                     \
+    advise_huge_pages(packed, sizeof(T) * G * blocks_of<T>(N) * (F + W) * lanes<T>());     \
     pack<T, F, W>(G, N, A, c, packed, threads);                                            \
 }                                                                                          \
 extern "C" void ekmv_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* packed,  \
@@ -516,6 +518,8 @@ extern "C" void ekmv_forward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* 
 extern "C" void ekmv_backward_##SUFFIX(i64 G, i64 M, i64 N, const T* X, const T* packed, \
         const T* go, T* gX, T* gA, T* gc, i64 tm, i64 tn, const uint8_t* mask,            \
         int threads) {                                                                     \
+    advise_huge_pages(gX, sizeof(T) * G * M * F);                                          \
+    advise_huge_pages(gA, sizeof(T) * G * N * F);                                          \
     backward<T, F, W>(G, M, N, X, packed, go, gX, gA, gc, tm, tn, mask, threads);          \
 }
 INSTANTIATE(float, 6, 1, f32_6_w1)

@@ -28,9 +28,8 @@
 #include <thread>
 #include <vector>
 
-#include <sys/mman.h>
-
 #include "fast_exp.h"  // exp_nonpositive: pasted in by native.py before compiling
+#include "huge_pages.h"  // advise_huge_pages: pasted in by native.py before compiling
 
 typedef int64_t i64;
 
@@ -61,21 +60,6 @@ void for_each_problem(i64 count, i64 chunk, int threads, Work work) {
     });
 }
 
-// Fresh buffers of tens of MiB (the saved states, TreeHEM's node caches, the
-// input gradients) are first touched here; on 4 KiB pages that is one page
-// fault per 4 KiB, which on a busy machine costs more than the writes (42 MiB
-// fresh and filled: 37 ms on 4 KiB pages, 14 ms on huge pages, load 3).  Asks
-// for transparent huge pages on the 2 MiB-aligned inside of the buffer (a no-op
-// where the system does not offer them on request); the contents are unchanged.
-void advise_huge_pages(const void* data, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-    const uintptr_t huge = uintptr_t(1) << 21;
-    const uintptr_t begin = (uintptr_t(data) + huge - 1) & ~(huge - 1), end = (uintptr_t(data) + bytes) & ~(huge - 1);
-    if (data && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-    (void)data; (void)bytes;
-#endif
-}
 
 struct Settings {
     double virtual_points;
