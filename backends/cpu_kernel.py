@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from gmbench.backends.native import VECTOR_KERNEL_FLAGS, NativeLibrary, mat_vec_variant_symbols
 
@@ -141,6 +142,7 @@ class CPUExpKernelMatVec(torch.autograd.Function):
         return out.view(G, M, *c.shape[2:])
 
     @staticmethod
+    @once_differentiable  # the C++ backward builds no graph: a second derivative must fail, not be zero
     def backward(ctx, grad_out: Tensor):
         library = load()
         X, packed, mask = ctx.saved_tensors
@@ -194,6 +196,7 @@ class CPUCentroidTerms(torch.autograd.Function):
         return X, A, c
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_x: Tensor | None, grad_a: Tensor | None, grad_c: Tensor | None):
         library = load()
         m, centre, sets = ctx.saved_tensors

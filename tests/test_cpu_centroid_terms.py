@@ -104,3 +104,18 @@ def test_the_backend_uses_it_and_its_gemm_choice_keeps_the_pytorch_form():
     fast = TorchBackend().evaluate_weight_sets_at_centroids(m.unsqueeze(0), s.unsqueeze(0))
     gemm = TorchBackend(cpu_kernel="gemm").evaluate_weight_sets_at_centroids(m.unsqueeze(0), s.unsqueeze(0))
     torch.testing.assert_close(fast, gemm, rtol=1e-12, atol=1e-14)
+
+
+def test_second_derivatives_raise_instead_of_being_silently_zero():
+    m, centre = mixtures(1, 6, 2, seed=8)
+    m.requires_grad_()
+    X, A, c = cpu_kernel.CPUCentroidTerms.apply(m, centre, None)
+    (g,) = torch.autograd.grad((A * A).sum() + (c * c).sum(), m, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()
+    # The same for the mat-vec kernel these terms feed.
+    a = A.detach().requires_grad_()
+    out = cpu_kernel.CPUExpKernelMatVec.apply(X.detach(), a, c.detach(), None, 4, 8)
+    (g,) = torch.autograd.grad(out.square().sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()
