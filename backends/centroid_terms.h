@@ -32,50 +32,58 @@ template <typename T, int D> struct CentroidLayout {
 // mixture.log_normaliser.
 static constexpr double LOG_2PI = 1.8378770664093454835606594728112;
 
+// What forward and backward both derive from one Gaussian row: the centred
+// position, the covariance's upper triangle, its cofactors and determinant
+// (clamped at the smallest normal number, NaN kept, as clamp_min), the
+// precision P = cofactors / det, P x and the peak value.
+template <typename T, int D> struct CentroidGeometry {
+    T x[D], cov[D][D], cof[D][D], det_raw, det, p[D][D], pmu[D], peak;
+
+    CentroidGeometry(const T* mj, const T* o) {
+        typedef CentroidLayout<T, D> L;
+        const T tiny = std::numeric_limits<T>::min();
+        for (int k = 0; k < D; ++k) x[k] = mj[1 + k] - o[k];
+        for (int r = 0; r < D; ++r)
+            for (int k = r; k < D; ++k) cov[r][k] = cov[k][r] = mj[L::cov(r, k)];
+        if constexpr (D == 2) {
+            det_raw = cov[0][0] * cov[1][1] - cov[0][1] * cov[0][1];
+            cof[0][0] = cov[1][1], cof[0][1] = -cov[0][1], cof[1][1] = cov[0][0];
+        } else {
+            const T a = cov[0][0], b = cov[0][1], cc = cov[0][2], e = cov[1][1], f = cov[1][2], i = cov[2][2];
+            cof[0][0] = e * i - f * f, cof[0][1] = cc * f - b * i, cof[0][2] = b * f - cc * e;
+            cof[1][1] = a * i - cc * cc, cof[1][2] = b * cc - a * f, cof[2][2] = a * e - b * b;
+            det_raw = a * cof[0][0] + b * cof[0][1] + cc * cof[0][2];
+        }
+        det = det_raw < tiny ? tiny : det_raw;
+        for (int r = 0; r < D; ++r)
+            for (int k = r; k < D; ++k) p[r][k] = p[k][r] = cof[r][k] / det;
+        for (int r = 0; r < D; ++r) {
+            T acc = p[r][0] * x[0];
+            for (int k = 1; k < D; ++k) acc = acc + p[r][k] * x[k];
+            pmu[r] = acc;
+        }
+        peak = std::exp(T(-0.5) * (std::log(det) + T(D * LOG_2PI)));
+    }
+};
+
 // One Gaussian forward: writes X[F], A[F], c[W] (s = the W weights to scale).
 template <typename T, int D>
 static inline void centroid_terms_one(const T* mj, const T* o, const T* s, int W, T* X, T* A, T* c) {
     typedef CentroidLayout<T, D> L;
-    const T tiny = std::numeric_limits<T>::min();
-    T x[D];
-    for (int k = 0; k < D; ++k) x[k] = mj[1 + k] - o[k];
-    T det_raw, p[D][D];
-    if constexpr (D == 2) {
-        const T a = mj[L::cov(0, 0)], b = mj[L::cov(0, 1)], cc = mj[L::cov(1, 1)];
-        det_raw = a * cc - b * b;
-        const T det = det_raw < tiny ? tiny : det_raw;  // NaN stays NaN, as clamp_min
-        p[0][0] = cc / det, p[0][1] = p[1][0] = -b / det, p[1][1] = a / det;
-    } else {
-        const T a = mj[L::cov(0, 0)], b = mj[L::cov(0, 1)], cc = mj[L::cov(0, 2)];
-        const T e = mj[L::cov(1, 1)], f = mj[L::cov(1, 2)], i = mj[L::cov(2, 2)];
-        const T A0 = e * i - f * f, B0 = cc * f - b * i, C0 = b * f - cc * e;
-        const T E0 = a * i - cc * cc, F0 = b * cc - a * f, I0 = a * e - b * b;
-        det_raw = a * A0 + b * B0 + cc * C0;
-        const T det = det_raw < tiny ? tiny : det_raw;
-        p[0][0] = A0 / det, p[0][1] = p[1][0] = B0 / det, p[0][2] = p[2][0] = C0 / det;
-        p[1][1] = E0 / det, p[1][2] = p[2][1] = F0 / det, p[2][2] = I0 / det;
-    }
-    const T det = det_raw < tiny ? tiny : det_raw;
-    T pmu[D];
-    for (int r = 0; r < D; ++r) {
-        T acc = p[r][0] * x[0];
-        for (int k = 1; k < D; ++k) acc = acc + p[r][k] * x[k];
-        pmu[r] = acc;
-    }
-    T constant = x[0] * pmu[0];
-    for (int k = 1; k < D; ++k) constant = constant + x[k] * pmu[k];
+    const CentroidGeometry<T, D> g(mj, o);
+    T constant = g.x[0] * g.pmu[0];
+    for (int k = 1; k < D; ++k) constant = constant + g.x[k] * g.pmu[k];
     int u = 0;
     for (int r = 0; r < D; ++r)
         for (int k = r; k < D; ++k, ++u) {
-            A[u] = r == k ? p[r][r] * T(-0.5) : -p[r][k];
-            X[u] = x[r] * x[k];
+            A[u] = r == k ? g.p[r][r] * T(-0.5) : -g.p[r][k];
+            X[u] = g.x[r] * g.x[k];
         }
-    for (int k = 0; k < D; ++k) A[u + k] = pmu[k], X[u + k] = x[k];
+    for (int k = 0; k < D; ++k) A[u + k] = g.pmu[k], X[u + k] = g.x[k];
     A[L::F - 1] = constant * T(-0.5);
     X[L::F - 1] = T(1);
-    const T peak = std::exp(T(-0.5) * (std::log(det) + T(D * LOG_2PI)));
-    if (W == 0) c[0] = mj[0] * peak;
-    for (int v = 0; v < W; ++v) c[v] = s[v] * peak;
+    if (W == 0) c[0] = mj[0] * g.peak;
+    for (int v = 0; v < W; ++v) c[v] = s[v] * g.peak;
 }
 
 // One Gaussian backward: the reverse of centroid_terms_one, operation for
@@ -87,30 +95,13 @@ static inline void centroid_terms_one_backward(const T* mj, const T* o, const T*
     typedef CentroidLayout<T, D> L;
     constexpr int F = L::F, U = D * (D + 1) / 2;
     const T tiny = std::numeric_limits<T>::min();
-    T x[D];
-    for (int k = 0; k < D; ++k) x[k] = mj[1 + k] - o[k];
-    T cov[D][D], det_raw, p[D][D], cof[D][D];
-    for (int r = 0; r < D; ++r)
-        for (int k = r; k < D; ++k) cov[r][k] = cov[k][r] = mj[L::cov(r, k)];
-    if constexpr (D == 2) {
-        det_raw = cov[0][0] * cov[1][1] - cov[0][1] * cov[0][1];
-        cof[0][0] = cov[1][1], cof[0][1] = -cov[0][1], cof[1][1] = cov[0][0];
-    } else {
-        const T a = cov[0][0], b = cov[0][1], cc = cov[0][2], e = cov[1][1], f = cov[1][2], i = cov[2][2];
-        cof[0][0] = e * i - f * f, cof[0][1] = cc * f - b * i, cof[0][2] = b * f - cc * e;
-        cof[1][1] = a * i - cc * cc, cof[1][2] = b * cc - a * f, cof[2][2] = a * e - b * b;
-        det_raw = a * cof[0][0] + b * cof[0][1] + cc * cof[0][2];
-    }
-    const T det = det_raw < tiny ? tiny : det_raw;
-    for (int r = 0; r < D; ++r)
-        for (int k = r; k < D; ++k) p[r][k] = p[k][r] = cof[r][k] / det;
-    T pmu[D];
-    for (int r = 0; r < D; ++r) {
-        T acc = p[r][0] * x[0];
-        for (int k = 1; k < D; ++k) acc = acc + p[r][k] * x[k];
-        pmu[r] = acc;
-    }
-    const T peak = std::exp(T(-0.5) * (std::log(det) + T(D * LOG_2PI)));
+    const CentroidGeometry<T, D> geometry(mj, o);
+    const T(&x)[D] = geometry.x;
+    const T(&cov)[D][D] = geometry.cov;
+    const T(&cof)[D][D] = geometry.cof;
+    const T(&p)[D][D] = geometry.p;
+    const T(&pmu)[D] = geometry.pmu;
+    const T det_raw = geometry.det_raw, det = geometry.det, peak = geometry.peak;
 
     // c = s * peak (or the mixture's own weight times peak).
     T g_peak = 0;
